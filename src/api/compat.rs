@@ -1,0 +1,279 @@
+//! The `/api/*` routes, byte-compatible with the "Le Stats Sportif" server
+//! (`stats-api.md`): its JSON shapes, its `job_id_N` ids, its error answers
+//! (`{"status": "error", "reason": ...}`), and an info log line for every request in
+//! and out, with its parameters.
+
+use std::fmt::Write as _;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::error::RETRY_AFTER_SECS;
+use super::AppState;
+use crate::jobs::engine::SubmitError;
+use crate::jobs::model::{JobId, JobStatus, NewJob};
+use crate::stats::Query;
+
+/// A JSON response from text we built ourselves.
+fn json_text(status: StatusCode, body: String) -> Response {
+    let mut res = (status, body).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+fn error(status: StatusCode, reason: &str) -> Response {
+    json_text(
+        status,
+        serde_json::json!({ "status": "error", "reason": reason }).to_string(),
+    )
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+}
+
+/// The body as a JSON object, or the error answer naming what is wrong with it.
+fn parse_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Value, Response> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            error(StatusCode::PAYLOAD_TOO_LARGE, "request body is too large")
+        } else {
+            error(StatusCode::BAD_REQUEST, &r.body_text())
+        }
+    })?;
+    if !is_json(headers) {
+        return Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected 'Content-Type: application/json'",
+        ));
+    }
+    let v: Value = serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("malformed JSON body: {e}"),
+        )
+    })?;
+    if !v.is_object() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "the JSON body must be an object",
+        ));
+    }
+    Ok(v)
+}
+
+/// POST `/api/<route>`: queue the computation, answer `{"job_id": "job_id_N"}`.
+/// Bad params still get an id; the job's result then names the problem.
+pub async fn compute(
+    State(st): State<AppState>,
+    query: Query,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let route = query.route();
+    let params = match parse_body(&headers, body) {
+        Ok(p) => p,
+        Err(res) => {
+            tracing::info!(
+                route,
+                status = res.status().as_u16(),
+                "api request rejected"
+            );
+            return res;
+        }
+    };
+    tracing::info!(
+        route,
+        question = params
+            .get("question")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or(""),
+        state = params
+            .get("state")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or(""),
+        "api request in"
+    );
+    let submitted = st
+        .engine
+        .submit(
+            NewJob {
+                kind: query.kind(),
+                params,
+            },
+            false,
+        )
+        .await;
+    let res = match submitted {
+        Ok(id) => {
+            tracing::info!(route, job_id = %id, "api response out");
+            return json_text(StatusCode::OK, format!("{{\"job_id\":\"{id}\"}}"));
+        }
+        Err(SubmitError::ShuttingDown) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+        Err(e @ SubmitError::QueueFull { .. }) => {
+            let mut res = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            res.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+            res
+        }
+        Err(SubmitError::Store(e)) => {
+            tracing::error!(route, error = %e, "store failed while submitting");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
+        // Compatible routes skip validation and always name a registered kind.
+        Err(e @ (SubmitError::UnknownKind(_) | SubmitError::InvalidParams { .. })) => {
+            error(StatusCode::BAD_REQUEST, &e.to_string())
+        }
+    };
+    tracing::info!(route, status = res.status().as_u16(), "api response out");
+    res
+}
+
+pub async fn get_results(State(st): State<AppState>, Path(raw): Path<String>) -> Response {
+    tracing::info!(route = "get_results", job_id = %raw, "api request in");
+    let res = match raw.parse::<JobId>() {
+        Err(()) => error(StatusCode::NOT_FOUND, "Invalid job_id"),
+        Ok(id) => match st.engine.store().get(id).await {
+            Err(e) => {
+                tracing::error!(job_id = %raw, error = %e, "store failed while reading a job");
+                error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+            Ok(None) => error(StatusCode::NOT_FOUND, "Invalid job_id"),
+            Ok(Some(r)) => match r.status {
+                JobStatus::Queued | JobStatus::Running => {
+                    json_text(StatusCode::OK, r#"{"status":"running"}"#.to_string())
+                }
+                JobStatus::Done => json_text(
+                    StatusCode::OK,
+                    format!(
+                        "{{\"status\":\"done\",\"data\":{}}}",
+                        r.result.as_deref().unwrap_or("null")
+                    ),
+                ),
+                JobStatus::Failed | JobStatus::Cancelled => {
+                    error(StatusCode::OK, r.error.as_deref().unwrap_or("failed"))
+                }
+            },
+        },
+    };
+    tracing::info!(route = "get_results", job_id = %raw, status = res.status().as_u16(), "api response out");
+    res
+}
+
+/// `{"status": "done", "data": [{"job_id_1": "done"}, {"job_id_2": "running"}]}`;
+/// a job that failed is "done" here (its result carries the error), as in the original.
+pub async fn jobs(State(st): State<AppState>) -> Response {
+    tracing::info!(route = "jobs", "api request in");
+    let all = match st.engine.store().statuses().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "store failed while listing jobs");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+        }
+    };
+    let mut out = String::with_capacity(32 + all.len() * 24);
+    out.push_str(r#"{"status":"done","data":["#);
+    for (i, (id, status)) in all.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let s = if status.is_finished() {
+            "done"
+        } else {
+            "running"
+        };
+        let _ = write!(out, "{{\"{id}\":\"{s}\"}}");
+    }
+    out.push_str("]}");
+    tracing::info!(route = "jobs", jobs = all.len(), "api response out");
+    json_text(StatusCode::OK, out)
+}
+
+pub async fn num_jobs(State(st): State<AppState>) -> Response {
+    tracing::info!(route = "num_jobs", "api request in");
+    match st.engine.counts().await {
+        Ok(c) => {
+            tracing::info!(
+                route = "num_jobs",
+                num_jobs = c.in_progress(),
+                "api response out"
+            );
+            json_text(
+                StatusCode::OK,
+                format!("{{\"num_jobs\":{}}}", c.in_progress()),
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store failed while counting jobs");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
+    }
+}
+
+/// Starts the drain (idempotent) and says whether work remains.
+pub async fn graceful_shutdown(State(st): State<AppState>) -> Response {
+    tracing::info!(route = "graceful_shutdown", "api request in");
+    st.engine.begin_drain();
+    st.request_shutdown();
+    let remaining = st.engine.live_jobs();
+    let status = if remaining == 0 { "done" } else { "running" };
+    tracing::info!(
+        route = "graceful_shutdown",
+        remaining,
+        status,
+        "api response out"
+    );
+    json_text(StatusCode::OK, format!("{{\"status\":\"{status}\"}}"))
+}
+
+/// The benchmark's ceiling: parses the body like a real route, touches nothing.
+pub async fn noop_submit(headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    match parse_body(&headers, body) {
+        Ok(_) => json_text(StatusCode::OK, r#"{"job_id":"job_id_0"}"#.to_string()),
+        Err(res) => res,
+    }
+}
+
+pub async fn noop_result(Path(_id): Path<String>) -> Response {
+    json_text(StatusCode::OK, r#"{"status":"done","data":{}}"#.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types_are_recognised() {
+        let cases = [
+            ("application/json", true),
+            ("application/json; charset=utf-8", true),
+            ("Application/JSON", true),
+            ("application/problem+json", true),
+            ("text/plain", false),
+            ("application/x-www-form-urlencoded", false),
+        ];
+        for (ct, expect) in cases {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            assert_eq!(is_json(&h), expect, "{ct}");
+        }
+        assert!(!is_json(&HeaderMap::new()));
+    }
+}

@@ -1,0 +1,163 @@
+//! The HTTP edge: routes, shared state, and the middleware every request passes
+//! (metrics, body limit, auth on mutating and admin routes).
+//!
+//! Architecture Invariant: only this module knows HTTP and wire JSON shapes; handlers
+//! translate requests into engine calls and engine answers into responses, nothing more.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::watch;
+
+use crate::config::Secret;
+use crate::jobs::engine::Engine;
+use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+use crate::stats::Query;
+
+pub mod compat;
+pub mod error;
+pub mod ops;
+pub mod v1;
+
+use error::{ApiError, BodyLimit};
+
+/// What every handler may use.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub metrics: Arc<Metrics>,
+    /// `Some` when `--auth-token` is set.
+    pub auth: Option<Secret>,
+    /// Set to true to ask the application to drain and stop (`/api/graceful_shutdown`).
+    pub shutdown: Arc<watch::Sender<bool>>,
+}
+
+impl AppState {
+    pub fn request_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+pub struct RouterOptions {
+    pub max_body_bytes: usize,
+    /// `/api/noop` and `/api/noop_result/{id}`: the benchmark's ceiling.
+    pub test_routes: bool,
+}
+
+pub fn router(state: AppState, opts: RouterOptions) -> Router {
+    // Routes that change state or administer the service: guarded by the bearer token.
+    let mut guarded = Router::new()
+        .route("/v1/jobs", post(v1::submit))
+        .route("/v1/jobs/{id}", axum::routing::delete(v1::cancel))
+        .route("/api/graceful_shutdown", get(compat::graceful_shutdown));
+    for query in Query::ALL {
+        guarded = guarded.route(
+            &format!("/api/{}", query.route()),
+            post(move |st, headers, body| compat::compute(st, query, headers, body)),
+        );
+    }
+    let guarded = guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+
+    let mut open = Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/v1/jobs", get(v1::list))
+        .route("/v1/jobs/stats", get(v1::stats))
+        .route("/v1/jobs/{id}", get(v1::get))
+        .route("/api/get_results/{id}", get(compat::get_results))
+        .route("/api/jobs", get(compat::jobs))
+        .route("/api/num_jobs", get(compat::num_jobs));
+    if opts.test_routes {
+        open = open
+            .route("/api/noop", post(compat::noop_submit))
+            .route("/api/noop_result/{id}", get(compat::noop_result));
+    }
+
+    let limit = opts.max_body_bytes;
+    open.merge(guarded)
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(move |mut req: Request, next: Next| {
+            req.extensions_mut().insert(BodyLimit(limit));
+            next.run(req)
+        }))
+        .with_state(state)
+}
+
+/// Counts every request by route template and status, and times it.
+async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = match *req.method() {
+        Method::GET | Method::POST | Method::PUT | Method::DELETE | Method::HEAD => {
+            req.method().to_string()
+        }
+        _ => "OTHER".to_owned(),
+    };
+    let started = Instant::now();
+    let res = next.run(req).await;
+    st.metrics
+        .http_duration
+        .get_or_create(&RouteLabels {
+            method: method.clone(),
+            route: route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    st.metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method,
+            route,
+            status: res.status().as_u16(),
+        })
+        .inc();
+    res
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(Secret(token)) = &st.auth {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_by_content_and_length() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
+        assert!(!same_secret(b"", b"a"));
+    }
+}

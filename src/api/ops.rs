@@ -1,0 +1,63 @@
+//! Operational routes: liveness, readiness, Prometheus metrics, and the answers for
+//! unknown routes and methods.
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::jobs::model::JobStatus;
+use crate::metrics::StateLabels;
+
+/// Alive: answers without touching the store or the workers.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready to take work: 503 while draining.
+pub async fn readyz(State(st): State<AppState>) -> Response {
+    if st.engine.is_draining() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "draining" })),
+        )
+            .into_response()
+    } else {
+        Json(json!({ "status": "ready" })).into_response()
+    }
+}
+
+pub async fn metrics(State(st): State<AppState>) -> Response {
+    // Values owned by the store are sampled at scrape time.
+    if let Ok(c) = st.engine.counts().await {
+        let mut c = c;
+        for s in JobStatus::ALL {
+            st.metrics
+                .jobs_in_store
+                .get_or_create(&StateLabels {
+                    state: s.as_str().to_string(),
+                })
+                .set(*c.slot(s) as i64);
+        }
+    }
+    st.metrics
+        .store_evictions
+        .set(st.engine.store().evictions() as i64);
+    let mut res = st.metrics.render().into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    res
+}
+
+pub async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+}
+
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}

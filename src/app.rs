@@ -1,0 +1,245 @@
+//! Start-up and shutdown: [`Application::build`] wires configuration into a store, the
+//! dataset, the engine and the router, and binds the listener; `run_until_stopped`
+//! serves until a stop is asked for, then drains. `main` and the tests share this path.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState, RouterOptions};
+use crate::config::{Cli, Command, ServeConfig, StoreSpec};
+use crate::jobs::engine::Engine;
+use crate::jobs::{self, EngineOptions, Registry};
+use crate::metrics::Metrics;
+use crate::stats::{self, Dataset};
+use crate::store::memory::MemoryStore;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+use crate::telemetry;
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    cfg: ServeConfig,
+    shutdown_rx: watch::Receiver<bool>,
+}
+
+/// Why the service stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Signal,
+    Route,
+}
+
+impl Application {
+    pub async fn build(cfg: ServeConfig) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let store: Arc<dyn Store> = match &cfg.store {
+            StoreSpec::Memory => Arc::new(MemoryStore::new(cfg.memory_max_results)),
+            StoreSpec::Sqlite(path) => Arc::new(
+                SqliteStore::open(path, cfg.sqlite_sync, metrics.clone())
+                    .with_context(|| format!("opening the store {}", cfg.store))?,
+            ),
+        };
+        let dataset = match &cfg.stats_dataset {
+            Some(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || Dataset::load_path(&path))
+                    .await?
+                    .context("loading --stats-dataset")?
+            }
+            None => Dataset::sample().context("loading the bundled sample dataset")?,
+        };
+        let s = dataset.summary;
+        tracing::info!(
+            rows = s.rows,
+            used = s.used,
+            empty_values = s.empty_values,
+            bad_values = s.bad_values,
+            short_rows = s.short_rows,
+            questions = dataset.question_count(),
+            source = %cfg.stats_dataset.as_ref().map_or("bundled sample".to_string(), |p| p.display().to_string()),
+            "statistics dataset loaded"
+        );
+
+        let mut registry = Registry::default();
+        stats::register(&mut registry, Arc::new(dataset));
+        if cfg.enable_test_jobs {
+            jobs::testing::register(&mut registry);
+        }
+        let engine = Engine::start(
+            store.clone(),
+            registry,
+            metrics.clone(),
+            EngineOptions {
+                workers: cfg.worker_count(),
+                queue_capacity: cfg.queue_capacity as usize,
+                job_timeout: cfg.job_timeout(),
+            },
+        );
+        engine
+            .recover()
+            .await
+            .context("recovering unfinished jobs")?;
+
+        let listener = TcpListener::bind(cfg.bind)
+            .await
+            .with_context(|| format!("binding {}", cfg.bind))?;
+        let (tx, shutdown_rx) = watch::channel(false);
+        let state = AppState {
+            engine,
+            metrics,
+            auth: cfg.auth_token.clone(),
+            shutdown: Arc::new(tx),
+        };
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            store = %cfg.store,
+            workers = cfg.worker_count(),
+            queue_capacity = cfg.queue_capacity,
+            auth = cfg.auth_token.is_some(),
+            "tally is listening"
+        );
+        Ok(Application {
+            listener,
+            state,
+            cfg,
+            shutdown_rx,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Serves until `stop` resolves or `/api/graceful_shutdown` is called, then drains:
+    /// no new jobs, queued and running ones finish until `--shutdown-timeout`, the store
+    /// is flushed, and the HTTP server closes.
+    pub async fn run_until_stopped(
+        self,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            state,
+            cfg,
+            mut shutdown_rx,
+        } = self;
+        let engine = state.engine.clone();
+        let router = api::router(
+            state,
+            RouterOptions {
+                max_body_bytes: cfg.max_body_bytes,
+                test_routes: cfg.enable_test_jobs,
+            },
+        );
+        let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stopped.await;
+                })
+                .into_future(),
+        );
+
+        let reason = tokio::select! {
+            _ = stop => StopReason::Signal,
+            _ = shutdown_rx.wait_for(|v| *v) => StopReason::Route,
+        };
+        engine.begin_drain();
+        let deadline = Instant::now() + Duration::from_secs(cfg.shutdown_timeout);
+        tracing::info!(
+            ?reason,
+            live = engine.live_jobs(),
+            timeout_s = cfg.shutdown_timeout,
+            "draining"
+        );
+        if engine.wait_idle(deadline).await {
+            tracing::info!("drain complete: every accepted job finished");
+        } else {
+            tracing::warn!(
+                unfinished = engine.live_jobs(),
+                "drain deadline passed; unfinished jobs stay in the store and run at the next start"
+            );
+        }
+        if let Err(e) = engine.store().flush().await {
+            tracing::error!(error = %e, "flushing the store failed");
+        }
+        if reason == StopReason::Route {
+            // Let pollers see `num_jobs: 0` and `graceful_shutdown: done` before we go.
+            tokio::time::sleep(Duration::from_millis(cfg.shutdown_linger_ms)).await;
+        }
+        let _ = http_stop.send(());
+        match tokio::time::timeout(Duration::from_secs(5), server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
+            Err(_) => tracing::warn!("open HTTP connections did not close within 5 s"),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Waits for SIGINT or SIGTERM. Once one arrived, a second one exits the process at
+/// once, without draining.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining (send it again to exit at once)"),
+            _ = int.recv() => tracing::info!("SIGINT: draining (press Ctrl-C again to exit at once)"),
+        }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting now without draining");
+            std::process::exit(130);
+        });
+    })
+}
+
+pub fn run_cli(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(cfg) => {
+            let _log = telemetry::init(
+                &cfg.log_level,
+                cfg.log_file.as_deref(),
+                cfg.log_max_bytes,
+                cfg.log_backups,
+            )?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("tally-io")
+                .build()
+                .context("starting the async runtime")?;
+            let result = rt.block_on(async move {
+                let stop = shutdown_signal()?;
+                let app = Application::build(cfg).await?;
+                app.run_until_stopped(stop).await
+            });
+            if let Err(e) = &result {
+                tracing::error!(error = format!("{e:#}"), "tally failed");
+            }
+            // Worker threads may still be inside a job past the drain deadline: do not
+            // wait for them, the store already has what it needs.
+            rt.shutdown_timeout(Duration::from_millis(100));
+            result
+        }
+    }
+}

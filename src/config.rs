@@ -1,0 +1,244 @@
+//! The command line: one clap tree, parsed once in `main`, passed down explicitly.
+//!
+//! Every flag of `tally serve` can also be set through the environment as `TALLY_<FLAG>`
+//! (`--shutdown-timeout` is `TALLY_SHUTDOWN_TIMEOUT`), which is what container
+//! deployments use.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tally",
+    version,
+    about = "Slow, asynchronous data work as a fast, observable HTTP service"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service.
+    Serve(ServeConfig),
+}
+
+/// Where job records and results are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// Nothing touches the disk; finished results are capped and evicted oldest first.
+    Memory,
+    /// SQLite file in WAL mode with group commits (the default).
+    Sqlite(PathBuf),
+}
+
+impl FromStr for StoreSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "memory" {
+            return Ok(StoreSpec::Memory);
+        }
+        if let Some(path) = s.strip_prefix("sqlite:") {
+            if path.is_empty() {
+                return Err("sqlite: needs a path, e.g. sqlite:tally.db".into());
+            }
+            return Ok(StoreSpec::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("redis://") {
+            return Err("the Redis store is not built yet; use memory or sqlite:PATH".into());
+        }
+        Err(format!(
+            "unknown store '{s}': expected memory, sqlite:PATH or redis://HOST:PORT[/DB]"
+        ))
+    }
+}
+
+impl fmt::Display for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreSpec::Memory => f.write_str("memory"),
+            StoreSpec::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+        }
+    }
+}
+
+/// How hard SQLite syncs a commit. `full` survives power loss, `normal` survives a
+/// process crash; group commit makes `full` cheap, so it is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SqliteSync {
+    Full,
+    Normal,
+}
+
+/// A bearer token that never shows up in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err("the auth token must not be empty".into());
+        }
+        Ok(Secret(s.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on. Loopback by default; use 0.0.0.0:5000 to expose it.
+    #[arg(long, env = "TALLY_BIND", default_value = "127.0.0.1:5000")]
+    pub bind: SocketAddr,
+
+    /// CSV for the statistics API. Without it, a bundled 2,000-row sample is used.
+    #[arg(long, env = "TALLY_STATS_DATASET")]
+    pub stats_dataset: Option<PathBuf>,
+
+    /// memory | sqlite:PATH
+    #[arg(long, env = "TALLY_STORE", default_value = "sqlite:tally.db")]
+    pub store: StoreSpec,
+
+    /// Worker threads that run jobs (default: the number of CPU cores).
+    #[arg(long, env = "TALLY_WORKERS", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: Option<u64>,
+
+    /// Jobs that may wait in the queue; past it, submissions get 503 with Retry-After.
+    #[arg(long, env = "TALLY_QUEUE_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub queue_capacity: u64,
+
+    /// Seconds a job may run before it is failed as timed out (0 = no limit).
+    #[arg(long, env = "TALLY_JOB_TIMEOUT", default_value_t = 300)]
+    pub job_timeout: u64,
+
+    /// Seconds a drain may take before the rest is left in the store for the next start.
+    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+
+    /// After a drain asked for by `/api/graceful_shutdown`, keep answering reads this many
+    /// milliseconds so that pollers can see the final state, then exit.
+    #[arg(long, env = "TALLY_SHUTDOWN_LINGER_MS", default_value_t = 1000)]
+    pub shutdown_linger_ms: u64,
+
+    /// Write logs to this file (rotated by size) instead of standard output.
+    #[arg(long, env = "TALLY_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+
+    /// Rotate the log file when it reaches this many bytes.
+    #[arg(long, env = "TALLY_LOG_MAX_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub log_max_bytes: usize,
+
+    /// How many rotated log files to keep.
+    #[arg(long, env = "TALLY_LOG_BACKUPS", default_value_t = 5)]
+    pub log_backups: usize,
+
+    /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, env = "TALLY_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// When set, mutating and admin routes need `Authorization: Bearer TOKEN`.
+    #[arg(long, env = "TALLY_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<Secret>,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "TALLY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// With `--store memory`: finished results kept before the oldest are evicted.
+    #[arg(long, env = "TALLY_MEMORY_MAX_RESULTS", default_value_t = 100_000)]
+    pub memory_max_results: usize,
+
+    /// SQLite durability of a commit.
+    #[arg(long, env = "TALLY_SQLITE_SYNC", value_enum, default_value_t = SqliteSync::Full)]
+    pub sqlite_sync: SqliteSync,
+
+    /// Enable the job kinds and routes used by tests and benchmarks (`test.sleep`,
+    /// `test.panic`, `/api/noop`). Off in production.
+    #[arg(long, env = "TALLY_ENABLE_TEST_JOBS", hide = true)]
+    pub enable_test_jobs: bool,
+}
+
+impl ServeConfig {
+    /// A configuration with every default, as `tally serve` alone would have.
+    pub fn defaults() -> Self {
+        Cli::parse_from(["tally", "serve"]).serve_config()
+    }
+
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        }
+    }
+
+    pub fn job_timeout(&self) -> Option<Duration> {
+        (self.job_timeout > 0).then(|| Duration::from_secs(self.job_timeout))
+    }
+}
+
+impl Cli {
+    fn serve_config(self) -> ServeConfig {
+        match self.command {
+            Command::Serve(c) => c,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_bind_loopback_and_use_sqlite() {
+        let c = ServeConfig::defaults();
+        assert_eq!(c.bind, "127.0.0.1:5000".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.store, StoreSpec::Sqlite(PathBuf::from("tally.db")));
+        assert_eq!(c.shutdown_timeout, 30);
+        assert_eq!(c.max_body_bytes, 1024 * 1024);
+        assert!(c.auth_token.is_none());
+        assert!(!c.enable_test_jobs);
+        assert!(c.worker_count() >= 1);
+    }
+
+    #[test]
+    fn store_specs_parse_or_name_the_problem() {
+        let cases: &[(&str, Result<StoreSpec, &str>)] = &[
+            ("memory", Ok(StoreSpec::Memory)),
+            (
+                "sqlite:/tmp/x.db",
+                Ok(StoreSpec::Sqlite("/tmp/x.db".into())),
+            ),
+            ("sqlite:", Err("needs a path")),
+            ("redis://127.0.0.1:6379", Err("not built yet")),
+            ("postgres://x", Err("unknown store")),
+        ];
+        for (input, expect) in cases {
+            let got = input.parse::<StoreSpec>();
+            match (got, expect) {
+                (Ok(g), Ok(e)) => assert_eq!(&g, e, "{input}"),
+                (Err(g), Err(e)) => assert!(g.contains(e), "{input}: {g}"),
+                (g, e) => panic!("{input}: got {g:?}, expected {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Cli::parse_from(["tally", "serve", "--auth-token", "hunter2"]).serve_config();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,440 @@
+//! The engine: admits jobs into a bounded queue, runs them on a pool of worker threads,
+//! and records every transition in the store.
+//!
+//! - Admission never blocks: a queue slot is a semaphore permit taken with `try_acquire`;
+//!   no permit means "queue full" (503 + Retry-After at the edge).
+//! - Workers are OS threads, so CPU work never runs on the async I/O threads.
+//! - A job that panics takes its worker thread down with it; the job is failed with the
+//!   panic message and a fresh thread replaces the old one at once (counted in metrics).
+//! - Cancel and timeout set the job's flag (cooperative stop) and record the final state
+//!   at once; whichever of finish/cancel/timeout comes first wins, exactly once.
+//! - Drain: intake stops, queued and running work finishes until a deadline, and what is
+//!   left stays in the store as queued/running, to be run again at the next start.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::Value;
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::model::{JobCounts, JobId, JobRecord, JobStatus, NewJob, Outcome};
+use super::{EngineOptions, JobContext, JobError, Registry};
+use crate::metrics::{KindLabels, Metrics};
+use crate::now_ms;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("unknown job kind '{0}'")]
+    UnknownKind(String),
+    #[error("invalid params for {kind}: {reason}")]
+    InvalidParams { kind: String, reason: String },
+    #[error("the queue is full ({capacity} jobs waiting); retry later")]
+    QueueFull { capacity: usize },
+    #[error("the service is shutting down and takes no new jobs")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    #[error("job {id} already {status}", status = .status.as_str())]
+    AlreadyFinished { id: JobId, status: JobStatus },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A job this process has admitted and not yet let go of.
+struct Live {
+    kind: String,
+    ctx: JobContext,
+    /// Set by whoever records the final state first (worker, cancel or timeout).
+    finalized: AtomicBool,
+}
+
+struct Queued {
+    id: JobId,
+    params: Value,
+    live: Arc<Live>,
+    /// The queue slot, given back when a worker takes the job. Recovered jobs hold one
+    /// too, so a backlog after a restart cannot overflow the queue.
+    _slot: OwnedSemaphorePermit,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    registry: Registry,
+    metrics: Arc<Metrics>,
+    opts: EngineOptions,
+    tx: crossbeam_channel::Sender<Queued>,
+    rx: crossbeam_channel::Receiver<Queued>,
+    slots: Arc<Semaphore>,
+    live: Mutex<HashMap<JobId, Arc<Live>>>,
+    /// No new jobs are admitted.
+    draining: AtomicBool,
+    /// The drain deadline passed: workers leave what is still queued in the store.
+    stopped: AtomicBool,
+    /// Woken whenever a job leaves `live`, so a drain can wait without polling.
+    idle: Notify,
+    rt: Handle,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Starts the worker threads. Must be called from within a tokio runtime.
+    pub fn start(
+        store: Arc<dyn Store>,
+        registry: Registry,
+        metrics: Arc<Metrics>,
+        opts: EngineOptions,
+    ) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let inner = Arc::new(Inner {
+            store,
+            registry,
+            metrics,
+            slots: Arc::new(Semaphore::new(opts.queue_capacity)),
+            opts,
+            tx,
+            rx,
+            live: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            idle: Notify::new(),
+            rt: Handle::current(),
+        });
+        for n in 0..inner.opts.workers {
+            spawn_worker(inner.clone(), n);
+        }
+        Engine { inner }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub fn queue_capacity(&self) -> usize {
+        self.inner.opts.queue_capacity
+    }
+
+    /// Admits a job: checks the kind (and params when `validate`), takes a queue slot,
+    /// makes the record durable, then queues it. The id is valid when this returns.
+    pub async fn submit(&self, job: NewJob, validate: bool) -> Result<JobId, SubmitError> {
+        let inner = &self.inner;
+        if inner.draining.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let handler = inner
+            .registry
+            .get(&job.kind)
+            .ok_or_else(|| SubmitError::UnknownKind(job.kind.clone()))?;
+        if validate {
+            handler
+                .validate(&job.params)
+                .map_err(|reason| SubmitError::InvalidParams {
+                    kind: job.kind.clone(),
+                    reason,
+                })?;
+        }
+        let Ok(slot) = inner.slots.clone().try_acquire_owned() else {
+            inner.metrics.queue_rejections.inc();
+            return Err(SubmitError::QueueFull {
+                capacity: inner.opts.queue_capacity,
+            });
+        };
+        let kind = job.kind.clone();
+        let params = job.params.clone();
+        let id = inner.store.submit(job, now_ms()).await?;
+        inner
+            .metrics
+            .jobs_submitted
+            .get_or_create(&KindLabels { kind: kind.clone() })
+            .inc();
+        self.enqueue(id, kind, params, slot);
+        Ok(id)
+    }
+
+    fn enqueue(&self, id: JobId, kind: String, params: Value, slot: OwnedSemaphorePermit) {
+        let live = Arc::new(Live {
+            kind,
+            ctx: JobContext::default(),
+            finalized: AtomicBool::new(false),
+        });
+        self.inner.live.lock().insert(id, live.clone());
+        self.inner.metrics.queue_depth.inc();
+        // The receiver lives as long as `inner`, so sending cannot fail while we hold it.
+        let _ = self.inner.tx.send(Queued {
+            id,
+            params,
+            live,
+            _slot: slot,
+        });
+    }
+
+    /// Queues again the jobs an earlier process left unfinished. Runs in the background,
+    /// taking queue slots as they free up; returns how many were found.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let jobs: Vec<JobRecord> = self.inner.store.recover_unfinished().await?;
+        let n = jobs.len();
+        if n > 0 {
+            tracing::info!(
+                jobs = n,
+                "resuming jobs left unfinished by the previous run"
+            );
+            let me = self.clone();
+            tokio::spawn(async move {
+                for job in jobs {
+                    let Ok(slot) = me.inner.slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    if me.inner.stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    me.enqueue(job.id, job.kind, job.params, slot);
+                }
+            });
+        }
+        Ok(n)
+    }
+
+    /// Cancels a queued or running job. A running job stops at its next checkpoint; its
+    /// state is `cancelled` from now on either way.
+    pub async fn cancel(&self, id: JobId) -> Result<(), CancelError> {
+        let live = self.inner.live.lock().get(&id).cloned();
+        if let Some(live) = live {
+            live.ctx.cancel();
+            if !live.finalized.swap(true, Ordering::SeqCst) {
+                self.inner
+                    .store
+                    .finish(
+                        id,
+                        Outcome::Cancelled("cancelled by request".into()),
+                        now_ms(),
+                    )
+                    .await?;
+                self.inner
+                    .metrics
+                    .job_finished(&live.kind, "cancelled", None);
+            }
+            return Ok(());
+        }
+        match self.inner.store.get(id).await? {
+            None => Err(CancelError::NotFound(id)),
+            Some(r) if r.status.is_finished() => Err(CancelError::AlreadyFinished {
+                id,
+                status: r.status,
+            }),
+            Some(r) => {
+                // Known to the store but not to this process (not yet recovered).
+                if self
+                    .inner
+                    .store
+                    .finish(
+                        id,
+                        Outcome::Cancelled("cancelled by request".into()),
+                        now_ms(),
+                    )
+                    .await?
+                {
+                    self.inner.metrics.job_finished(&r.kind, "cancelled", None);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Progress of a job running in this process, if it reports any.
+    pub fn progress(&self, id: JobId) -> Option<(u64, u64)> {
+        self.inner
+            .live
+            .lock()
+            .get(&id)
+            .and_then(|l| l.ctx.progress())
+    }
+
+    pub async fn counts(&self) -> Result<JobCounts, StoreError> {
+        self.inner.store.counts().await
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Jobs admitted by this process and not yet finished.
+    pub fn live_jobs(&self) -> usize {
+        self.inner.live.lock().len()
+    }
+
+    /// Stops intake. Idempotent.
+    pub fn begin_drain(&self) {
+        if !self.inner.draining.swap(true, Ordering::SeqCst) {
+            tracing::info!(live = self.live_jobs(), "draining: no new jobs accepted");
+        }
+    }
+
+    /// Waits until every admitted job has finished, or the deadline. Returns true when
+    /// everything finished. After a timeout the workers stop picking up queued jobs, which
+    /// stay queued in the store for the next start.
+    pub async fn wait_idle(&self, deadline: Instant) -> bool {
+        loop {
+            let notified = self.inner.idle.notified();
+            if self.inner.live.lock().is_empty() {
+                return true;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    self.inner.stopped.store(true, Ordering::SeqCst);
+                    return self.inner.live.lock().is_empty();
+                }
+                // A safety net in case a wake-up raced with the check above.
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+}
+
+fn spawn_worker(inner: Arc<Inner>, n: usize) {
+    let builder = std::thread::Builder::new().name(format!("tally-worker-{n}"));
+    let spawned = builder.spawn(move || {
+        inner.metrics.workers.inc();
+        worker_loop(&inner, n);
+        inner.metrics.workers.dec();
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not start a worker thread");
+    }
+}
+
+fn panic_message(p: &(dyn Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_string()
+    }
+}
+
+fn worker_loop(inner: &Arc<Inner>, n: usize) {
+    while let Ok(q) = inner.rx.recv() {
+        let Queued {
+            id,
+            params,
+            live,
+            _slot,
+        } = q;
+        drop(_slot);
+        inner.metrics.queue_depth.dec();
+        if inner.stopped.load(Ordering::SeqCst) || live.finalized.load(Ordering::SeqCst) {
+            // Cancelled while queued, or past the drain deadline (stays queued in store).
+            release(inner, id);
+            continue;
+        }
+        let Some(handler) = inner.registry.get(&live.kind).cloned() else {
+            // Only possible for a job recovered from a store written by another version.
+            let msg = format!("unknown job kind '{}'", live.kind);
+            complete(inner, id, &live, Outcome::Failed(msg), "failed", None);
+            release(inner, id);
+            continue;
+        };
+        if let Err(e) = inner.rt.block_on(inner.store.mark_running(id, now_ms())) {
+            tracing::warn!(job = %id, error = %e, "could not record job start");
+        }
+        inner.metrics.busy_workers.inc();
+        let watchdog = inner.opts.job_timeout.map(|t| {
+            let (inner, live) = (inner.clone(), live.clone());
+            inner.rt.clone().spawn(async move {
+                tokio::time::sleep(t).await;
+                live.ctx.cancel();
+                let msg = format!("timed out after {} s", t.as_secs_f64());
+                let store = inner.store.clone();
+                if !live.finalized.swap(true, Ordering::SeqCst) {
+                    if let Err(e) = store.finish(id, Outcome::Failed(msg), now_ms()).await {
+                        tracing::warn!(job = %id, error = %e, "could not record timeout");
+                    }
+                    inner.metrics.job_finished(&live.kind, "timeout", Some(t));
+                }
+            })
+        });
+        let started = Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(|| handler.run(&params, &live.ctx)));
+        let took = started.elapsed();
+        inner.metrics.busy_workers.dec();
+        if let Some(w) = watchdog {
+            w.abort();
+        }
+        match result {
+            Ok(Ok(value)) => complete(
+                inner,
+                id,
+                &live,
+                Outcome::Done(value.to_string()),
+                "done",
+                Some(took),
+            ),
+            Ok(Err(JobError::Failed(msg))) => {
+                complete(inner, id, &live, Outcome::Failed(msg), "failed", Some(took))
+            }
+            Ok(Err(JobError::Cancelled)) => complete(
+                inner,
+                id,
+                &live,
+                Outcome::Cancelled("cancelled".into()),
+                "cancelled",
+                Some(took),
+            ),
+            Err(payload) => {
+                let msg = format!("worker panicked: {}", panic_message(payload.as_ref()));
+                tracing::error!(job = %id, kind = %live.kind, worker = n, "{msg}; replacing the worker");
+                complete(inner, id, &live, Outcome::Failed(msg), "panic", Some(took));
+                release(inner, id);
+                inner.metrics.worker_restarts.inc();
+                // This thread's state is suspect after a panic: a fresh one takes its place.
+                spawn_worker(inner.clone(), n);
+                return;
+            }
+        }
+        release(inner, id);
+    }
+}
+
+/// Records the final state unless a cancel or timeout already did.
+fn complete(
+    inner: &Inner,
+    id: JobId,
+    live: &Live,
+    outcome: Outcome,
+    label: &str,
+    took: Option<Duration>,
+) {
+    if live.finalized.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    if let Err(e) = inner.rt.block_on(inner.store.finish(id, outcome, now_ms())) {
+        tracing::error!(job = %id, error = %e, "could not record job outcome");
+    }
+    inner.metrics.job_finished(&live.kind, label, took);
+}
+
+fn release(inner: &Inner, id: JobId) {
+    inner.live.lock().remove(&id);
+    inner.idle.notify_waiters();
+}

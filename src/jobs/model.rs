@@ -1,0 +1,209 @@
+//! The job record: what a job is (kind + params), where it stands, and how it ended.
+//! Plain domain types; the HTTP layer decides how they look on the wire.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::Value;
+
+/// A job id, allocated by the store. On the wire it is `job_id_N`, the format the
+/// compatible statistics API prescribes, so one id works on every route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub u64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "job_id_{}", self.0)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = ();
+    /// Accepts exactly `job_id_N` with N a positive decimal without sign or leading zeros.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let digits = s.strip_prefix("job_id_").ok_or(())?;
+        if digits.is_empty()
+            || digits.starts_with('0')
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(());
+        }
+        digits.parse::<u64>().map(JobId).map_err(|_| ())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Done,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Done => "done",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        match self {
+            JobStatus::Queued | JobStatus::Running => false,
+            JobStatus::Done | JobStatus::Failed | JobStatus::Cancelled => true,
+        }
+    }
+
+    /// Compact code used by stores that keep the status as a number.
+    pub fn code(self) -> u8 {
+        match self {
+            JobStatus::Queued => 0,
+            JobStatus::Running => 1,
+            JobStatus::Done => 2,
+            JobStatus::Failed => 3,
+            JobStatus::Cancelled => 4,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<JobStatus> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|s| i64::from(s.code()) == code)
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or(())
+    }
+}
+
+/// A job as submitted: its kind and its parameters. Jobs are data, never closures, so
+/// any store can carry them and any process can run them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub kind: String,
+    pub params: Value,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The result, already serialized as JSON text (stored and served as is).
+    Done(String),
+    Failed(String),
+    Cancelled(String),
+}
+
+impl Outcome {
+    pub fn status(&self) -> JobStatus {
+        match self {
+            Outcome::Done(_) => JobStatus::Done,
+            Outcome::Failed(_) => JobStatus::Failed,
+            Outcome::Cancelled(_) => JobStatus::Cancelled,
+        }
+    }
+}
+
+/// Everything the store knows about one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub kind: String,
+    pub params: Value,
+    pub status: JobStatus,
+    pub submitted_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    /// JSON text of the result when `status` is done.
+    pub result: Option<String>,
+    /// Why the job failed or was cancelled.
+    pub error: Option<String>,
+}
+
+/// Number of jobs in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    pub queued: u64,
+    pub running: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+impl JobCounts {
+    pub fn in_progress(&self) -> u64 {
+        self.queued + self.running
+    }
+
+    pub fn slot(&mut self, s: JobStatus) -> &mut u64 {
+        match s {
+            JobStatus::Queued => &mut self.queued,
+            JobStatus::Running => &mut self.running,
+            JobStatus::Done => &mut self.done,
+            JobStatus::Failed => &mut self.failed,
+            JobStatus::Cancelled => &mut self.cancelled,
+        }
+    }
+}
+
+/// A page request over the job list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    pub kind: Option<String>,
+    pub limit: usize,
+    /// Only jobs with an id lower than this one (the previous page's last id).
+    pub before: Option<JobId>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_round_trip_and_reject_lookalikes() {
+        assert_eq!("job_id_1".parse::<JobId>(), Ok(JobId(1)));
+        assert_eq!(JobId(42).to_string(), "job_id_42");
+        for bad in [
+            "",
+            "job_id_",
+            "job_id_0",
+            "job_id_01",
+            "job_id_-1",
+            "job_id_+1",
+            "job_id_1a",
+            "JOB_ID_1",
+            "1",
+            "job_id_99999999999999999999999",
+        ] {
+            assert!(bad.parse::<JobId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn status_codes_round_trip() {
+        for s in JobStatus::ALL {
+            assert_eq!(JobStatus::from_code(i64::from(s.code())), Some(s));
+            assert_eq!(s.as_str().parse::<JobStatus>(), Ok(s));
+        }
+        assert_eq!(JobStatus::from_code(9), None);
+    }
+}

@@ -1,0 +1,32 @@
+//! tally: slow, asynchronous data work as a fast, observable HTTP service.
+//!
+//! Module map (see `ARCHITECTURE.md` for the longer tour):
+//! - [`config`]: the command line (clap, every flag also `TALLY_<FLAG>`), parsed once.
+//! - [`jobs`]: jobs as data (kind + JSON params), the kind registry, and the engine that
+//!   queues them and runs them on a pool of worker threads.
+//! - [`store`]: where job records and results live: the [`store::Store`] trait with an
+//!   SQLite (default, durable, group-committed) and an in-memory implementation.
+//! - [`stats`]: the survey dataset and the nine statistics computations.
+//! - [`api`]: the HTTP edge (axum): native `/v1` routes, the compatible `/api` routes,
+//!   health, metrics; the only layer that knows about HTTP and JSON shapes.
+//! - [`metrics`]: the Prometheus registry and typed metric families.
+//! - [`telemetry`]: tracing setup (UTC timestamps, rotating log file).
+//! - [`app`]: [`app::Application`], the one start-up path shared by `main` and the tests.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod jobs;
+pub mod metrics;
+pub mod stats;
+pub mod store;
+pub mod telemetry;
+
+/// Milliseconds since the Unix epoch, the one clock every record uses.
+pub fn now_ms() -> i64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

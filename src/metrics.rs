@@ -1,0 +1,233 @@
+//! Prometheus metrics: one registry, typed families with bounded label sets (job kinds
+//! come from the registry of kinds, routes from the router's matched paths, never raw
+//! client input), rendered in the text format at `/metrics`.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub kind: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub method: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn seconds_histogram() -> Histogram {
+    // 50 µs .. ~30 min
+    Histogram::new(exponential_buckets(0.00005, 2.5, 20))
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 14))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub jobs_submitted: Family<KindLabels, Counter>,
+    pub jobs_finished: Family<OutcomeLabels, Counter>,
+    pub job_duration: HistogramFamily<KindLabels>,
+    pub jobs_in_store: Family<StateLabels, Gauge>,
+    pub queue_depth: Gauge,
+    pub queue_rejections: Counter,
+    pub busy_workers: Gauge,
+    pub workers: Gauge,
+    pub worker_restarts: Counter,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: HistogramFamily<RouteLabels>,
+    pub store_commits: Counter,
+    pub store_errors: Counter,
+    pub store_batch_size: Histogram,
+    pub store_commit_duration: Histogram,
+    pub store_evictions: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tally");
+        let m = Metrics {
+            jobs_submitted: Family::default(),
+            jobs_finished: Family::default(),
+            job_duration: Family::new_with_constructor(seconds_histogram),
+            jobs_in_store: Family::default(),
+            queue_depth: Gauge::default(),
+            queue_rejections: Counter::default(),
+            busy_workers: Gauge::default(),
+            workers: Gauge::default(),
+            worker_restarts: Counter::default(),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(seconds_histogram),
+            store_commits: Counter::default(),
+            store_errors: Counter::default(),
+            store_batch_size: batch_histogram(),
+            store_commit_duration: seconds_histogram(),
+            store_evictions: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "jobs_submitted",
+            "Jobs accepted, by kind",
+            m.jobs_submitted.clone(),
+        );
+        r.register(
+            "jobs_finished",
+            "Jobs finished, by kind and outcome (done, failed, cancelled, timeout, panic)",
+            m.jobs_finished.clone(),
+        );
+        r.register(
+            "job_duration_seconds",
+            "Time a job spent running, by kind",
+            m.job_duration.clone(),
+        );
+        r.register(
+            "jobs",
+            "Jobs in the store, by state",
+            m.jobs_in_store.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Jobs waiting for a worker",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "queue_rejections",
+            "Submissions refused because the queue was full",
+            m.queue_rejections.clone(),
+        );
+        r.register(
+            "busy_workers",
+            "Workers running a job",
+            m.busy_workers.clone(),
+        );
+        r.register("workers", "Worker threads alive", m.workers.clone());
+        r.register(
+            "worker_restarts",
+            "Workers replaced after a job panicked",
+            m.worker_restarts.clone(),
+        );
+        r.register(
+            "http_requests",
+            "HTTP requests, by route and status",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "HTTP request latency, by route",
+            m.http_duration.clone(),
+        );
+        r.register(
+            "store_commits",
+            "Store transactions committed",
+            m.store_commits.clone(),
+        );
+        r.register(
+            "store_errors",
+            "Store transactions that failed",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "store_batch_size",
+            "Operations folded into one store transaction",
+            m.store_batch_size.clone(),
+        );
+        r.register(
+            "store_commit_duration_seconds",
+            "Time to apply and commit one store transaction",
+            m.store_commit_duration.clone(),
+        );
+        r.register(
+            "store_evictions",
+            "Finished results evicted to respect the memory store's cap",
+            m.store_evictions.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn store_commit(&self, ops: usize, took: Duration) {
+        self.store_commits.inc();
+        self.store_batch_size.observe(ops as f64);
+        self.store_commit_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn job_finished(&self, kind: &str, outcome: &str, ran_for: Option<Duration>) {
+        self.jobs_finished
+            .get_or_create(&OutcomeLabels {
+                kind: kind.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        if let Some(d) = ran_for {
+            self.job_duration
+                .get_or_create(&KindLabels {
+                    kind: kind.to_string(),
+                })
+                .observe(d.as_secs_f64());
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendering_names_every_family_with_the_prefix() {
+        let m = Metrics::new();
+        m.worker_restarts.inc();
+        m.job_finished("stats.global_mean", "done", Some(Duration::from_millis(3)));
+        let text = m.render();
+        for name in [
+            "tally_worker_restarts_total 1",
+            "tally_jobs_finished_total{kind=\"stats.global_mean\",outcome=\"done\"} 1",
+            "tally_job_duration_seconds_bucket",
+            "tally_queue_depth",
+            "tally_busy_workers",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

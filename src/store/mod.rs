@@ -1,0 +1,65 @@
+//! Where job records and results live. One async trait, several implementations:
+//! SQLite (default: durable, WAL, group commits) and memory (nothing on disk).
+//!
+//! Architecture Invariant: the trait speaks only of data (ids, records, outcomes), never
+//! of in-process things (channels, closures, threads), so a networked store (Redis) can
+//! implement it and several processes can share one.
+
+use async_trait::async_trait;
+
+use crate::jobs::model::{JobCounts, JobId, JobRecord, JobStatus, ListFilter, NewJob, Outcome};
+
+pub mod memory;
+pub mod sqlite;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store is closed")]
+    Closed,
+    #[error("stored record of job {id} is corrupt: {what}")]
+    Corrupt { id: u64, what: String },
+    #[error("store I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Allocates an id and records the job as queued. Returns only once the record is
+    /// durable (for stores that persist): the id is valid the instant it is returned.
+    async fn submit(&self, job: NewJob, now_ms: i64) -> Result<JobId, StoreError>;
+
+    async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
+
+    /// Queued → running. Stores that apply it asynchronously may return true before
+    /// checking; the engine decides cancellation in process, not from this answer.
+    async fn mark_running(&self, id: JobId, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Queued or running → the outcome's state. Returns false when the job had already
+    /// finished (a late result after a timeout or a cancel is dropped).
+    async fn finish(&self, id: JobId, outcome: Outcome, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// A page of jobs, newest first.
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// Every job id with its status, oldest first (the compatible `/api/jobs` listing).
+    async fn statuses(&self) -> Result<Vec<(JobId, JobStatus)>, StoreError>;
+
+    async fn counts(&self) -> Result<JobCounts, StoreError>;
+
+    /// Jobs left queued or running by an earlier process, reset to queued, oldest first:
+    /// the engine runs them again.
+    async fn recover_unfinished(&self) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// Returns once everything accepted so far is durable.
+    async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Finished results dropped to respect a memory cap (0 for stores that keep all).
+    fn evictions(&self) -> u64 {
+        0
+    }
+
+    /// Short name for logs and metrics.
+    fn name(&self) -> &'static str;
+}

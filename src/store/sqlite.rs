@@ -1,0 +1,596 @@
+//! The SQLite store (the default): one file in WAL mode, one writer thread that turns
+//! whatever writes are waiting into a single transaction (group commit), and a small
+//! pool of read connections that never block the writer.
+//!
+//! Why group commit: a commit costs one fsync; batching every pending write into one
+//! transaction makes the cost per job fall as load rises, while a lone write is still
+//! committed at once (the writer never waits to fill a batch).
+//!
+//! Durability: `submit` answers only after its batch committed. `mark_running` and
+//! `finish` are queued behind it without waiting: readers only ever see committed rows,
+//! so a result is visible exactly when it is durable, and `flush` waits for all of them.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Store, StoreError};
+use crate::config::SqliteSync;
+use crate::jobs::model::{JobCounts, JobId, JobRecord, JobStatus, ListFilter, NewJob, Outcome};
+use crate::metrics::Metrics;
+
+/// Largest number of operations folded into one transaction.
+const MAX_BATCH: usize = 4096;
+/// Pending writes the channel holds before writers wait (backpressure on workers).
+const CHANNEL_CAPACITY: usize = 65_536;
+/// Idle read connections kept open.
+const MAX_IDLE_READERS: usize = 8;
+
+enum Op {
+    Insert {
+        id: JobId,
+        kind: String,
+        params: String,
+        at: i64,
+        ack: oneshot::Sender<Result<(), String>>,
+    },
+    MarkRunning {
+        id: JobId,
+        at: i64,
+    },
+    Finish {
+        id: JobId,
+        outcome: Outcome,
+        at: i64,
+        ack: Option<oneshot::Sender<bool>>,
+    },
+    Flush {
+        ack: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    tx: mpsc::Sender<Op>,
+    next_id: AtomicU64,
+    /// Counts per state, kept by the writer after each commit (the store is the file's
+    /// only writer, so they never drift), so `num_jobs` costs no query.
+    counts: Arc<Mutex<JobCounts>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+fn open_conn(path: &Path, sync: SqliteSync) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match sync {
+            SqliteSync::Full => "FULL",
+            SqliteSync::Normal => "NORMAL",
+        },
+    )?;
+    // A bounded page cache per connection: the store's memory does not grow with jobs.
+    conn.pragma_update(None, "cache_size", -2048)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the file, resets nothing, and starts the writer thread.
+    pub fn open(path: &Path, sync: SqliteSync, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+        let conn = open_conn(path, sync)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS jobs (
+                id INTEGER PRIMARY KEY,
+                kind TEXT NOT NULL,
+                params TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                submitted_at INTEGER NOT NULL,
+                started_at INTEGER,
+                finished_at INTEGER,
+                result TEXT,
+                error TEXT
+            );
+            CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs(status) WHERE status < 2;",
+        )?;
+        let max_id: i64 =
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM jobs", [], |r| r.get(0))?;
+        let mut counts = JobCounts::default();
+        {
+            let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (code, n) = row?;
+                if let Some(s) = JobStatus::from_code(code) {
+                    *counts.slot(s) += n as u64;
+                }
+            }
+        }
+        let counts = Arc::new(Mutex::new(counts));
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let writer_counts = counts.clone();
+        thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, writer_counts, metrics))?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            tx,
+            next_id: AtomicU64::new(max_id as u64 + 1),
+            counts,
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    async fn send(&self, op: Op) -> Result<(), StoreError> {
+        self.tx.send(op).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs `f` on a pooled read connection off the async threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match readers.lock().pop() {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open_with_flags(
+                        &path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )?;
+                    c.busy_timeout(std::time::Duration::from_secs(5))?;
+                    c.pragma_update(None, "cache_size", -1024)?;
+                    c
+                }
+            };
+            let out = f(&conn);
+            let mut pool = readers.lock();
+            if pool.len() < MAX_IDLE_READERS {
+                pool.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+}
+
+const SELECT_COLS: &str =
+    "SELECT id, kind, params, status, submitted_at, started_at, finished_at, result, error FROM jobs";
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> Result<JobRecord, rusqlite::Error> {
+    let id: i64 = r.get(0)?;
+    let params: String = r.get(2)?;
+    let code: i64 = r.get(3)?;
+    Ok(JobRecord {
+        id: JobId(id as u64),
+        kind: r.get(1)?,
+        params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
+        status: JobStatus::from_code(code).unwrap_or(JobStatus::Failed),
+        submitted_at: r.get(4)?,
+        started_at: r.get(5)?,
+        finished_at: r.get(6)?,
+        result: r.get(7)?,
+        error: r.get(8)?,
+    })
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Op>,
+    counts: Arc<Mutex<JobCounts>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch: Vec<Op> = Vec::with_capacity(256);
+    while let Some(op) = rx.blocking_recv() {
+        batch.push(op);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let n = batch.len();
+        let mut delta = JobCounts::default();
+        let mut minus = JobCounts::default();
+        let mut finish_results: Vec<bool> = Vec::with_capacity(n);
+        let res = apply_batch(
+            &mut conn,
+            &batch,
+            &mut delta,
+            &mut minus,
+            &mut finish_results,
+        );
+        metrics.store_commit(n, started.elapsed());
+        match res {
+            Ok(()) => {
+                {
+                    let mut c = counts.lock();
+                    for s in JobStatus::ALL {
+                        *c.slot(s) += *delta.slot(s);
+                        *c.slot(s) = c.slot(s).saturating_sub(*minus.slot(s));
+                    }
+                }
+                let mut fin = finish_results.into_iter();
+                for op in batch.drain(..) {
+                    match op {
+                        Op::Insert { ack, .. } | Op::Flush { ack } => {
+                            let _ = ack.send(Ok(()));
+                        }
+                        Op::Finish { ack, .. } => {
+                            let changed = fin.next().unwrap_or(false);
+                            if let Some(ack) = ack {
+                                let _ = ack.send(changed);
+                            }
+                        }
+                        Op::MarkRunning { .. } => {}
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ops = n, "sqlite commit failed");
+                metrics.store_errors.inc();
+                let msg = e.to_string();
+                for op in batch.drain(..) {
+                    match op {
+                        Op::Insert { ack, .. } | Op::Flush { ack } => {
+                            let _ = ack.send(Err(msg.clone()));
+                        }
+                        Op::Finish { ack: Some(ack), .. } => {
+                            let _ = ack.send(false);
+                        }
+                        Op::Finish { ack: None, .. } | Op::MarkRunning { .. } => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn apply_batch(
+    conn: &mut Connection,
+    batch: &[Op],
+    delta: &mut JobCounts,
+    minus: &mut JobCounts,
+    finish_results: &mut Vec<bool>,
+) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO jobs (id, kind, params, status, submitted_at) VALUES (?1, ?2, ?3, 0, ?4)",
+        )?;
+        let mut running = tx.prepare_cached(
+            "UPDATE jobs SET status = 1, started_at = ?2 WHERE id = ?1 AND status = 0",
+        )?;
+        let mut current = tx.prepare_cached("SELECT status FROM jobs WHERE id = ?1")?;
+        let mut finish = tx.prepare_cached(
+            "UPDATE jobs SET status = ?2, finished_at = ?3, result = ?4, error = ?5 WHERE id = ?1",
+        )?;
+        for op in batch {
+            match op {
+                Op::Insert {
+                    id,
+                    kind,
+                    params,
+                    at,
+                    ..
+                } => {
+                    insert.execute(params![id.0 as i64, kind, params, at])?;
+                    delta.queued += 1;
+                }
+                Op::MarkRunning { id, at } => {
+                    if running.execute(params![id.0 as i64, at])? == 1 {
+                        minus.queued += 1;
+                        delta.running += 1;
+                    }
+                }
+                Op::Finish {
+                    id, outcome, at, ..
+                } => {
+                    let before: Option<i64> = current
+                        .query_row(params![id.0 as i64], |r| r.get(0))
+                        .optional()?;
+                    let before = before.and_then(JobStatus::from_code);
+                    let changed = match before {
+                        Some(b) if !b.is_finished() => {
+                            let (result, error) = match outcome {
+                                Outcome::Done(r) => (Some(r.as_str()), None),
+                                Outcome::Failed(e) | Outcome::Cancelled(e) => {
+                                    (None, Some(e.as_str()))
+                                }
+                            };
+                            let after = outcome.status();
+                            finish.execute(params![
+                                id.0 as i64,
+                                after.code(),
+                                at,
+                                result,
+                                error
+                            ])?;
+                            *minus.slot(b) += 1;
+                            *delta.slot(after) += 1;
+                            true
+                        }
+                        _ => false,
+                    };
+                    finish_results.push(changed);
+                }
+                Op::Flush { .. } => {}
+            }
+        }
+    }
+    tx.commit()
+}
+
+fn map_ack_err(r: Result<Result<(), String>, oneshot::error::RecvError>) -> Result<(), StoreError> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(msg)) => Err(StoreError::Io(std::io::Error::other(msg))),
+        Err(_) => Err(StoreError::Closed),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn submit(&self, job: NewJob, now_ms: i64) -> Result<JobId, StoreError> {
+        let id = JobId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (ack, rx) = oneshot::channel();
+        self.send(Op::Insert {
+            id,
+            kind: job.kind,
+            params: job.params.to_string(),
+            at: now_ms,
+            ack,
+        })
+        .await?;
+        map_ack_err(rx.await)?;
+        Ok(id)
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!("{SELECT_COLS} WHERE id = ?1"))?;
+            Ok(stmt.query_row([id.0 as i64], row_to_record).optional()?)
+        })
+        .await
+    }
+
+    async fn mark_running(&self, id: JobId, now_ms: i64) -> Result<bool, StoreError> {
+        self.send(Op::MarkRunning { id, at: now_ms }).await?;
+        Ok(true)
+    }
+
+    async fn finish(&self, id: JobId, outcome: Outcome, now_ms: i64) -> Result<bool, StoreError> {
+        let (ack, rx) = oneshot::channel();
+        self.send(Op::Finish {
+            id,
+            outcome,
+            at: now_ms,
+            ack: Some(ack),
+        })
+        .await?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError> {
+        let f = filter.clone();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{SELECT_COLS} WHERE id < ?1 AND (?2 IS NULL OR status = ?2) \
+                 AND (?3 IS NULL OR kind = ?3) ORDER BY id DESC LIMIT ?4"
+            ))?;
+            let before = f.before.map(|b| b.0 as i64).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(
+                params![before, f.status.map(|s| s.code()), f.kind, f.limit as i64],
+                row_to_record,
+            )?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(StoreError::from)
+        })
+        .await
+    }
+
+    async fn statuses(&self) -> Result<Vec<(JobId, JobStatus)>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT id, status FROM jobs ORDER BY id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, code) = row?;
+                let status = JobStatus::from_code(code).ok_or_else(|| StoreError::Corrupt {
+                    id: id as u64,
+                    what: format!("status code {code}"),
+                })?;
+                out.push((JobId(id as u64), status));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn counts(&self) -> Result<JobCounts, StoreError> {
+        Ok(*self.counts.lock())
+    }
+
+    async fn recover_unfinished(&self) -> Result<Vec<JobRecord>, StoreError> {
+        // Reset running → queued through the writer so the counts stay right, then read.
+        let running = self
+            .read(|c| {
+                let mut stmt = c.prepare("SELECT id FROM jobs WHERE status = 1")?;
+                let rows = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+                rows.collect::<Result<Vec<_>, _>>()
+                    .map_err(StoreError::from)
+            })
+            .await?;
+        if !running.is_empty() {
+            let path = self.path.clone();
+            let n = running.len() as u64;
+            tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                let c = Connection::open(&path)?;
+                c.busy_timeout(std::time::Duration::from_secs(5))?;
+                c.execute(
+                    "UPDATE jobs SET status = 0, started_at = NULL WHERE status = 1",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(|_| StoreError::Closed)??;
+            let mut c = self.counts.lock();
+            c.running = c.running.saturating_sub(n);
+            c.queued += n;
+        }
+        self.read(|c| {
+            let mut stmt = c.prepare(&format!("{SELECT_COLS} WHERE status = 0 ORDER BY id"))?;
+            let rows = stmt.query_map([], row_to_record)?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(StoreError::from)
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let (ack, rx) = oneshot::channel();
+        self.send(Op::Flush { ack }).await?;
+        map_ack_err(rx.await)
+    }
+
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn store(dir: &Path) -> SqliteStore {
+        SqliteStore::open(
+            &dir.join("t.db"),
+            SqliteSync::Normal,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_submitted_job_is_readable_at_once_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let s = store(dir.path());
+            let id = s
+                .submit(
+                    NewJob {
+                        kind: "k".into(),
+                        params: json!({"a": 1}),
+                    },
+                    5,
+                )
+                .await
+                .unwrap();
+            let r = s.get(id).await.unwrap().unwrap();
+            assert_eq!(r.status, JobStatus::Queued);
+            assert_eq!(r.params, json!({"a": 1}));
+            s.mark_running(id, 6).await.unwrap();
+            s.flush().await.unwrap();
+            id
+        };
+        let s = store(dir.path());
+        assert_eq!(s.counts().await.unwrap().running, 1);
+        let again = s.recover_unfinished().await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].id, id);
+        assert_eq!(again[0].status, JobStatus::Queued);
+        assert_eq!(s.counts().await.unwrap().queued, 1);
+        let next = s
+            .submit(
+                NewJob {
+                    kind: "k".into(),
+                    params: json!({}),
+                },
+                7,
+            )
+            .await
+            .unwrap();
+        assert!(next.0 > id.0, "ids are never reused after a restart");
+    }
+
+    #[tokio::test]
+    async fn finish_is_applied_once_and_listed_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let kind = if i % 2 == 0 { "even" } else { "odd" };
+            ids.push(
+                s.submit(
+                    NewJob {
+                        kind: kind.into(),
+                        params: json!({}),
+                    },
+                    i,
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        assert!(s
+            .finish(ids[0], Outcome::Done("{\"x\":1}".into()), 9)
+            .await
+            .unwrap());
+        assert!(!s
+            .finish(ids[0], Outcome::Failed("late".into()), 10)
+            .await
+            .unwrap());
+        let r = s.get(ids[0]).await.unwrap().unwrap();
+        assert_eq!(r.result.as_deref(), Some("{\"x\":1}"));
+        assert_eq!(r.error, None);
+        let c = s.counts().await.unwrap();
+        assert_eq!((c.queued, c.done), (4, 1));
+
+        let page = s
+            .list(&ListFilter {
+                limit: 2,
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            page.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![ids[4], ids[3]]
+        );
+        let evens = s
+            .list(&ListFilter {
+                limit: 10,
+                kind: Some("even".into()),
+                status: Some(JobStatus::Queued),
+                before: Some(ids[4]),
+            })
+            .await
+            .unwrap();
+        assert_eq!(evens.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[2]]);
+        assert_eq!(s.statuses().await.unwrap().len(), 5);
+    }
+}
