@@ -48,7 +48,11 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// The body as a JSON object, or the error answer naming what is wrong with it.
-fn parse_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Value, Response> {
+/// The error is boxed: a `Response` is large and this is the cold path.
+fn parse_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, Box<Response>> {
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             error(StatusCode::PAYLOAD_TOO_LARGE, "request body is too large")
@@ -57,10 +61,10 @@ fn parse_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Resul
         }
     })?;
     if !is_json(headers) {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "expected 'Content-Type: application/json'",
-        ));
+        )));
     }
     let v: Value = serde_json::from_slice(&body).map_err(|e| {
         error(
@@ -69,10 +73,10 @@ fn parse_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Resul
         )
     })?;
     if !v.is_object() {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "the JSON body must be an object",
-        ));
+        )));
     }
     Ok(v)
 }
@@ -94,7 +98,7 @@ pub async fn compute(
                 status = res.status().as_u16(),
                 "api request rejected"
             );
-            return res;
+            return *res;
         }
     };
     tracing::info!(
@@ -247,7 +251,7 @@ pub async fn graceful_shutdown(State(st): State<AppState>) -> Response {
 pub async fn noop_submit(headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     match parse_body(&headers, body) {
         Ok(_) => json_text(StatusCode::OK, r#"{"job_id":"job_id_0"}"#.to_string()),
-        Err(res) => res,
+        Err(res) => *res,
     }
 }
 

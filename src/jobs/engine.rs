@@ -218,7 +218,9 @@ impl Engine {
     /// state is `cancelled` from now on either way.
     pub async fn cancel(&self, id: JobId) -> Result<(), CancelError> {
         let live = self.inner.live.lock().get(&id).cloned();
-        if let Some(live) = live {
+        // A job already finalized (cancelled, timed out) but whose worker has not yet
+        // noticed is answered from the store below, like any finished job.
+        if let Some(live) = live.filter(|l| !l.finalized.load(Ordering::SeqCst)) {
             live.ctx.cancel();
             if !live.finalized.swap(true, Ordering::SeqCst) {
                 self.inner

@@ -1,0 +1,179 @@
+//! Operations: metrics, auth, readiness, log files.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{metric, Proc, TestApp};
+
+const Q1: &str = "Percent of adults aged 18 years and older who have obesity";
+
+#[tokio::test]
+async fn metrics_count_jobs_by_kind_and_outcome_and_requests_by_route() {
+    let app = TestApp::spawn().await;
+    let ok = app.submit("test.echo", json!({})).await;
+    let bad = app
+        .submit("stats.global_mean", json!({ "question": "nope" }))
+        .await;
+    app.wait_job(&ok).await;
+    app.wait_job(&bad).await;
+    app.get("/nowhere").await;
+    let page = app.metrics().await;
+    for (name, want) in [
+        ("tally_jobs_submitted_total{kind=\"test.echo\"}", 1.0),
+        (
+            "tally_jobs_finished_total{kind=\"test.echo\",outcome=\"done\"}",
+            1.0,
+        ),
+        (
+            "tally_jobs_finished_total{kind=\"stats.global_mean\",outcome=\"failed\"}",
+            1.0,
+        ),
+        ("tally_job_duration_seconds_count{kind=\"test.echo\"}", 1.0),
+        (
+            "tally_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"202\"}",
+            2.0,
+        ),
+        (
+            "tally_http_requests_total{method=\"GET\",route=\"unmatched\",status=\"404\"}",
+            1.0,
+        ),
+        ("tally_jobs{state=\"done\"}", 1.0),
+        ("tally_jobs{state=\"failed\"}", 1.0),
+        ("tally_queue_depth", 0.0),
+        ("tally_busy_workers", 0.0),
+        ("tally_workers", 2.0),
+        ("tally_worker_restarts_total", 0.0),
+    ] {
+        assert_eq!(metric(&page, name), Some(want), "{name}\n{page}");
+    }
+    assert!(page.contains("tally_http_request_duration_seconds_bucket"));
+    assert!(page.contains("tally_store_commit_duration_seconds_bucket"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn with_a_token_mutating_and_admin_routes_need_it_and_reads_do_not() {
+    let app = TestApp::spawn_with(|c| c.auth_token = Some("s3cret-token".parse().unwrap())).await;
+    let post = |path: &str, token: Option<&str>| {
+        let mut req = app
+            .client
+            .post(app.url(path))
+            .json(&json!({ "kind": "test.echo", "question": Q1 }));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    for path in ["/v1/jobs", "/api/states_mean"] {
+        let res = post(path, None).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(res.headers()["www-authenticate"], "Bearer");
+        assert_eq!(
+            post(path, Some("wrong")).await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let res = app
+        .client
+        .get(app.url("/api/graceful_shutdown"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = app
+        .client
+        .delete(app.url("/v1/jobs/job_id_1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+
+    let res = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth("s3cret-token")
+        .json(&json!({ "kind": "test.echo" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/api/num_jobs",
+        "/api/jobs",
+        "/v1/jobs",
+        "/v1/jobs/stats",
+    ] {
+        let res = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_log_file_rotates_by_size_keeps_backups_and_logs_api_requests_in_utc() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("logs/tally.log");
+    let log_arg = log.display().to_string();
+    let p = Proc::start(
+        dir.path(),
+        &[
+            "--store",
+            "memory",
+            "--log-file",
+            &log_arg,
+            "--log-max-bytes",
+            "4096",
+            "--log-backups",
+            "2",
+        ],
+    );
+    let c = p.client();
+    for _ in 0..60 {
+        c.post(
+            "/api/global_mean",
+            &json!({ "question": Q1, "state": "Ohio" }),
+        )
+        .await;
+    }
+    p.signal(libc::SIGTERM);
+    let (status, _) = p.wait_exit(Duration::from_secs(10));
+    assert!(status.success());
+
+    let logs = dir.path().join("logs");
+    let mut names: Vec<String> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec!["tally.log", "tally.log.1", "tally.log.2"],
+        "two backups kept, older ones dropped"
+    );
+    for name in &names {
+        let size = std::fs::metadata(logs.join(name)).unwrap().len();
+        assert!(size < 4096 + 1024, "{name} is {size} bytes");
+    }
+    let newest = std::fs::read_to_string(&log).unwrap()
+        + &std::fs::read_to_string(logs.join("tally.log.1")).unwrap();
+    let line = newest
+        .lines()
+        .find(|l| l.contains("api request in") && l.contains("route=\"global_mean\""))
+        .expect("api requests are logged");
+    // 2026-11-23T01:25:16.787575Z: RFC 3339 in UTC.
+    let ts = line.split_whitespace().next().unwrap();
+    assert!(ts.ends_with('Z') && ts.contains('T'), "{ts}");
+    assert!(
+        line.contains("question=") && line.contains("obesity") && line.contains("state=\"Ohio\""),
+        "{line}"
+    );
+    assert!(
+        newest.contains("api response out"),
+        "responses are logged too"
+    );
+}
