@@ -11,7 +11,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{self, AppState, RouterOptions};
+use crate::api::{self, AppContext, AppState, RouterOptions};
 use crate::config::{Cli, Command, ServeConfig, StoreSpec};
 use crate::jobs::engine::Engine;
 use crate::jobs::{self, EngineOptions, Registry};
@@ -38,6 +38,10 @@ enum StopReason {
 
 impl Application {
     pub async fn build(cfg: ServeConfig) -> anyhow::Result<Self> {
+        // Bind first: a second instance on a busy port fails before touching the store.
+        let listener = TcpListener::bind(cfg.bind)
+            .await
+            .with_context(|| format!("binding {}", cfg.bind))?;
         let metrics = Arc::new(Metrics::new());
         let store: Arc<dyn Store> = match &cfg.store {
             StoreSpec::Memory => Arc::new(MemoryStore::new(cfg.memory_max_results)),
@@ -87,16 +91,14 @@ impl Application {
             .await
             .context("recovering unfinished jobs")?;
 
-        let listener = TcpListener::bind(cfg.bind)
-            .await
-            .with_context(|| format!("binding {}", cfg.bind))?;
         let (tx, shutdown_rx) = watch::channel(false);
-        let state = AppState {
+        let state: AppState = Arc::new(AppContext {
             engine,
             metrics,
             auth: cfg.auth_token.clone(),
             shutdown: Arc::new(tx),
-        };
+            poll_hold: Duration::from_millis(cfg.poll_hold_ms),
+        });
         tracing::info!(
             addr = %listener.local_addr()?,
             store = %cfg.store,

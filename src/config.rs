@@ -132,6 +132,11 @@ pub struct ServeConfig {
     #[arg(long, env = "TALLY_SHUTDOWN_LINGER_MS", default_value_t = 1000)]
     pub shutdown_linger_ms: u64,
 
+    /// `/api/get_results` of an unfinished job waits up to this many milliseconds for it
+    /// to finish before answering "running" (long polling; 0 answers at once).
+    #[arg(long, env = "TALLY_POLL_HOLD_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub poll_hold_ms: u64,
+
     /// Write logs to this file (rotated by size) instead of standard output.
     #[arg(long, env = "TALLY_LOG_FILE")]
     pub log_file: Option<PathBuf>,

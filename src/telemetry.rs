@@ -8,8 +8,14 @@ use std::path::Path;
 use file_rotate::compression::Compression;
 use file_rotate::suffix::AppendCount;
 use file_rotate::{ContentLimit, FileRotate};
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+
+/// A background writer that blocks rather than drops lines when it falls behind: the
+/// request log is an audit trail, so losing lines under load is not acceptable.
+fn non_blocking<W: std::io::Write + Send + 'static>(w: W) -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default().lossy(false).finish(w)
+}
 
 /// Keeps the background log writer alive; drop it last so buffered lines are written.
 pub struct LogGuard(#[allow(dead_code)] WorkerGuard);
@@ -41,9 +47,9 @@ pub fn init(
                 Compression::None,
                 None,
             );
-            tracing_appender::non_blocking(file)
+            non_blocking(file)
         }
-        None => tracing_appender::non_blocking(std::io::stdout()),
+        None => non_blocking(std::io::stdout()),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)

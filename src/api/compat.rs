@@ -154,6 +154,17 @@ pub async fn get_results(State(st): State<AppState>, Path(raw): Path<String>) ->
     tracing::info!(route = "get_results", job_id = %raw, "api request in");
     let res = match raw.parse::<JobId>() {
         Err(()) => error(StatusCode::NOT_FOUND, "Invalid job_id"),
+        // A job still in flight here may finish within the poll hold: answer then,
+        // rather than "running" now and again at the client's next poll. A job still
+        // in flight after the hold answers from memory, without a store read.
+        Ok(id)
+            if {
+                st.engine.wait_finished(id, st.poll_hold).await;
+                st.engine.is_in_flight(id)
+            } =>
+        {
+            json_text(StatusCode::OK, r#"{"status":"running"}"#.to_string())
+        }
         Ok(id) => match st.engine.store().get(id).await {
             Err(e) => {
                 tracing::error!(job_id = %raw, error = %e, "store failed while reading a job");

@@ -27,18 +27,22 @@ pub mod v1;
 
 use error::{ApiError, BodyLimit};
 
-/// What every handler may use.
-#[derive(Clone)]
-pub struct AppState {
+/// What every handler may use; shared behind one `Arc`, so that handing it to a
+/// request costs one reference count.
+pub type AppState = Arc<AppContext>;
+
+pub struct AppContext {
     pub engine: Engine,
     pub metrics: Arc<Metrics>,
     /// `Some` when `--auth-token` is set.
     pub auth: Option<Secret>,
     /// Set to true to ask the application to drain and stop (`/api/graceful_shutdown`).
     pub shutdown: Arc<watch::Sender<bool>>,
+    /// How long `/api/get_results` may hold a poll of an unfinished job (long polling).
+    pub poll_hold: std::time::Duration,
 }
 
-impl AppState {
+impl AppContext {
     pub fn request_shutdown(&self) {
         self.shutdown.send_replace(true);
     }

@@ -59,6 +59,8 @@ struct Live {
     ctx: JobContext,
     /// Set by whoever records the final state first (worker, cancel or timeout).
     finalized: AtomicBool,
+    /// Woken when the job leaves `live`, i.e. once its final state is durable.
+    gone: Notify,
 }
 
 struct Queued {
@@ -159,9 +161,8 @@ impl Engine {
                 capacity: inner.opts.queue_capacity,
             });
         };
-        let kind = job.kind.clone();
-        let params = job.params.clone();
-        let id = inner.store.submit(job, now_ms()).await?;
+        let id = inner.store.submit(&job, now_ms()).await?;
+        let NewJob { kind, params } = job;
         inner
             .metrics
             .jobs_submitted
@@ -176,6 +177,7 @@ impl Engine {
             kind,
             ctx: JobContext::default(),
             finalized: AtomicBool::new(false),
+            gone: Notify::new(),
         });
         self.inner.live.lock().insert(id, live.clone());
         self.inner.metrics.queue_depth.inc();
@@ -260,6 +262,32 @@ impl Engine {
                 Ok(())
             }
         }
+    }
+
+    /// True when this process holds the job and it has not finished: the answer to a
+    /// poll without a store read. False says nothing: ask the store.
+    pub fn is_in_flight(&self, id: JobId) -> bool {
+        self.inner
+            .live
+            .lock()
+            .get(&id)
+            .is_some_and(|l| !l.finalized.load(Ordering::SeqCst))
+    }
+
+    /// Waits up to `hold` for a job held by this process to finish durably. Returns at
+    /// once when this process does not hold the job. This lets a poll answer "done" the moment it
+    /// is true instead of "running" now and a new poll later (long polling).
+    pub async fn wait_finished(&self, id: JobId, hold: Duration) {
+        let Some(live) = self.inner.live.lock().get(&id).cloned() else {
+            return;
+        };
+        let gone = live.gone.notified();
+        tokio::pin!(gone);
+        gone.as_mut().enable();
+        if !self.inner.live.lock().contains_key(&id) {
+            return;
+        }
+        let _ = tokio::time::timeout(hold, gone).await;
     }
 
     /// Progress of a job running in this process, if it reports any.
@@ -347,14 +375,13 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
         inner.metrics.queue_depth.dec();
         if inner.stopped.load(Ordering::SeqCst) || live.finalized.load(Ordering::SeqCst) {
             // Cancelled while queued, or past the drain deadline (stays queued in store).
-            release(inner, id);
+            release(inner, id, &live);
             continue;
         }
         let Some(handler) = inner.registry.get(&live.kind).cloned() else {
             // Only possible for a job recovered from a store written by another version.
             let msg = format!("unknown job kind '{}'", live.kind);
             complete(inner, id, &live, Outcome::Failed(msg), "failed", None);
-            release(inner, id);
             continue;
         };
         if let Err(e) = inner.rt.block_on(inner.store.mark_running(id, now_ms())) {
@@ -377,21 +404,14 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
             })
         });
         let started = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| handler.run(&params, &live.ctx)));
+        let result = catch_unwind(AssertUnwindSafe(|| handler.run_json(&params, &live.ctx)));
         let took = started.elapsed();
         inner.metrics.busy_workers.dec();
         if let Some(w) = watchdog {
             w.abort();
         }
         match result {
-            Ok(Ok(value)) => complete(
-                inner,
-                id,
-                &live,
-                Outcome::Done(value.to_string()),
-                "done",
-                Some(took),
-            ),
+            Ok(Ok(value)) => complete(inner, id, &live, Outcome::Done(value), "done", Some(took)),
             Ok(Err(JobError::Failed(msg))) => {
                 complete(inner, id, &live, Outcome::Failed(msg), "failed", Some(took))
             }
@@ -407,36 +427,43 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
                 let msg = format!("worker panicked: {}", panic_message(payload.as_ref()));
                 tracing::error!(job = %id, kind = %live.kind, worker = n, "{msg}; replacing the worker");
                 complete(inner, id, &live, Outcome::Failed(msg), "panic", Some(took));
-                release(inner, id);
                 inner.metrics.worker_restarts.inc();
                 // This thread's state is suspect after a panic: a fresh one takes its place.
                 spawn_worker(inner.clone(), n);
                 return;
             }
         }
-        release(inner, id);
     }
 }
 
-/// Records the final state unless a cancel or timeout already did.
+/// Records the final state unless a cancel or timeout already did, then lets the job go.
+/// The worker does not wait for the store: a task awaits the commit and only then
+/// removes the job from `live`, so "in flight here" means "final state not yet durable".
 fn complete(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     id: JobId,
-    live: &Live,
+    live: &Arc<Live>,
     outcome: Outcome,
     label: &str,
     took: Option<Duration>,
 ) {
     if live.finalized.swap(true, Ordering::SeqCst) {
+        // A cancel or timeout recorded (and committed) the final state already.
+        release(inner, id, live);
         return;
     }
-    if let Err(e) = inner.rt.block_on(inner.store.finish(id, outcome, now_ms())) {
-        tracing::error!(job = %id, error = %e, "could not record job outcome");
-    }
     inner.metrics.job_finished(&live.kind, label, took);
+    let (inner2, live) = (inner.clone(), live.clone());
+    inner.rt.spawn(async move {
+        if let Err(e) = inner2.store.finish(id, outcome, now_ms()).await {
+            tracing::error!(job = %id, error = %e, "could not record job outcome");
+        }
+        release(&inner2, id, &live);
+    });
 }
 
-fn release(inner: &Inner, id: JobId) {
+fn release(inner: &Inner, id: JobId, live: &Live) {
     inner.live.lock().remove(&id);
+    live.gone.notify_waiters();
     inner.idle.notify_waiters();
 }

@@ -37,6 +37,12 @@ pub trait JobHandler: Send + Sync + 'static {
     /// Does the work. Long work calls `ctx.checkpoint()` now and then, so that a cancel
     /// or a timeout stops it.
     fn run(&self, params: &Value, ctx: &JobContext) -> Result<Value, JobError>;
+
+    /// The result as JSON text, which is what the store keeps. Kinds that can answer
+    /// from a cache of serialized results override this to skip the serialization.
+    fn run_json(&self, params: &Value, ctx: &JobContext) -> Result<String, JobError> {
+        self.run(params, ctx).map(|v| v.to_string())
+    }
 }
 
 /// What a running job can see of its surroundings.

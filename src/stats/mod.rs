@@ -10,6 +10,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use serde_json::{Map, Value};
 
 use crate::jobs::{JobContext, JobError, JobHandler, Registry};
@@ -362,6 +363,11 @@ fn sorted_means(q: &QuestionData) -> Vec<(&str, f64)> {
 struct StatsJob {
     dataset: Arc<Dataset>,
     query: Query,
+    /// Serialized results by (question, state). The dataset never changes after
+    /// loading, so an answer computed once is the answer forever. Only successful
+    /// answers are kept, so the cache is bounded by the dataset (questions × states),
+    /// never by traffic.
+    memo: RwLock<HashMap<(String, Option<String>), Arc<str>>>,
 }
 
 fn params_of(query: Query, params: &Value) -> Result<(String, Option<String>), String> {
@@ -395,6 +401,22 @@ impl JobHandler for StatsJob {
             .compute(self.query, &question, state.as_deref())
             .map_err(JobError::Failed)
     }
+
+    fn run_json(&self, params: &Value, ctx: &JobContext) -> Result<String, JobError> {
+        ctx.checkpoint()?;
+        let (question, state) = params_of(self.query, params).map_err(JobError::Failed)?;
+        let key = (question, state.filter(|_| self.query.needs_state()));
+        if let Some(hit) = self.memo.read().get(&key) {
+            return Ok(hit.to_string());
+        }
+        let text = self
+            .dataset
+            .compute(self.query, &key.0, key.1.as_deref())
+            .map_err(JobError::Failed)?
+            .to_string();
+        self.memo.write().insert(key, Arc::from(text.as_str()));
+        Ok(text)
+    }
 }
 
 pub fn register(reg: &mut Registry, dataset: Arc<Dataset>) {
@@ -404,6 +426,7 @@ pub fn register(reg: &mut Registry, dataset: Arc<Dataset>) {
             Arc::new(StatsJob {
                 dataset: dataset.clone(),
                 query,
+                memo: RwLock::new(HashMap::new()),
             }),
         );
     }

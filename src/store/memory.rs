@@ -42,7 +42,7 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn submit(&self, job: NewJob, now_ms: i64) -> Result<JobId, StoreError> {
+    async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<JobId, StoreError> {
         let mut g = self.inner.lock();
         let id = JobId(g.next_id);
         g.next_id += 1;
@@ -50,8 +50,8 @@ impl Store for MemoryStore {
             id,
             JobRecord {
                 id,
-                kind: job.kind,
-                params: job.params,
+                kind: job.kind.clone(),
+                params: job.params.clone(),
                 status: JobStatus::Queued,
                 submitted_at: now_ms,
                 started_at: None,
@@ -176,7 +176,7 @@ mod tests {
         let s = MemoryStore::new(2);
         let mut ids = Vec::new();
         for _ in 0..3 {
-            ids.push(s.submit(job(), 0).await.unwrap());
+            ids.push(s.submit(&job(), 0).await.unwrap());
         }
         for id in &ids {
             assert!(s.finish(*id, Outcome::Done("1".into()), 1).await.unwrap());
@@ -190,7 +190,7 @@ mod tests {
     #[tokio::test]
     async fn a_finished_job_cannot_finish_twice() {
         let s = MemoryStore::new(10);
-        let id = s.submit(job(), 0).await.unwrap();
+        let id = s.submit(&job(), 0).await.unwrap();
         assert!(s.mark_running(id, 1).await.unwrap());
         assert!(s
             .finish(id, Outcome::Cancelled("x".into()), 2)

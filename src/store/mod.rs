@@ -20,6 +20,8 @@ pub enum StoreError {
     Closed,
     #[error("stored record of job {id} is corrupt: {what}")]
     Corrupt { id: u64, what: String },
+    #[error("{} is held by another tally process; each SQLite store has one owner", .0.display())]
+    Locked(std::path::PathBuf),
     #[error("store I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -28,7 +30,7 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Allocates an id and records the job as queued. Returns only once the record is
     /// durable (for stores that persist): the id is valid the instant it is returned.
-    async fn submit(&self, job: NewJob, now_ms: i64) -> Result<JobId, StoreError>;
+    async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<JobId, StoreError>;
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
 

@@ -1,0 +1,112 @@
+//! Submit-then-poll load client for `bench/stats_api.sh` (run with `cargo bench --bench
+//! submit_poll -- URL SUBMIT_PATH RESULT_PREFIX CLIENTS SECONDS`). Each client POSTs a
+//! job, then polls its result until it is no longer running, and starts the next one.
+//! Prints one JSON line: jobs, jobs/s, latency percentiles (submit → done seen), polls.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const QUESTION: &str = "Percent of adults aged 18 years and older who have obesity";
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if args.len() != 5 {
+        eprintln!("usage: submit_poll URL SUBMIT_PATH RESULT_PREFIX CLIENTS SECONDS");
+        std::process::exit(2);
+    }
+    let base = args[0].clone();
+    let submit = format!("{base}{}", args[1]);
+    let result_prefix = format!("{base}{}", args[2]);
+    let clients: usize = args[3].parse().expect("CLIENTS is a number");
+    let seconds: f64 = args[4].parse().expect("SECONDS is a number");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .tcp_nodelay(true)
+        .build()
+        .expect("client");
+    let body = json!({ "question": QUESTION });
+
+    // Warm-up: one job per client, not measured.
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, submit, result_prefix, body) = (
+            http.clone(),
+            submit.clone(),
+            result_prefix.clone(),
+            body.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut polls = 0u64;
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let res = match http.post(&submit).json(&body).send().await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        errors += 1;
+                        continue;
+                    }
+                };
+                let v: Value = res.json().await.unwrap_or(Value::Null);
+                let Some(id) = v["job_id"].as_str() else {
+                    errors += 1;
+                    continue;
+                };
+                let url = format!("{result_prefix}{id}");
+                loop {
+                    polls += 1;
+                    let r: Value = match http.get(&url).send().await {
+                        Ok(r) => r.json().await.unwrap_or(Value::Null),
+                        Err(_) => Value::Null,
+                    };
+                    match r["status"].as_str() {
+                        Some("running") => tokio::task::yield_now().await,
+                        Some("done") => break,
+                        _ => {
+                            errors += 1;
+                            break;
+                        }
+                    }
+                }
+                lat.push(t.elapsed());
+            }
+            (lat, polls, errors)
+        }));
+    }
+    let started = Instant::now();
+    let mut lat = Vec::new();
+    let (mut polls, mut errors) = (0u64, 0u64);
+    for t in tasks {
+        let (l, p, e) = t.await.expect("client task");
+        lat.extend(l);
+        polls += p;
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+        lat[i].as_secs_f64() * 1000.0
+    };
+    println!(
+        "{}",
+        json!({
+            "jobs": lat.len(),
+            "jobs_per_s": lat.len() as f64 / elapsed,
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+            "polls_per_job": polls as f64 / lat.len().max(1) as f64,
+            "errors": errors,
+        })
+    );
+}
