@@ -359,6 +359,9 @@ fn sorted_means(q: &QuestionData) -> Vec<(&str, f64)> {
     v
 }
 
+/// (question, state) of a computation.
+type MemoKey = (String, Option<String>);
+
 /// The `stats.<route>` job kind: params `{"question": .., "state": ..}`.
 struct StatsJob {
     dataset: Arc<Dataset>,
@@ -367,7 +370,7 @@ struct StatsJob {
     /// loading, so an answer computed once is the answer forever. Only successful
     /// answers are kept, so the cache is bounded by the dataset (questions × states),
     /// never by traffic.
-    memo: RwLock<HashMap<(String, Option<String>), Arc<str>>>,
+    memo: RwLock<HashMap<MemoKey, Arc<str>>>,
 }
 
 fn params_of(query: Query, params: &Value) -> Result<(String, Option<String>), String> {
