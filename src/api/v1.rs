@@ -118,12 +118,19 @@ pub async fn get(
     Path(raw): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_id(&raw)?;
-    let rec = st
+    let mut rec = st
         .engine
         .store()
         .get(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job with id {raw:?}")))?;
+    // A job that started here moments ago may not have its start in the store yet.
+    if rec.status == JobStatus::Queued {
+        if let Some(t) = st.engine.started_at(id) {
+            rec.status = JobStatus::Running;
+            rec.started_at = Some(t);
+        }
+    }
     let progress = (rec.status == JobStatus::Running)
         .then(|| st.engine.progress(id))
         .flatten();

@@ -14,7 +14,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,11 @@ struct Live {
     finalized: AtomicBool,
     /// Woken when the job leaves `live`, i.e. once its final state is durable.
     gone: Notify,
+    /// When a worker started it (ms since epoch; 0 = not started).
+    started_at: AtomicI64,
+    /// The "running" state has been written to the store. Short jobs never need it:
+    /// their start time travels with their outcome, saving a write per job.
+    running_recorded: AtomicBool,
 }
 
 struct Queued {
@@ -121,6 +126,7 @@ impl Engine {
         for n in 0..inner.opts.workers {
             spawn_worker(inner.clone(), n);
         }
+        tokio::spawn(sweep(Arc::downgrade(&inner)));
         Engine { inner }
     }
 
@@ -178,6 +184,8 @@ impl Engine {
             ctx: JobContext::default(),
             finalized: AtomicBool::new(false),
             gone: Notify::new(),
+            started_at: AtomicI64::new(0),
+            running_recorded: AtomicBool::new(false),
         });
         self.inner.live.lock().insert(id, live.clone());
         self.inner.metrics.queue_depth.inc();
@@ -230,6 +238,7 @@ impl Engine {
                     .finish(
                         id,
                         Outcome::Cancelled("cancelled by request".into()),
+                        Some(live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0),
                         now_ms(),
                     )
                     .await?;
@@ -253,6 +262,7 @@ impl Engine {
                     .finish(
                         id,
                         Outcome::Cancelled("cancelled by request".into()),
+                        None,
                         now_ms(),
                     )
                     .await?
@@ -288,6 +298,17 @@ impl Engine {
             return;
         }
         let _ = tokio::time::timeout(hold, gone).await;
+    }
+
+    /// When a job running in this process started, if it has (the store may not know
+    /// yet: short jobs record their start with their outcome).
+    pub fn started_at(&self, id: JobId) -> Option<i64> {
+        self.inner
+            .live
+            .lock()
+            .get(&id)
+            .map(|l| l.started_at.load(Ordering::SeqCst))
+            .filter(|t| *t > 0)
     }
 
     /// Progress of a job running in this process, if it reports any.
@@ -341,6 +362,58 @@ impl Engine {
     }
 }
 
+/// How often running jobs are looked at for timeouts and for recording their start.
+const SWEEP_EVERY: Duration = Duration::from_millis(50);
+
+/// One task for all running jobs, instead of a timer per job: records "running" in the
+/// store for jobs that run longer than one sweep, and fails jobs past their timeout.
+/// Ends when the engine is dropped.
+async fn sweep(inner: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = now_ms();
+        let running: Vec<(JobId, Arc<Live>)> = inner
+            .live
+            .lock()
+            .iter()
+            .filter(|(_, l)| {
+                l.started_at.load(Ordering::SeqCst) > 0 && !l.finalized.load(Ordering::SeqCst)
+            })
+            .map(|(id, l)| (*id, l.clone()))
+            .collect();
+        for (id, live) in running {
+            let started = live.started_at.load(Ordering::SeqCst);
+            if let Some(t) = inner.opts.job_timeout {
+                if now - started >= t.as_millis() as i64 {
+                    live.ctx.cancel();
+                    if !live.finalized.swap(true, Ordering::SeqCst) {
+                        let msg = format!("timed out after {} s", t.as_secs_f64());
+                        if let Err(e) = inner
+                            .store
+                            .finish(id, Outcome::Failed(msg), Some(started), now)
+                            .await
+                        {
+                            tracing::warn!(job = %id, error = %e, "could not record timeout");
+                        }
+                        inner.metrics.job_finished(&live.kind, "timeout", Some(t));
+                    }
+                    continue;
+                }
+            }
+            if now - started >= SWEEP_EVERY.as_millis() as i64
+                && !live.running_recorded.swap(true, Ordering::SeqCst)
+            {
+                if let Err(e) = inner.store.mark_running(id, started).await {
+                    tracing::warn!(job = %id, error = %e, "could not record job start");
+                }
+            }
+        }
+    }
+}
+
 fn spawn_worker(inner: Arc<Inner>, n: usize) {
     let builder = std::thread::Builder::new().name(format!("tally-worker-{n}"));
     let spawned = builder.spawn(move || {
@@ -384,32 +457,12 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
             complete(inner, id, &live, Outcome::Failed(msg), "failed", None);
             continue;
         };
-        if let Err(e) = inner.rt.block_on(inner.store.mark_running(id, now_ms())) {
-            tracing::warn!(job = %id, error = %e, "could not record job start");
-        }
+        live.started_at.store(now_ms(), Ordering::SeqCst);
         inner.metrics.busy_workers.inc();
-        let watchdog = inner.opts.job_timeout.map(|t| {
-            let (inner, live) = (inner.clone(), live.clone());
-            inner.rt.clone().spawn(async move {
-                tokio::time::sleep(t).await;
-                live.ctx.cancel();
-                let msg = format!("timed out after {} s", t.as_secs_f64());
-                let store = inner.store.clone();
-                if !live.finalized.swap(true, Ordering::SeqCst) {
-                    if let Err(e) = store.finish(id, Outcome::Failed(msg), now_ms()).await {
-                        tracing::warn!(job = %id, error = %e, "could not record timeout");
-                    }
-                    inner.metrics.job_finished(&live.kind, "timeout", Some(t));
-                }
-            })
-        });
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| handler.run_json(&params, &live.ctx)));
         let took = started.elapsed();
         inner.metrics.busy_workers.dec();
-        if let Some(w) = watchdog {
-            w.abort();
-        }
         match result {
             Ok(Ok(value)) => complete(inner, id, &live, Outcome::Done(value), "done", Some(took)),
             Ok(Err(JobError::Failed(msg))) => {
@@ -455,7 +508,8 @@ fn complete(
     inner.metrics.job_finished(&live.kind, label, took);
     let (inner2, live) = (inner.clone(), live.clone());
     inner.rt.spawn(async move {
-        if let Err(e) = inner2.store.finish(id, outcome, now_ms()).await {
+        let started = Some(live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0);
+        if let Err(e) = inner2.store.finish(id, outcome, started, now_ms()).await {
             tracing::error!(job = %id, error = %e, "could not record job outcome");
         }
         release(&inner2, id, &live);

@@ -83,7 +83,13 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    async fn finish(&self, id: JobId, outcome: Outcome, now_ms: i64) -> Result<bool, StoreError> {
+    async fn finish(
+        &self,
+        id: JobId,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
         let mut g = self.inner.lock();
         let Some(rec) = g.jobs.get_mut(&id) else {
             return Ok(false);
@@ -95,6 +101,9 @@ impl Store for MemoryStore {
         let after = outcome.status();
         rec.status = after;
         rec.finished_at = Some(now_ms);
+        if rec.started_at.is_none() {
+            rec.started_at = started_at;
+        }
         match outcome {
             Outcome::Done(r) => rec.result = Some(r),
             Outcome::Failed(e) | Outcome::Cancelled(e) => rec.error = Some(e),
@@ -179,7 +188,10 @@ mod tests {
             ids.push(s.submit(&job(), 0).await.unwrap());
         }
         for id in &ids {
-            assert!(s.finish(*id, Outcome::Done("1".into()), 1).await.unwrap());
+            assert!(s
+                .finish(*id, Outcome::Done("1".into()), None, 1)
+                .await
+                .unwrap());
         }
         assert!(s.get(ids[0]).await.unwrap().is_none());
         assert!(s.get(ids[2]).await.unwrap().is_some());
@@ -193,10 +205,13 @@ mod tests {
         let id = s.submit(&job(), 0).await.unwrap();
         assert!(s.mark_running(id, 1).await.unwrap());
         assert!(s
-            .finish(id, Outcome::Cancelled("x".into()), 2)
+            .finish(id, Outcome::Cancelled("x".into()), None, 2)
             .await
             .unwrap());
-        assert!(!s.finish(id, Outcome::Done("1".into()), 3).await.unwrap());
+        assert!(!s
+            .finish(id, Outcome::Done("1".into()), None, 3)
+            .await
+            .unwrap());
         let r = s.get(id).await.unwrap().unwrap();
         assert_eq!(r.status, JobStatus::Cancelled);
         assert_eq!(s.counts().await.unwrap().in_progress(), 0);

@@ -38,9 +38,16 @@ pub trait Store: Send + Sync + 'static {
     /// checking; the engine decides cancellation in process, not from this answer.
     async fn mark_running(&self, id: JobId, now_ms: i64) -> Result<bool, StoreError>;
 
-    /// Queued or running → the outcome's state. Returns false when the job had already
-    /// finished (a late result after a timeout or a cancel is dropped).
-    async fn finish(&self, id: JobId, outcome: Outcome, now_ms: i64) -> Result<bool, StoreError>;
+    /// Queued or running → the outcome's state, with the start time when the job ran
+    /// (`mark_running` may never have been called for a short job). Returns false when
+    /// the job had already finished (a late result after a timeout or a cancel is dropped).
+    async fn finish(
+        &self,
+        id: JobId,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
 
     /// A page of jobs, newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError>;

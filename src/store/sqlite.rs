@@ -50,6 +50,7 @@ enum Op {
     Finish {
         id: JobId,
         outcome: Outcome,
+        started_at: Option<i64>,
         at: i64,
         ack: Option<oneshot::Sender<bool>>,
     },
@@ -327,7 +328,8 @@ fn apply_batch(
         )?;
         let mut current = tx.prepare_cached("SELECT status FROM jobs WHERE id = ?1")?;
         let mut finish = tx.prepare_cached(
-            "UPDATE jobs SET status = ?2, finished_at = ?3, result = ?4, error = ?5 WHERE id = ?1",
+            "UPDATE jobs SET status = ?2, finished_at = ?3, result = ?4, error = ?5, \
+             started_at = COALESCE(started_at, ?6) WHERE id = ?1",
         )?;
         for op in batch {
             match op {
@@ -348,7 +350,11 @@ fn apply_batch(
                     }
                 }
                 Op::Finish {
-                    id, outcome, at, ..
+                    id,
+                    outcome,
+                    started_at,
+                    at,
+                    ..
                 } => {
                     let before: Option<i64> = current
                         .query_row(params![id.0 as i64], |r| r.get(0))
@@ -368,7 +374,8 @@ fn apply_batch(
                                 after.code(),
                                 at,
                                 result,
-                                error
+                                error,
+                                started_at
                             ])?;
                             *minus.slot(b) += 1;
                             *delta.slot(after) += 1;
@@ -435,11 +442,18 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
-    async fn finish(&self, id: JobId, outcome: Outcome, now_ms: i64) -> Result<bool, StoreError> {
+    async fn finish(
+        &self,
+        id: JobId,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
         let (ack, rx) = oneshot::channel();
         self.send(Op::Finish {
             id,
             outcome,
+            started_at,
             at: now_ms,
             ack: Some(ack),
         })
@@ -601,11 +615,11 @@ mod tests {
             );
         }
         assert!(s
-            .finish(ids[0], Outcome::Done("{\"x\":1}".into()), 9)
+            .finish(ids[0], Outcome::Done("{\"x\":1}".into()), None, 9)
             .await
             .unwrap());
         assert!(!s
-            .finish(ids[0], Outcome::Failed("late".into()), 10)
+            .finish(ids[0], Outcome::Failed("late".into()), None, 10)
             .await
             .unwrap());
         let r = s.get(ids[0]).await.unwrap().unwrap();
