@@ -3,6 +3,8 @@
 //! job, then polls its result until it is no longer running, and starts the next one.
 //! Prints one JSON line: jobs, jobs/s, latency percentiles (submit → done seen), polls.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -15,8 +17,8 @@ async fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    if args.len() != 5 {
-        eprintln!("usage: submit_poll URL SUBMIT_PATH RESULT_PREFIX CLIENTS SECONDS");
+    if args.len() != 5 && args.len() != 6 {
+        eprintln!("usage: submit_poll URL SUBMIT_PATH RESULT_PREFIX CLIENTS SECONDS [MAX_JOBS]");
         std::process::exit(2);
     }
     let base = args[0].clone();
@@ -24,6 +26,11 @@ async fn main() {
     let result_prefix = format!("{base}{}", args[2]);
     let clients: usize = args[3].parse().expect("CLIENTS is a number");
     let seconds: f64 = args[4].parse().expect("SECONDS is a number");
+    // With MAX_JOBS, clients stop after that many submissions in all (or at SECONDS).
+    let budget = Arc::new(AtomicU64::new(
+        args.get(5)
+            .map_or(u64::MAX, |m| m.parse().expect("MAX_JOBS is a number")),
+    ));
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .tcp_nodelay(true)
@@ -31,7 +38,6 @@ async fn main() {
         .expect("client");
     let body = json!({ "question": QUESTION });
 
-    // Warm-up: one job per client, not measured.
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -41,11 +47,16 @@ async fn main() {
             result_prefix.clone(),
             body.clone(),
         );
+        let budget = budget.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut polls = 0u64;
             let mut errors = 0u64;
-            while Instant::now() < deadline {
+            while Instant::now() < deadline
+                && budget
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                    .is_ok()
+            {
                 let t = Instant::now();
                 let res = match http.post(&submit).json(&body).send().await {
                     Ok(r) => r,

@@ -95,6 +95,9 @@ fn open_conn(path: &Path, sync: SqliteSync) -> Result<Connection, rusqlite::Erro
     )?;
     // A bounded page cache per connection: the store's memory does not grow with jobs.
     conn.pragma_update(None, "cache_size", -2048)?;
+    // After a checkpoint, truncate the WAL file back to this size, so a burst of writes
+    // does not leave a huge WAL behind.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     Ok(conn)
 }
 
