@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::Value;
-use tokio::runtime::Handle;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::model::{JobCounts, JobId, JobRecord, JobStatus, NewJob, Outcome};
@@ -92,7 +91,15 @@ struct Inner {
     stopped: AtomicBool,
     /// Woken whenever a job leaves `live`, so a drain can wait without polling.
     idle: Notify,
-    rt: Handle,
+    /// Finished jobs on their way to the store, for the one completion task.
+    completions: tokio::sync::mpsc::UnboundedSender<Completion>,
+}
+
+/// A job whose worker is done with it; the completion task records it and lets it go.
+struct Completion {
+    id: JobId,
+    live: Arc<Live>,
+    outcome: Outcome,
 }
 
 #[derive(Clone)]
@@ -109,6 +116,7 @@ impl Engine {
         opts: EngineOptions,
     ) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (completions, done_rx) = tokio::sync::mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             store,
             registry,
@@ -121,12 +129,13 @@ impl Engine {
             draining: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             idle: Notify::new(),
-            rt: Handle::current(),
+            completions,
         });
         for n in 0..inner.opts.workers {
             spawn_worker(inner.clone(), n);
         }
         tokio::spawn(sweep(Arc::downgrade(&inner)));
+        tokio::spawn(record_completions(inner.clone(), done_rx));
         Engine { inner }
     }
 
@@ -490,8 +499,8 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
 }
 
 /// Records the final state unless a cancel or timeout already did, then lets the job go.
-/// The worker does not wait for the store: a task awaits the commit and only then
-/// removes the job from `live`, so "in flight here" means "final state not yet durable".
+/// The worker does not wait for the store: it hands the outcome to the completion task
+/// and takes the next job.
 fn complete(
     inner: &Arc<Inner>,
     id: JobId,
@@ -506,14 +515,51 @@ fn complete(
         return;
     }
     inner.metrics.job_finished(&live.kind, label, took);
-    let (inner2, live) = (inner.clone(), live.clone());
-    inner.rt.spawn(async move {
-        let started = Some(live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0);
-        if let Err(e) = inner2.store.finish(id, outcome, started, now_ms()).await {
-            tracing::error!(job = %id, error = %e, "could not record job outcome");
+    let done = Completion {
+        id,
+        live: live.clone(),
+        outcome,
+    };
+    if let Err(lost) = inner.completions.send(done) {
+        // Only when the runtime is gone (process exit): the job stays unfinished in the
+        // store and runs again at the next start.
+        release(inner, lost.0.id, &lost.0.live);
+    }
+}
+
+/// One task records every outcome: it sends each to the store and, once the store says
+/// it is durable, removes the job from `live` ("in flight here" means "final state not
+/// yet durable"). One task instead of one per job: under load a single wake-up carries a
+/// whole group commit's worth of completions.
+async fn record_completions(
+    inner: Arc<Inner>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Completion>,
+) {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut pending = FuturesUnordered::new();
+    let mut batch = Vec::with_capacity(256);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 256), if open => {
+                if n == 0 {
+                    open = false;
+                }
+                for c in batch.drain(..) {
+                    let store = inner.store.clone();
+                    pending.push(async move {
+                        let started = Some(c.live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0);
+                        if let Err(e) = store.finish(c.id, c.outcome, started, now_ms()).await {
+                            tracing::error!(job = %c.id, error = %e, "could not record job outcome");
+                        }
+                        (c.id, c.live)
+                    });
+                }
+            }
+            Some((id, live)) = pending.next(), if !pending.is_empty() => release(&inner, id, &live),
+            else => return,
         }
-        release(&inner2, id, &live);
-    });
+    }
 }
 
 fn release(inner: &Inner, id: JobId, live: &Live) {

@@ -138,6 +138,14 @@ pub struct JobRecord {
     pub error: Option<String>,
 }
 
+/// Where a job stands and how it ended: what a poll needs, without params or times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobState {
+    pub status: JobStatus,
+    pub result: Option<String>,
+    pub error: Option<String>,
+}
+
 /// Number of jobs in each state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct JobCounts {

@@ -7,7 +7,9 @@
 
 use async_trait::async_trait;
 
-use crate::jobs::model::{JobCounts, JobId, JobRecord, JobStatus, ListFilter, NewJob, Outcome};
+use crate::jobs::model::{
+    JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome,
+};
 
 pub mod memory;
 pub mod sqlite;
@@ -33,6 +35,16 @@ pub trait Store: Send + Sync + 'static {
     async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<JobId, StoreError>;
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
+
+    /// Status, result and error only: the answer to a poll. Stores override it when they
+    /// can read less than the whole record.
+    async fn state(&self, id: JobId) -> Result<Option<JobState>, StoreError> {
+        Ok(self.get(id).await?.map(|r| JobState {
+            status: r.status,
+            result: r.result,
+            error: r.error,
+        }))
+    }
 
     /// Queued → running. Stores that apply it asynchronously may return true before
     /// checking; the engine decides cancellation in process, not from this answer.

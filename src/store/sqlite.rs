@@ -10,6 +10,7 @@
 //! `finish` are queued behind it without waiting: readers only ever see committed rows,
 //! so a result is visible exactly when it is durable, and `flush` waits for all of them.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Store, StoreError};
 use crate::config::SqliteSync;
-use crate::jobs::model::{JobCounts, JobId, JobRecord, JobStatus, ListFilter, NewJob, Outcome};
+use crate::jobs::model::{
+    JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome,
+};
 use crate::metrics::Metrics;
 
 /// Largest number of operations folded into one transaction.
@@ -128,13 +131,18 @@ impl SqliteStore {
                 submitted_at INTEGER NOT NULL,
                 started_at INTEGER,
                 finished_at INTEGER,
-                result TEXT,
                 error TEXT
+            );
+            CREATE TABLE IF NOT EXISTS results (
+                id INTEGER PRIMARY KEY,
+                result TEXT NOT NULL
             );",
         )?;
         // Deliberately no index on status: every extra B-tree touched by a write costs
         // pages in each commit (measured: +70% throughput without one). Recovery scans
-        // the table once at start-up; listings walk ids newest first.
+        // the table once at start-up; listings walk ids newest first. Results live in
+        // their own table: appending a row there is cheaper than growing a job's row in
+        // place (which splits pages), and job rows stay small and fixed in size.
         let max_id: i64 =
             conn.query_row("SELECT COALESCE(MAX(id), 0) FROM jobs", [], |r| r.get(0))?;
         let mut counts = JobCounts::default();
@@ -148,12 +156,23 @@ impl SqliteStore {
                 }
             }
         }
+        let mut unfinished = HashMap::new();
+        {
+            let mut stmt = conn.prepare("SELECT id, status FROM jobs WHERE status < 2")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (id, code) = row?;
+                if let Some(s) = JobStatus::from_code(code) {
+                    unfinished.insert(id, s);
+                }
+            }
+        }
         let counts = Arc::new(Mutex::new(counts));
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let writer_counts = counts.clone();
         thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, writer_counts, metrics))?;
+            .spawn(move || writer_loop(conn, rx, unfinished, writer_counts, metrics))?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
             _lock: lock,
@@ -204,8 +223,8 @@ impl SqliteStore {
     }
 }
 
-const SELECT_COLS: &str =
-    "SELECT id, kind, params, status, submitted_at, started_at, finished_at, result, error FROM jobs";
+const SELECT_COLS: &str = "SELECT j.id, j.kind, j.params, j.status, j.submitted_at, \
+     j.started_at, j.finished_at, r.result, j.error FROM jobs j LEFT JOIN results r ON r.id = j.id";
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> Result<JobRecord, rusqlite::Error> {
     let id: i64 = r.get(0)?;
@@ -224,12 +243,18 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<JobRecord, rusqlite::Error> {
     })
 }
 
+/// Status of every unfinished job, kept by the writer (the file's only writer) so that
+/// a state change needs no read first.
+type Unfinished = HashMap<i64, JobStatus>;
+
 fn writer_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Op>,
+    mut unfinished: Unfinished,
     counts: Arc<Mutex<JobCounts>>,
     metrics: Arc<Metrics>,
 ) {
+    let mut changes: Unfinished = HashMap::new();
     let mut batch: Vec<Op> = Vec::with_capacity(256);
     while let Some(op) = rx.blocking_recv() {
         batch.push(op);
@@ -251,9 +276,12 @@ fn writer_loop(
             delta = JobCounts::default();
             minus = JobCounts::default();
             finish_results.clear();
+            changes.clear();
             res = apply_batch(
                 &mut conn,
                 &batch,
+                &unfinished,
+                &mut changes,
                 &mut delta,
                 &mut minus,
                 &mut finish_results,
@@ -269,6 +297,13 @@ fn writer_loop(
         metrics.store_commit(n, started.elapsed());
         match res {
             Ok(()) => {
+                for (id, status) in changes.drain() {
+                    if status.is_finished() {
+                        unfinished.remove(&id);
+                    } else {
+                        unfinished.insert(id, status);
+                    }
+                }
                 {
                     let mut c = counts.lock();
                     for s in JobStatus::ALL {
@@ -312,28 +347,35 @@ fn writer_loop(
     }
 }
 
+/// Applies one batch in one IMMEDIATE transaction (the write lock is taken up front,
+/// waiting on the busy handler, rather than failing when a read upgrades to a write).
+/// State changes go to `changes`, an overlay on `unfinished` that the caller merges only
+/// once the commit succeeded, so a failed batch can be retried from the same start.
 fn apply_batch(
     conn: &mut Connection,
     batch: &[Op],
+    unfinished: &Unfinished,
+    changes: &mut Unfinished,
     delta: &mut JobCounts,
     minus: &mut JobCounts,
     finish_results: &mut Vec<bool>,
 ) -> Result<(), rusqlite::Error> {
-    // IMMEDIATE takes the write lock up front (waiting on the busy handler if needed),
-    // rather than failing when a read upgrades to a write.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO jobs (id, kind, params, status, submitted_at) VALUES (?1, ?2, ?3, 0, ?4)",
         )?;
-        let mut running = tx.prepare_cached(
-            "UPDATE jobs SET status = 1, started_at = ?2 WHERE id = ?1 AND status = 0",
-        )?;
-        let mut current = tx.prepare_cached("SELECT status FROM jobs WHERE id = ?1")?;
+        let mut running =
+            tx.prepare_cached("UPDATE jobs SET status = 1, started_at = ?2 WHERE id = ?1")?;
         let mut finish = tx.prepare_cached(
-            "UPDATE jobs SET status = ?2, finished_at = ?3, result = ?4, error = ?5, \
-             started_at = COALESCE(started_at, ?6) WHERE id = ?1",
+            "UPDATE jobs SET status = ?2, finished_at = ?3, error = ?4, \
+             started_at = COALESCE(started_at, ?5) WHERE id = ?1",
         )?;
+        let mut result =
+            tx.prepare_cached("INSERT OR REPLACE INTO results (id, result) VALUES (?1, ?2)")?;
+        let current = |changes: &Unfinished, id: i64| {
+            changes.get(&id).or_else(|| unfinished.get(&id)).copied()
+        };
         for op in batch {
             match op {
                 Op::Insert {
@@ -344,10 +386,14 @@ fn apply_batch(
                     ..
                 } => {
                     insert.execute(params![id.0 as i64, kind, params, at])?;
+                    changes.insert(id.0 as i64, JobStatus::Queued);
                     delta.queued += 1;
                 }
                 Op::MarkRunning { id, at } => {
-                    if running.execute(params![id.0 as i64, at])? == 1 {
+                    let id = id.0 as i64;
+                    if current(changes, id) == Some(JobStatus::Queued) {
+                        running.execute(params![id, at])?;
+                        changes.insert(id, JobStatus::Running);
                         minus.queued += 1;
                         delta.running += 1;
                     }
@@ -359,28 +405,20 @@ fn apply_batch(
                     at,
                     ..
                 } => {
-                    let before: Option<i64> = current
-                        .query_row(params![id.0 as i64], |r| r.get(0))
-                        .optional()?;
-                    let before = before.and_then(JobStatus::from_code);
-                    let changed = match before {
-                        Some(b) if !b.is_finished() => {
-                            let (result, error) = match outcome {
-                                Outcome::Done(r) => (Some(r.as_str()), None),
-                                Outcome::Failed(e) | Outcome::Cancelled(e) => {
-                                    (None, Some(e.as_str()))
-                                }
-                            };
+                    let id = id.0 as i64;
+                    let changed = match current(changes, id) {
+                        Some(before) if !before.is_finished() => {
                             let after = outcome.status();
-                            finish.execute(params![
-                                id.0 as i64,
-                                after.code(),
-                                at,
-                                result,
-                                error,
-                                started_at
-                            ])?;
-                            *minus.slot(b) += 1;
+                            let error = match outcome {
+                                Outcome::Done(r) => {
+                                    result.execute(params![id, r])?;
+                                    None
+                                }
+                                Outcome::Failed(e) | Outcome::Cancelled(e) => Some(e.as_str()),
+                            };
+                            finish.execute(params![id, after.code(), at, error, started_at])?;
+                            changes.insert(id, after);
+                            *minus.slot(before) += 1;
                             *delta.slot(after) += 1;
                             true
                         }
@@ -390,12 +428,23 @@ fn apply_batch(
                 }
                 Op::Flush { .. } => {}
                 Op::Requeue { .. } => {
-                    let n = tx.execute(
+                    tx.execute(
                         "UPDATE jobs SET status = 0, started_at = NULL WHERE status = 1",
                         [],
-                    )? as u64;
-                    minus.running += n;
-                    delta.queued += n;
+                    )?;
+                    let running_ids: Vec<i64> = unfinished
+                        .iter()
+                        .chain(changes.iter())
+                        .filter(|(_, s)| **s == JobStatus::Running)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in running_ids {
+                        if current(changes, id) == Some(JobStatus::Running) {
+                            changes.insert(id, JobStatus::Queued);
+                            minus.running += 1;
+                            delta.queued += 1;
+                        }
+                    }
                 }
             }
         }
@@ -433,8 +482,39 @@ impl Store for SqliteStore {
         // writer, so it runs inline rather than paying a hop to the blocking pool.
         let conn = self.reader()?;
         let out = (|| {
-            let mut stmt = conn.prepare_cached(&format!("{SELECT_COLS} WHERE id = ?1"))?;
+            let mut stmt = conn.prepare_cached(&format!("{SELECT_COLS} WHERE j.id = ?1"))?;
             Ok(stmt.query_row([id.0 as i64], row_to_record).optional()?)
+        })();
+        self.give_back(conn);
+        out
+    }
+
+    async fn state(&self, id: JobId) -> Result<Option<JobState>, StoreError> {
+        let conn = self.reader()?;
+        let out = (|| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT j.status, r.result, j.error FROM jobs j \
+                 LEFT JOIN results r ON r.id = j.id WHERE j.id = ?1",
+            )?;
+            let row = stmt
+                .query_row([id.0 as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            match row {
+                None => Ok(None),
+                Some((code, result, error)) => {
+                    let status = JobStatus::from_code(code).ok_or_else(|| StoreError::Corrupt {
+                        id: id.0,
+                        what: format!("status code {code}"),
+                    })?;
+                    Ok(Some(JobState {
+                        status,
+                        result,
+                        error,
+                    }))
+                }
+            }
         })();
         self.give_back(conn);
         out
@@ -468,8 +548,8 @@ impl Store for SqliteStore {
         let f = filter.clone();
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&format!(
-                "{SELECT_COLS} WHERE id < ?1 AND (?2 IS NULL OR status = ?2) \
-                 AND (?3 IS NULL OR kind = ?3) ORDER BY id DESC LIMIT ?4"
+                "{SELECT_COLS} WHERE j.id < ?1 AND (?2 IS NULL OR j.status = ?2) \
+                 AND (?3 IS NULL OR j.kind = ?3) ORDER BY j.id DESC LIMIT ?4"
             ))?;
             let before = f.before.map(|b| b.0 as i64).unwrap_or(i64::MAX);
             let rows = stmt.query_map(
@@ -510,7 +590,7 @@ impl Store for SqliteStore {
         self.send(Op::Requeue { ack }).await?;
         map_ack_err(rx.await)?;
         self.read(|c| {
-            let mut stmt = c.prepare(&format!("{SELECT_COLS} WHERE status = 0 ORDER BY id"))?;
+            let mut stmt = c.prepare(&format!("{SELECT_COLS} WHERE j.status = 0 ORDER BY j.id"))?;
             let rows = stmt.query_map([], row_to_record)?;
             rows.collect::<Result<Vec<_>, _>>()
                 .map_err(StoreError::from)
