@@ -1,0 +1,353 @@
+//! `tally load`: the pipeline's client (and a load generator for the job API): many
+//! concurrent connections, each sending records with a random delay before each, 503s
+//! retried after the server's `Retry-After`, a progress bar on a terminal, and a summary
+//! of what was sent, acknowledged and how fast.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::Rng;
+use reqwest::{header, StatusCode};
+use serde_json::{json, Value};
+
+use crate::config::{LoadArgs, LoadMode};
+
+/// Longest `Retry-After` honoured; a larger one is clipped.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// What every connection needs, checked once.
+struct Plan {
+    url: reqwest::Url,
+    mode: LoadMode,
+    per_connection: u64,
+    delay_range: Duration,
+    kind: String,
+    params: Value,
+    timeout: Duration,
+    max_retries: u32,
+    token: Option<String>,
+}
+
+/// What one connection saw.
+#[derive(Default)]
+struct ConnReport {
+    sent: u64,
+    latencies: Vec<Duration>,
+    /// `conn conn_seq ack` lines.
+    acks: Vec<String>,
+    retries: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+fn plan(args: &LoadArgs) -> anyhow::Result<Plan> {
+    let base = reqwest::Url::parse(&args.target)
+        .with_context(|| format!("--target {:?} is not a URL", args.target))?;
+    if !matches!(base.scheme(), "http" | "https") {
+        bail!("--target must be an http:// URL, not {:?}", base.scheme());
+    }
+    if !args.delay_range.is_finite() || args.delay_range < 0.0 || args.delay_range > 3600.0 {
+        bail!("--delay-range must be between 0 and 3600 seconds");
+    }
+    let (path, kind, params) = match args.mode {
+        LoadMode::Events => ("/v1/events", String::new(), Value::Null),
+        LoadMode::Jobs => {
+            let Some(kind) = args.kind.clone() else {
+                bail!("--mode jobs needs --kind (e.g. --kind stats.global_mean)");
+            };
+            let params: Value =
+                serde_json::from_str(&args.params).context("--params is not valid JSON")?;
+            if !params.is_object() {
+                bail!("--params must be a JSON object");
+            }
+            ("/v1/jobs", kind, params)
+        }
+    };
+    let url = base
+        .join(path)
+        .with_context(|| format!("joining {path} to --target"))?;
+    Ok(Plan {
+        url,
+        mode: args.mode,
+        per_connection: args.connection_value,
+        delay_range: Duration::from_secs_f64(args.delay_range),
+        kind,
+        params,
+        timeout: Duration::from_secs(args.timeout_s),
+        max_retries: args.max_retries,
+        token: args.auth_token.as_ref().map(|s| s.0.clone()),
+    })
+}
+
+pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
+    let plan = Arc::new(plan(args)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let total = args.connection_count.saturating_mul(args.connection_value);
+    let bar = if !args.quiet && std::io::stderr().is_terminal() {
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} records ({per_sec}) {msg}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let reports = rt.block_on(async {
+        let mut tasks = Vec::with_capacity(args.connection_count as usize);
+        for conn in 1..=args.connection_count {
+            let client = reqwest::Client::builder()
+                .timeout(plan.timeout)
+                .pool_max_idle_per_host(1)
+                .build()
+                .context("building the HTTP client")?;
+            tasks.push(tokio::spawn(connection(
+                conn,
+                plan.clone(),
+                client,
+                bar.clone(),
+            )));
+        }
+        let mut reports = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            reports.push(t.await.context("a connection task failed")?);
+        }
+        anyhow::Ok(reports)
+    })?;
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    let summary = summarize(args, &reports, elapsed);
+    if let Some(path) = &args.acks_out {
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("creating --acks-out {}", path.display()))?,
+        );
+        for r in &reports {
+            for line in &r.acks {
+                writeln!(out, "{line}")?;
+            }
+        }
+        out.flush()
+            .with_context(|| format!("writing --acks-out {}", path.display()))?;
+    }
+    if args.json {
+        println!("{summary}");
+    } else {
+        print_text(&summary);
+    }
+    let (sent, acked) = (summary["sent"].as_u64(), summary["acknowledged"].as_u64());
+    if sent != acked {
+        bail!(
+            "{} of {} records were not acknowledged",
+            sent.unwrap_or(0).saturating_sub(acked.unwrap_or(0)),
+            sent.unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
+async fn connection(
+    conn: u64,
+    plan: Arc<Plan>,
+    client: reqwest::Client,
+    bar: ProgressBar,
+) -> ConnReport {
+    let mut report = ConnReport::default();
+    for conn_seq in 1..=plan.per_connection {
+        let (delay, value) = {
+            let mut rng = rand::rng();
+            let delay = plan.delay_range.mul_f64(rng.random::<f64>());
+            (delay, rng.random_range(0..1_000_000i64))
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let body = match plan.mode {
+            LoadMode::Events => json!({
+                "conn": conn,
+                "seq": conn_seq,
+                "value": value,
+                "sent_at": crate::now_ms(),
+            }),
+            LoadMode::Jobs => json!({ "kind": plan.kind, "params": plan.params }),
+        };
+        report.sent += 1;
+        let started = Instant::now();
+        let mut retries = 0;
+        let outcome = loop {
+            let mut req = client.post(plan.url.clone()).json(&body);
+            if let Some(t) = &plan.token {
+                req = req.bearer_auth(t);
+            }
+            match req.send().await {
+                Ok(res) if res.status().is_success() => match res.json::<Value>().await {
+                    Ok(v) => {
+                        break ack_of(plan.mode, &v).ok_or_else(|| format!("unexpected answer {v}"))
+                    }
+                    Err(e) => break Err(format!("reading the answer: {}", short(&e))),
+                },
+                Ok(res)
+                    if res.status() == StatusCode::SERVICE_UNAVAILABLE
+                        && retries < plan.max_retries =>
+                {
+                    retries += 1;
+                    report.retries += 1;
+                    let wait = res
+                        .headers()
+                        .get(header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map_or(Duration::from_secs(1), Duration::from_secs)
+                        .min(MAX_RETRY_AFTER);
+                    tokio::time::sleep(wait).await;
+                }
+                Ok(res) => break Err(format!("HTTP {}", res.status().as_u16())),
+                Err(e) => break Err(short(&e)),
+            }
+        };
+        match outcome {
+            Ok(ack) => {
+                report.latencies.push(started.elapsed());
+                report.acks.push(format!("{conn} {conn_seq} {ack}"));
+            }
+            Err(kind) => *report.errors.entry(kind).or_default() += 1,
+        }
+        bar.inc(1);
+    }
+    report
+}
+
+/// The acknowledgement in an answer: the event's `seq`, or the job's `id`.
+fn ack_of(mode: LoadMode, v: &Value) -> Option<String> {
+    match mode {
+        LoadMode::Events => {
+            (v["asyncAnswer"] == "Ok").then_some(())?;
+            v["seq"].as_u64().map(|s| s.to_string())
+        }
+        LoadMode::Jobs => v["id"].as_str().map(str::to_string),
+    }
+}
+
+/// A request error without the URL, so that errors group by kind.
+fn short(e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection refused or reset"
+    } else if e.is_decode() {
+        "bad answer body"
+    } else if e.is_body() || e.is_request() {
+        "request failed (connection closed?)"
+    } else {
+        "HTTP error"
+    };
+    what.to_string()
+}
+
+fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn summarize(args: &LoadArgs, reports: &[ConnReport], elapsed: Duration) -> Value {
+    let mut lat: Vec<Duration> = reports
+        .iter()
+        .flat_map(|r| r.latencies.iter().copied())
+        .collect();
+    lat.sort_unstable();
+    let sent: u64 = reports.iter().map(|r| r.sent).sum();
+    let acked = lat.len() as u64;
+    let retries: u64 = reports.iter().map(|r| r.retries).sum();
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+    for r in reports {
+        for (k, n) in &r.errors {
+            *kinds.entry(k.clone()).or_default() += n;
+        }
+    }
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
+    json!({
+        "mode": match args.mode { LoadMode::Events => "events", LoadMode::Jobs => "jobs" },
+        "target": args.target,
+        "connections": args.connection_count,
+        "per_connection": args.connection_value,
+        "sent": sent,
+        "acknowledged": acked,
+        "errors": sent - acked,
+        "retries_503": retries,
+        "error_kinds": kinds,
+        "elapsed_s": round(secs),
+        "throughput_per_s": round(acked as f64 / secs),
+        "latency_ms": {
+            "p50": round(percentile_ms(&lat, 0.50)),
+            "p90": round(percentile_ms(&lat, 0.90)),
+            "p99": round(percentile_ms(&lat, 0.99)),
+            "max": round(lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0)),
+        },
+    })
+}
+
+fn print_text(s: &Value) {
+    let l = &s["latency_ms"];
+    println!(
+        "{} mode against {}: {} connections x {} records",
+        s["mode"].as_str().unwrap_or(""),
+        s["target"].as_str().unwrap_or(""),
+        s["connections"],
+        s["per_connection"]
+    );
+    println!(
+        "sent {}  acknowledged {}  errors {}  503 retries {}",
+        s["sent"], s["acknowledged"], s["errors"], s["retries_503"]
+    );
+    if let Some(kinds) = s["error_kinds"].as_object() {
+        for (k, n) in kinds {
+            println!("  {n} x {k}");
+        }
+    }
+    println!(
+        "elapsed {} s  throughput {} acknowledged/s",
+        s["elapsed_s"], s["throughput_per_s"]
+    );
+    println!(
+        "latency ms  p50 {}  p90 {}  p99 {}  max {}",
+        l["p50"], l["p90"], l["p99"], l["max"]
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_take_the_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile_ms(&v, 0.5), 50.0);
+        assert_eq!(percentile_ms(&v, 0.99), 99.0);
+        assert_eq!(percentile_ms(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn an_event_ack_needs_async_answer_ok_and_a_seq() {
+        assert_eq!(
+            ack_of(LoadMode::Events, &json!({"asyncAnswer": "Ok", "seq": 7})),
+            Some("7".into())
+        );
+        assert_eq!(ack_of(LoadMode::Events, &json!({"seq": 7})), None);
+        assert_eq!(
+            ack_of(LoadMode::Jobs, &json!({"id": "job_id_3"})),
+            Some("job_id_3".into())
+        );
+    }
+}
