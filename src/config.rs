@@ -23,10 +23,109 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the `Serve` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP service.
     Serve(ServeConfig),
+    /// Sum every N-th column of a CSV file with the service's engine; prints the JSON a
+    /// `csv.column_sum` job returns.
+    Sum(SumArgs),
+    /// Drive a running service: concurrent connections sending events (or jobs) with
+    /// random delays, a progress bar, and a summary.
+    Load(LoadArgs),
+}
+
+/// What `tally load` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadMode {
+    /// `POST /v1/events` records `{conn, seq, value, sent_at}`.
+    Events,
+    /// `POST /v1/jobs` with `--kind` and `--params`.
+    Jobs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Base URL of the service.
+    #[arg(long, default_value = "http://127.0.0.1:5000")]
+    pub target: String,
+
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub connection_count: u64,
+
+    /// Records each connection sends.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connection_value: u64,
+
+    /// Before each record a connection sleeps a random delay in [0, this many seconds].
+    #[arg(long, default_value_t = 5.0)]
+    pub delay_range: f64,
+
+    /// What to send.
+    #[arg(long, value_enum, default_value_t = LoadMode::Events)]
+    pub mode: LoadMode,
+
+    /// Job kind for `--mode jobs`.
+    #[arg(long)]
+    pub kind: Option<String>,
+
+    /// Job params (a JSON object) for `--mode jobs`.
+    #[arg(long, default_value = "{}")]
+    pub params: String,
+
+    /// Seconds one request may take before it counts as an error.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_s: u64,
+
+    /// Retries of a record answered 503 (each after the server's Retry-After).
+    #[arg(long, default_value_t = 10)]
+    pub max_retries: u32,
+
+    /// Bearer token, for a service started with --auth-token.
+    #[arg(long, env = "TALLY_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<Secret>,
+
+    /// Print the summary as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write one line per acknowledged record to this file: `conn conn_seq seq`
+    /// (events) or `conn conn_seq id` (jobs).
+    #[arg(long)]
+    pub acks_out: Option<PathBuf>,
+
+    /// Never show the progress bar (it only shows when stderr is a terminal).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SumArgs {
+    /// The CSV file (RFC 4180; LF or CRLF; optional UTF-8 BOM).
+    pub file: PathBuf,
+
+    /// Sum every N-th column.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub every: u64,
+
+    /// First column summed (0-based).
+    #[arg(long, default_value_t = 0)]
+    pub offset: u64,
+
+    /// Scan threads (default: the number of CPU cores).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub threads: Option<u64>,
+
+    /// The first line is data, not a header (keys are then col0, col10, ...).
+    #[arg(long)]
+    pub no_header: bool,
+
+    /// Never show the progress bar (it only shows when stderr is a terminal).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Where job records and results are kept.
@@ -157,6 +256,15 @@ pub struct ServeConfig {
     #[arg(long, env = "TALLY_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<Secret>,
 
+    /// Directory of the datasets of `csv.column_sum` jobs; names resolve only inside it.
+    /// Created at the first upload.
+    #[arg(long, env = "TALLY_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Largest dataset accepted by `PUT /v1/datasets/{name}`, in bytes.
+    #[arg(long, env = "TALLY_MAX_UPLOAD_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "TALLY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -173,6 +281,22 @@ pub struct ServeConfig {
     /// `test.panic`, `/api/noop`). Off in production.
     #[arg(long, env = "TALLY_ENABLE_TEST_JOBS", hide = true)]
     pub enable_test_jobs: bool,
+
+    /// The ordered pipeline's journal (JSON lines); its write-ahead log is
+    /// `<journal>.accepted`. Default: `journal.jsonl` next to the SQLite file; with
+    /// `--store memory` and no `--journal`, nothing is written to disk (events are
+    /// numbered, processed and ordered the same, then dropped). Files are created by the
+    /// first event.
+    #[arg(long, env = "TALLY_JOURNAL")]
+    pub journal: Option<PathBuf>,
+
+    /// Pipeline processing delay: uniform in [0, this many milliseconds].
+    #[arg(long, env = "TALLY_PROCESS_DELAY_MAX_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    pub process_delay_max_ms: u64,
+
+    /// Events accepted but not yet journaled, at most; past it, 503 with Retry-After.
+    #[arg(long, env = "TALLY_REORDER_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub reorder_capacity: u64,
 }
 
 impl ServeConfig {
@@ -193,12 +317,28 @@ impl ServeConfig {
     pub fn job_timeout(&self) -> Option<Duration> {
         (self.job_timeout > 0).then(|| Duration::from_secs(self.job_timeout))
     }
+
+    /// Where the pipeline's journal goes: `--journal`, else `journal.jsonl` next to the
+    /// SQLite file; `None` (memory only) with `--store memory` and no `--journal`.
+    pub fn journal_path(&self) -> Option<PathBuf> {
+        match (&self.journal, &self.store) {
+            (Some(p), _) => Some(p.clone()),
+            (None, StoreSpec::Memory) => None,
+            (None, StoreSpec::Sqlite(db)) => Some(db.parent().map_or_else(
+                || PathBuf::from("journal.jsonl"),
+                |d| d.join("journal.jsonl"),
+            )),
+        }
+    }
 }
 
 impl Cli {
     fn serve_config(self) -> ServeConfig {
         match self.command {
             Command::Serve(c) => c,
+            // Only reached with the arguments of `defaults()`, which name `serve`.
+            Command::Sum(_) => unreachable!("serve_config() on a `sum` command line"),
+            Command::Load(_) => unreachable!("serve_config() on a `load` command line"),
         }
     }
 }
@@ -239,6 +379,42 @@ mod tests {
                 (g, e) => panic!("{input}: got {g:?}, expected {e:?}"),
             }
         }
+    }
+
+    #[test]
+    fn sum_takes_a_file_and_a_stride_of_at_least_one() {
+        let Command::Sum(a) = Cli::parse_from(["tally", "sum", "f.csv"]).command else {
+            panic!("not a sum command");
+        };
+        assert_eq!((a.every, a.offset, a.threads), (10, 0, None));
+        assert_eq!(a.file, PathBuf::from("f.csv"));
+        assert!(Cli::try_parse_from(["tally", "sum", "f.csv", "--every", "0"]).is_err());
+        let c = ServeConfig::defaults();
+        assert_eq!(c.data_dir, PathBuf::from("data"));
+        assert_eq!(c.max_upload_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn the_journal_sits_next_to_the_sqlite_file_and_stays_in_memory_with_the_memory_store() {
+        let c = ServeConfig::defaults();
+        assert_eq!(c.journal_path(), Some(PathBuf::from("journal.jsonl")));
+        assert_eq!((c.process_delay_max_ms, c.reorder_capacity), (0, 10_000));
+        let c = Cli::parse_from(["tally", "serve", "--store", "sqlite:/v/t.db"]).serve_config();
+        assert_eq!(c.journal_path(), Some(PathBuf::from("/v/journal.jsonl")));
+        let c = Cli::parse_from(["tally", "serve", "--store", "memory"]).serve_config();
+        assert_eq!(c.journal_path(), None);
+        let c = Cli::parse_from(["tally", "serve", "--store", "memory", "--journal", "j"])
+            .serve_config();
+        assert_eq!(c.journal_path(), Some(PathBuf::from("j")));
+    }
+
+    #[test]
+    fn load_defaults_to_a_hundred_by_a_hundred_events() {
+        let Command::Load(a) = Cli::parse_from(["tally", "load"]).command else {
+            panic!("not a load command");
+        };
+        assert_eq!((a.connection_count, a.connection_value), (100, 100));
+        assert_eq!((a.delay_range, a.mode), (5.0, LoadMode::Events));
     }
 
     #[test]

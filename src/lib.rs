@@ -7,17 +7,28 @@
 //! - [`store`]: where job records and results live: the [`store::Store`] trait with an
 //!   SQLite (default, durable, group-committed) and an in-memory implementation.
 //! - [`stats`]: the survey dataset and the nine statistics computations.
+//! - [`csv`]: the hand-written parallel CSV column-sum engine, the `csv.column_sum` job
+//!   kind and the data directory it reads from.
 //! - [`api`]: the HTTP edge (axum): native `/v1` routes, the compatible `/api` routes,
 //!   health, metrics; the only layer that knows about HTTP and JSON shapes.
 //! - [`metrics`]: the Prometheus registry and typed metric families.
+//! - [`series`]: building blocks of the live time series (Gorilla blocks, line protocol),
+//!   not yet wired to routes.
+//! - [`pipeline`]: the ordered pipeline: events acknowledged once durable in a
+//!   write-ahead log, processed after a random delay, journaled strictly in order.
+//! - [`load`]: `tally load`, the pipeline's (and the job API's) load client.
 //! - [`telemetry`]: tracing setup (UTC timestamps, rotating log file).
 //! - [`app`]: [`app::Application`], the one start-up path shared by `main` and the tests.
 
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod csv;
 pub mod jobs;
+pub mod load;
 pub mod metrics;
+pub mod pipeline;
+pub mod series;
 pub mod stats;
 pub mod store;
 pub mod telemetry;

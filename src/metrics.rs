@@ -41,6 +41,16 @@ pub struct StateLabels {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventStatusLabels {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
@@ -70,6 +80,11 @@ pub struct Metrics {
     pub store_batch_size: Histogram,
     pub store_commit_duration: Histogram,
     pub store_evictions: Gauge,
+    pub events_accepted: Counter,
+    pub events_journaled: Family<EventStatusLabels, Counter>,
+    pub events_rejected: Family<ReasonLabels, Counter>,
+    pub events_recovered: Counter,
+    pub reorder_buffer: Gauge,
 }
 
 impl Default for Metrics {
@@ -98,6 +113,11 @@ impl Metrics {
             store_batch_size: batch_histogram(),
             store_commit_duration: seconds_histogram(),
             store_evictions: Gauge::default(),
+            events_accepted: Counter::default(),
+            events_journaled: Family::default(),
+            events_rejected: Family::default(),
+            events_recovered: Counter::default(),
+            reorder_buffer: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -176,6 +196,31 @@ impl Metrics {
             "store_evictions",
             "Finished results evicted to respect the memory store's cap",
             m.store_evictions.clone(),
+        );
+        r.register(
+            "events_accepted",
+            "Pipeline events acknowledged (durable in the accepted log)",
+            m.events_accepted.clone(),
+        );
+        r.register(
+            "events_journaled",
+            "Pipeline events written to the journal, by status (ok, failed)",
+            m.events_journaled.clone(),
+        );
+        r.register(
+            "events_rejected",
+            "Pipeline events refused, by reason (full, draining)",
+            m.events_rejected.clone(),
+        );
+        r.register(
+            "events_recovered",
+            "Accepted events journaled by the recovery at start",
+            m.events_recovered.clone(),
+        );
+        r.register(
+            "reorder_buffer",
+            "Processed events waiting in the reorder buffer for an earlier one",
+            m.reorder_buffer.clone(),
         );
         Metrics { registry, ..m }
     }

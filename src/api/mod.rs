@@ -16,13 +16,17 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::config::Secret;
+use crate::csv::datasets::DataDir;
 use crate::jobs::engine::Engine;
 use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+use crate::pipeline::Pipeline;
 use crate::stats::Query;
 
 pub mod compat;
 pub mod error;
+pub mod events;
 pub mod ops;
+pub mod storage;
 pub mod v1;
 
 use error::{ApiError, BodyLimit};
@@ -40,6 +44,12 @@ pub struct AppContext {
     pub shutdown: Arc<watch::Sender<bool>>,
     /// How long `/api/get_results` may hold a poll of an unfinished job (long polling).
     pub poll_hold: std::time::Duration,
+    /// `--data-dir`: datasets of `csv.column_sum` jobs.
+    pub datasets: DataDir,
+    /// `--max-upload-bytes`: largest dataset upload.
+    pub max_upload_bytes: u64,
+    /// The ordered pipeline behind `POST /v1/events`.
+    pub pipeline: Pipeline,
 }
 
 impl AppContext {
@@ -59,7 +69,15 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
     let mut guarded = Router::new()
         .route("/v1/jobs", post(v1::submit))
         .route("/v1/jobs/{id}", axum::routing::delete(v1::cancel))
-        .route("/api/graceful_shutdown", get(compat::graceful_shutdown));
+        .route("/v1/events", post(events::submit))
+        .route("/api/graceful_shutdown", get(compat::graceful_shutdown))
+        .route(
+            "/v1/datasets/{name}",
+            axum::routing::put(storage::upload)
+                .delete(storage::delete)
+                // Uploads stream to disk under their own limit (--max-upload-bytes).
+                .layer(DefaultBodyLimit::disable()),
+        );
     for query in Query::ALL {
         guarded = guarded.route(
             &format!("/api/{}", query.route()),
@@ -77,7 +95,15 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
         .route("/v1/jobs/{id}", get(v1::get))
         .route("/api/get_results/{id}", get(compat::get_results))
         .route("/api/jobs", get(compat::jobs))
-        .route("/api/num_jobs", get(compat::num_jobs));
+        .route("/api/num_jobs", get(compat::num_jobs))
+        .route("/v1/datasets", get(storage::list))
+        .route("/storage/get_counter", get(storage::get_counter))
+        .route("/storage/get_json/{id}", get(storage::get_json))
+        // Checks --auth-token itself: only `csv_name=` starts work.
+        .route(
+            "/{segment}",
+            get(storage::compat_submit).fallback(ops::not_found),
+        );
     if opts.test_routes {
         open = open
             .route("/api/noop", post(compat::noop_submit))
@@ -102,8 +128,14 @@ async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+        .map(|p| match p.as_str() {
+            // The catch-all of `GET /csv_name=<file>` (see storage::compat_submit).
+            "/{segment}" if req.uri().path().starts_with("/csv_name=") => "/csv_name={file}",
+            "/{segment}" => "unmatched",
+            other => other,
+        })
+        .unwrap_or("unmatched")
+        .to_owned();
     let method = match *req.method() {
         Method::GET | Method::POST | Method::PUT | Method::DELETE | Method::HEAD => {
             req.method().to_string()

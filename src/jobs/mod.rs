@@ -77,6 +77,20 @@ impl JobContext {
         self.done.store(done, Ordering::Relaxed);
     }
 
+    /// The cancel flag itself, for engines that poll it directly (the CSV scan).
+    pub fn cancel_flag(&self) -> &AtomicBool {
+        &self.cancelled
+    }
+
+    /// The "done" counter itself, for engines that add to it from many threads.
+    pub fn progress_done(&self) -> &AtomicU64 {
+        &self.done
+    }
+
+    pub fn set_progress_total(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+    }
+
     pub fn progress(&self) -> Option<(u64, u64)> {
         let total = self.total.load(Ordering::Relaxed);
         (total > 0).then(|| (self.done.load(Ordering::Relaxed), total))

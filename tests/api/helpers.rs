@@ -33,6 +33,8 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 pub struct TestApp {
     pub addr: String,
     pub client: reqwest::Client,
+    /// `--data-dir`: by default `data/` inside the test's temp dir (created on demand).
+    pub data_dir: PathBuf,
     /// Holds the SQLite file; removed when the test ends.
     _dir: TempDir,
     stop: Option<oneshot::Sender<()>>,
@@ -55,7 +57,9 @@ impl TestApp {
         cfg.enable_test_jobs = true;
         cfg.shutdown_linger_ms = 0;
         cfg.stats_dataset = Some(health_csv());
+        cfg.data_dir = dir.path().join("data");
         f(&mut cfg);
+        let data_dir = cfg.data_dir.clone();
         let app = Application::build(cfg)
             .await
             .expect("the application builds");
@@ -67,6 +71,7 @@ impl TestApp {
         TestApp {
             addr,
             client: reqwest::Client::new(),
+            data_dir,
             _dir: dir,
             stop: Some(tx),
             handle: Some(handle),

@@ -2,8 +2,10 @@
 //! when signals and crashes are involved) and talks HTTP to it.
 
 mod bad_input;
+mod csv;
 mod helpers;
 mod jobs;
 mod ops;
+mod pipeline;
 mod shutdown;
 mod stats;
