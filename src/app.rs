@@ -18,6 +18,9 @@ use crate::jobs::engine::Engine;
 use crate::jobs::{self, EngineOptions, Registry};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::series::ingest::{self, TcpOptions};
+use crate::series::rollup::Rollups;
+use crate::series::store::SeriesStore;
 use crate::stats::{self, Dataset};
 use crate::store::memory::MemoryStore;
 use crate::store::sqlite::SqliteStore;
@@ -26,6 +29,10 @@ use crate::telemetry;
 
 pub struct Application {
     listener: TcpListener,
+    /// `--compat-get-sum-bind`: `/getSum` and `/healthz` only.
+    compat_listener: Option<TcpListener>,
+    /// `--line-listen`: line protocol over TCP.
+    line_listener: Option<TcpListener>,
     state: AppState,
     cfg: ServeConfig,
     shutdown_rx: watch::Receiver<bool>,
@@ -44,7 +51,25 @@ impl Application {
         let listener = TcpListener::bind(cfg.bind)
             .await
             .with_context(|| format!("binding {}", cfg.bind))?;
+        let compat_listener = match cfg.compat_get_sum_bind {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding --compat-get-sum-bind {addr}"))?,
+            ),
+            None => None,
+        };
+        let line_listener = match cfg.line_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding --line-listen {addr}"))?,
+            ),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::new());
+        let series = Arc::new(SeriesStore::new(cfg.series_options(), metrics.clone()));
+        let rollups = Rollups::new(series.clone(), metrics.clone());
         let store: Arc<dyn Store> = match &cfg.store {
             StoreSpec::Memory => Arc::new(MemoryStore::new(cfg.memory_max_results)),
             StoreSpec::Sqlite(path) => Arc::new(
@@ -115,6 +140,9 @@ impl Application {
             datasets: data_dir,
             max_upload_bytes: cfg.max_upload_bytes,
             pipeline,
+            series,
+            rollups,
+            max_write_bytes: cfg.max_write_bytes,
         });
         tracing::info!(
             addr = %listener.local_addr()?,
@@ -124,8 +152,16 @@ impl Application {
             auth = cfg.auth_token.is_some(),
             "tally is listening"
         );
+        if let Some(addr) = compat_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+            tracing::info!(%addr, "serving /getSum on its own listener");
+        }
+        if let Some(addr) = line_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+            tracing::info!(%addr, "accepting line protocol over TCP");
+        }
         Ok(Application {
             listener,
+            compat_listener,
+            line_listener,
             state,
             cfg,
             shutdown_rx,
@@ -136,6 +172,20 @@ impl Application {
         self.listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The address of `--compat-get-sum-bind`, when set.
+    pub fn compat_addr(&self) -> Option<SocketAddr> {
+        self.compat_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The address of `--line-listen`, when set.
+    pub fn line_addr(&self) -> Option<SocketAddr> {
+        self.line_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn port(&self) -> u16 {
@@ -151,12 +201,46 @@ impl Application {
     ) -> anyhow::Result<()> {
         let Application {
             listener,
+            compat_listener,
+            line_listener,
             state,
             cfg,
             mut shutdown_rx,
         } = self;
         let engine = state.engine.clone();
         let pipeline = state.pipeline.clone();
+        // Live series: the rollup scheduler, the TCP line listener, the /getSum listener.
+        let (series_stop, series_stopped) = watch::channel(false);
+        let mut series_tasks = vec![state.rollups.spawn_scheduler(
+            Duration::from_secs(cfg.rollup_interval),
+            series_stopped.clone(),
+        )];
+        if let Some(l) = line_listener {
+            series_tasks.push(ingest::spawn_tcp_listener(
+                l,
+                state.series.clone(),
+                state.metrics.clone(),
+                TcpOptions {
+                    precision: cfg.line_precision,
+                    max_connections: cfg.line_max_connections as usize,
+                },
+                series_stopped.clone(),
+            ));
+        }
+        if let Some(l) = compat_listener {
+            let mut stopped = series_stopped.clone();
+            let router = api::series::compat_get_sum_router(state.clone());
+            series_tasks.push(tokio::spawn(async move {
+                let served = axum::serve(l, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.wait_for(|v| *v).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "the /getSum listener ended with an error");
+                }
+            }));
+        }
         let router = api::router(
             state,
             RouterOptions {
@@ -201,6 +285,10 @@ impl Application {
         if reason == StopReason::Route {
             // Let pollers see `num_jobs: 0` and `graceful_shutdown: done` before we go.
             tokio::time::sleep(Duration::from_millis(cfg.shutdown_linger_ms)).await;
+        }
+        series_stop.send_replace(true);
+        for t in series_tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         let _ = http_stop.send(());
         match tokio::time::timeout(Duration::from_secs(5), server).await {

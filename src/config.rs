@@ -297,6 +297,53 @@ pub struct ServeConfig {
     /// Events accepted but not yet journaled, at most; past it, 503 with Retry-After.
     #[arg(long, env = "TALLY_REORDER_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub reorder_capacity: u64,
+
+    /// Live series: a point up to this many milliseconds older than its series' newest
+    /// point is still accepted (kept in order); older ones are rejected and counted.
+    #[arg(long, env = "TALLY_OOO_WINDOW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    pub ooo_window_ms: u64,
+
+    /// Live series: points per sealed Gorilla block.
+    #[arg(long, env = "TALLY_BLOCK_POINTS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub block_points: u64,
+
+    /// Live series: seconds a point is kept (whole blocks are dropped once all their
+    /// points are older).
+    #[arg(long, env = "TALLY_RETENTION", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=100 * 365 * 86_400))]
+    pub retention: u64,
+
+    /// Live series: points retained across all series, at most; the oldest are evicted.
+    #[arg(long, env = "TALLY_MAX_POINTS", default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_points: u64,
+
+    /// Live series: seconds between two recomputations of the published rollups.
+    #[arg(long, env = "TALLY_ROLLUP_INTERVAL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub rollup_interval: u64,
+
+    /// Live series: width in milliseconds of the fixed rollup windows.
+    #[arg(long, env = "TALLY_ROLLUP_WINDOW_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub rollup_window_ms: u64,
+
+    /// Largest `POST /write` body, in bytes.
+    #[arg(long, env = "TALLY_MAX_WRITE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_write_bytes: usize,
+
+    /// Also accept line protocol over TCP on this address (newline-delimited).
+    #[arg(long, env = "TALLY_LINE_LISTEN")]
+    pub line_listen: Option<SocketAddr>,
+
+    /// Timestamp precision of the TCP line protocol: ns, us, ms or s.
+    #[arg(long, env = "TALLY_LINE_PRECISION", default_value = "ms")]
+    pub line_precision: crate::series::line_protocol::Precision,
+
+    /// Concurrent TCP line-protocol connections, at most (more wait to be accepted).
+    #[arg(long, env = "TALLY_LINE_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub line_max_connections: u64,
+
+    /// A second listener serving only `GET /getSum` and `/healthz`, like the original live
+    /// sum service (e.g. 127.0.0.1:4567).
+    #[arg(long, env = "TALLY_COMPAT_GET_SUM_BIND")]
+    pub compat_get_sum_bind: Option<SocketAddr>,
 }
 
 impl ServeConfig {
@@ -316,6 +363,18 @@ impl ServeConfig {
 
     pub fn job_timeout(&self) -> Option<Duration> {
         (self.job_timeout > 0).then(|| Duration::from_secs(self.job_timeout))
+    }
+
+    /// The series store's options.
+    pub fn series_options(&self) -> crate::series::store::StoreOptions {
+        let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        crate::series::store::StoreOptions {
+            ooo_window_ms: ms(self.ooo_window_ms),
+            block_points: self.block_points as usize,
+            retention_ms: ms(self.retention.saturating_mul(1000)),
+            max_points: self.max_points,
+            window_ms: ms(self.rollup_window_ms),
+        }
     }
 
     /// Where the pipeline's journal goes: `--journal`, else `journal.jsonl` next to the
@@ -415,6 +474,21 @@ mod tests {
         };
         assert_eq!((a.connection_count, a.connection_value), (100, 100));
         assert_eq!((a.delay_range, a.mode), (5.0, LoadMode::Events));
+    }
+
+    #[test]
+    fn live_series_flags_have_the_documented_defaults() {
+        let c = ServeConfig::defaults();
+        assert_eq!(
+            (c.ooo_window_ms, c.block_points, c.retention),
+            (10_000, 1024, 86_400)
+        );
+        assert_eq!((c.max_points, c.rollup_interval), (10_000_000, 5));
+        assert_eq!(c.max_write_bytes, 32 * 1024 * 1024);
+        assert_eq!(c.line_precision.as_str(), "ms");
+        assert!(c.line_listen.is_none() && c.compat_get_sum_bind.is_none());
+        assert!(Cli::try_parse_from(["tally", "serve", "--line-precision", "h"]).is_err());
+        assert!(Cli::try_parse_from(["tally", "serve", "--rollup-interval", "0"]).is_err());
     }
 
     #[test]

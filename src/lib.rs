@@ -12,8 +12,8 @@
 //! - [`api`]: the HTTP edge (axum): native `/v1` routes, the compatible `/api` routes,
 //!   health, metrics; the only layer that knows about HTTP and JSON shapes.
 //! - [`metrics`]: the Prometheus registry and typed metric families.
-//! - [`series`]: building blocks of the live time series (Gorilla blocks, line protocol),
-//!   not yet wired to routes.
+//! - [`series`]: live time series: Gorilla-compressed blocks, the line-protocol parser, the
+//!   in-memory series store with incremental rollups, and the TCP line listener.
 //! - [`pipeline`]: the ordered pipeline: events acknowledged once durable in a
 //!   write-ahead log, processed after a random delay, journaled strictly in order.
 //! - [`load`]: `tally load`, the pipeline's (and the job API's) load client.

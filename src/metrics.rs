@@ -2,6 +2,7 @@
 //! come from the registry of kinds, routes from the router's matched paths, never raw
 //! client input), rendered in the text format at `/metrics`.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -51,6 +52,11 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
@@ -85,6 +91,13 @@ pub struct Metrics {
     pub events_rejected: Family<ReasonLabels, Counter>,
     pub events_recovered: Counter,
     pub reorder_buffer: Gauge,
+    pub series_points_accepted: Family<SourceLabels, Counter>,
+    pub series_points_rejected: Family<ReasonLabels, Counter>,
+    pub series_count: Gauge,
+    pub series_points_retained: Gauge,
+    pub series_bytes_per_point: Gauge<f64, AtomicU64>,
+    pub series_evictions: Family<ReasonLabels, Counter>,
+    pub series_rollup_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -118,6 +131,13 @@ impl Metrics {
             events_rejected: Family::default(),
             events_recovered: Counter::default(),
             reorder_buffer: Gauge::default(),
+            series_points_accepted: Family::default(),
+            series_points_rejected: Family::default(),
+            series_count: Gauge::default(),
+            series_points_retained: Gauge::default(),
+            series_bytes_per_point: Gauge::default(),
+            series_evictions: Family::default(),
+            series_rollup_duration: seconds_histogram(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -221,6 +241,37 @@ impl Metrics {
             "reorder_buffer",
             "Processed events waiting in the reorder buffer for an earlier one",
             m.reorder_buffer.clone(),
+        );
+        r.register(
+            "series_points_accepted",
+            "Series points stored, by source (write, json, tcp)",
+            m.series_points_accepted.clone(),
+        );
+        r.register(
+            "series_points_rejected",
+            "Series points or lines refused, by reason (late, expired, invalid, non_numeric)",
+            m.series_points_rejected.clone(),
+        );
+        r.register("series", "Series in the store", m.series_count.clone());
+        r.register(
+            "series_points_retained",
+            "Points currently retained across all series",
+            m.series_points_retained.clone(),
+        );
+        r.register(
+            "series_bytes_per_point",
+            "Compressed bytes per point of the sealed Gorilla blocks",
+            m.series_bytes_per_point.clone(),
+        );
+        r.register(
+            "series_evicted_points",
+            "Series points dropped, by reason (retention, memory)",
+            m.series_evictions.clone(),
+        );
+        r.register(
+            "series_rollup_duration_seconds",
+            "Time to recompute and publish the rollup snapshot",
+            m.series_rollup_duration.clone(),
         );
         Metrics { registry, ..m }
     }

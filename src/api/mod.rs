@@ -26,6 +26,7 @@ pub mod compat;
 pub mod error;
 pub mod events;
 pub mod ops;
+pub mod series;
 pub mod storage;
 pub mod v1;
 
@@ -50,6 +51,12 @@ pub struct AppContext {
     pub max_upload_bytes: u64,
     /// The ordered pipeline behind `POST /v1/events`.
     pub pipeline: Pipeline,
+    /// The in-memory live series.
+    pub series: Arc<crate::series::store::SeriesStore>,
+    /// The published rollups of the live series and their refresh.
+    pub rollups: Arc<crate::series::rollup::Rollups>,
+    /// `--max-write-bytes`: largest `POST /write` body.
+    pub max_write_bytes: usize,
 }
 
 impl AppContext {
@@ -70,6 +77,13 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
         .route("/v1/jobs", post(v1::submit))
         .route("/v1/jobs/{id}", axum::routing::delete(v1::cancel))
         .route("/v1/events", post(events::submit))
+        .route(
+            "/write",
+            // Line protocol batches get their own, larger limit (--max-write-bytes).
+            post(series::write).layer(DefaultBodyLimit::max(state.max_write_bytes)),
+        )
+        .route("/v1/series/{name}/points", post(series::post_points))
+        .route("/v1/series/rollups/refresh", post(series::refresh))
         .route("/api/graceful_shutdown", get(compat::graceful_shutdown))
         .route(
             "/v1/datasets/{name}",
@@ -97,6 +111,10 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
         .route("/api/jobs", get(compat::jobs))
         .route("/api/num_jobs", get(compat::num_jobs))
         .route("/v1/datasets", get(storage::list))
+        .route("/getSum", get(series::get_sum))
+        .route("/v1/series", get(series::list))
+        .route("/v1/series/{name}", get(series::query))
+        .route("/v1/series/{name}/rollups", get(series::rollups))
         .route("/storage/get_counter", get(storage::get_counter))
         .route("/storage/get_json/{id}", get(storage::get_json))
         // Checks --auth-token itself: only `csv_name=` starts work.

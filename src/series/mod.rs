@@ -1,10 +1,13 @@
-//! Time-series building blocks (issue 5, not yet served over HTTP): compressed blocks of
-//! `(timestamp_ms, f64)` points ([`gorilla`]) and the InfluxDB line-protocol parser
-//! ([`line_protocol`]). Neither knows about the other or about the service; the series
-//! store and the ingest routes that compose them come with the live-series work.
+//! Live time series: compressed blocks of `(timestamp_ms, f64)` points ([`gorilla`]), the
+//! InfluxDB line-protocol parser ([`line_protocol`]), the in-memory series store
+//! ([`store`]), rollups and their scheduler ([`rollup`]), and line-protocol ingest with the
+//! TCP listener ([`ingest`]). The HTTP routes are in `api::series`.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod gorilla;
+pub mod ingest;
 pub mod line_protocol;
+pub mod rollup;
+pub mod store;

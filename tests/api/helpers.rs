@@ -35,6 +35,10 @@ pub struct TestApp {
     pub client: reqwest::Client,
     /// `--data-dir`: by default `data/` inside the test's temp dir (created on demand).
     pub data_dir: PathBuf,
+    /// `--compat-get-sum-bind`'s base URL, when the test set it.
+    pub compat_addr: Option<String>,
+    /// `--line-listen`'s address, when the test set it.
+    pub line_addr: Option<std::net::SocketAddr>,
     /// Holds the SQLite file; removed when the test ends.
     _dir: TempDir,
     stop: Option<oneshot::Sender<()>>,
@@ -64,6 +68,8 @@ impl TestApp {
             .await
             .expect("the application builds");
         let addr = format!("http://127.0.0.1:{}", app.port());
+        let compat_addr = app.compat_addr().map(|a| format!("http://{a}"));
+        let line_addr = app.line_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(app.run_until_stopped(async move {
             let _ = rx.await;
@@ -72,6 +78,8 @@ impl TestApp {
             addr,
             client: reqwest::Client::new(),
             data_dir,
+            compat_addr,
+            line_addr,
             _dir: dir,
             stop: Some(tx),
             handle: Some(handle),

@@ -7,5 +7,6 @@ mod helpers;
 mod jobs;
 mod ops;
 mod pipeline;
+mod series;
 mod shutdown;
 mod stats;

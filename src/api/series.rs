@@ -1,0 +1,325 @@
+//! The live-series routes: ingest (`POST /write` in line protocol, `POST
+//! /v1/series/{name}/points` in JSON), reads (`GET /v1/series`, `/v1/series/{name}`,
+//! `/v1/series/{name}/rollups`), `POST /v1/series/rollups/refresh`, and the original
+//! service's `GET /getSum` (also served alone by `--compat-get-sum-bind`).
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ApiJson};
+use super::{ops, AppState};
+use crate::series::ingest::ingest_lines;
+use crate::series::line_protocol::Precision;
+use crate::series::rollup::{AggFn, SeriesRollup};
+use crate::series::store::{validate_name, RangeQuery, SeriesError};
+
+impl From<SeriesError> for ApiError {
+    fn from(e: SeriesError) -> Self {
+        match e {
+            SeriesError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            SeriesError::NameLength(_)
+            | SeriesError::NameControl
+            | SeriesError::BadQuery { .. } => ApiError::BadRequest(e.to_string()),
+        }
+    }
+}
+
+/// The router of `--compat-get-sum-bind`: `/getSum` and `/healthz` only.
+pub fn compat_get_sum_router(state: AppState) -> Router {
+    Router::new()
+        .route("/getSum", get(get_sum))
+        .route("/healthz", get(ops::healthz))
+        .fallback(ops::not_found)
+        .with_state(state)
+}
+
+/// `GET /getSum`: the sum of every point ever accepted, across all series, as plain text
+/// in the form `serde_json` prints an `f64` (`12345.0`, `0.5`, `1e+300`).
+pub async fn get_sum(State(st): State<AppState>) -> Response {
+    let sum = st.series.total().sum();
+    let text = serde_json::to_string(&sum).unwrap_or_else(|_| "null".into());
+    let mut res = text.into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+fn body_or_limit(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::BadRequest(r.body_text())
+        }
+    })
+}
+
+/// `POST /write?precision=ns|us|ms|s`: Influx line protocol. 204 when every line parsed;
+/// 400 listing the first bad lines otherwise (the good lines are stored all the same).
+pub async fn write(
+    State(st): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
+        if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "Content-Encoding {} is not supported; send the line protocol uncompressed",
+                String::from_utf8_lossy(enc.as_bytes())
+            )));
+        }
+    }
+    let precision = match params.get("precision") {
+        None => Precision::Nanoseconds,
+        Some(p) => p
+            .parse::<Precision>()
+            .map_err(|e| ApiError::BadRequest(format!("precision: {e}")))?,
+    };
+    let body = body_or_limit(body, st.max_write_bytes)?;
+    let store = st.series.clone();
+    let metrics = st.metrics.clone();
+    let now = crate::now_ms();
+    let r = tokio::task::spawn_blocking(move || {
+        ingest_lines(&store, &metrics, &body, precision, now, "write")
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if r.parse.is_clean() && r.bad_names == 0 {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let errors: Vec<Value> = r
+        .parse
+        .errors
+        .iter()
+        .map(|e| json!({ "line": e.line, "message": e.kind.to_string() }))
+        .collect();
+    let mut detail = format!(
+        "{} of {} lines rejected; the points of the other lines were stored ({} points)",
+        r.parse.error_lines, r.parse.lines, r.store.accepted
+    );
+    if let Some(first) = r.parse.errors.first() {
+        detail.push_str(&format!("; first error: {first}"));
+    }
+    if r.bad_names > 0 {
+        detail.push_str(&format!(
+            "; {} points refused: series name longer than 256 bytes or with control characters",
+            r.bad_names
+        ));
+    }
+    let body = json!({
+        "type": "about:blank",
+        "title": "Bad Request",
+        "status": 400,
+        "detail": detail,
+        "errors": errors,
+        "accepted_points": r.store.accepted,
+    });
+    let mut res = (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    Ok(res)
+}
+
+fn point_of(i: usize, p: &Value) -> Result<(i64, f64), ApiError> {
+    let obj = p.as_object().ok_or_else(|| {
+        ApiError::Unprocessable(format!("[{i}]: expected {{\"t\": <ms>, \"v\": <number>}}"))
+    })?;
+    if let Some(k) = obj.keys().find(|k| *k != "t" && *k != "v") {
+        return Err(ApiError::Unprocessable(format!(
+            "[{i}]: unknown field `{k}`"
+        )));
+    }
+    let t = obj.get("t").and_then(Value::as_i64).ok_or_else(|| {
+        ApiError::Unprocessable(format!(
+            "[{i}].t: expected an integer number of milliseconds"
+        ))
+    })?;
+    let v = obj
+        .get("v")
+        .and_then(Value::as_f64)
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| ApiError::Unprocessable(format!("[{i}].v: expected a finite number")))?;
+    Ok((t, v))
+}
+
+/// `POST /v1/series/{name}/points` with `[{"t": <ms>, "v": <number>}]`.
+pub async fn post_points(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    validate_name(&name)?;
+    let arr = body.as_array().ok_or_else(|| {
+        ApiError::Unprocessable("expected a JSON array of {\"t\", \"v\"} points".into())
+    })?;
+    let points = arr
+        .iter()
+        .enumerate()
+        .map(|(i, p)| point_of(i, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let store = st.series.clone();
+    let metrics = st.metrics.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let r = store.insert(&name, &points, crate::now_ms());
+        if r.accepted > 0 {
+            metrics
+                .series_points_accepted
+                .get_or_create(&crate::metrics::SourceLabels {
+                    source: "json".into(),
+                })
+                .inc_by(r.accepted);
+        }
+        r
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(json!({
+        "accepted": r.accepted,
+        "rejected_late": r.late,
+        "rejected_expired": r.expired,
+    })))
+}
+
+/// `GET /v1/series`.
+pub async fn list(State(st): State<AppState>) -> Json<Value> {
+    let series: Vec<Value> = st
+        .series
+        .list()
+        .into_iter()
+        .map(|s| json!({ "name": &*s.name, "points": s.points, "first": s.first, "last": s.last }))
+        .collect();
+    Json(json!({ "series": series }))
+}
+
+fn int_param(
+    params: &HashMap<String, String>,
+    name: &'static str,
+) -> Result<Option<i64>, ApiError> {
+    params
+        .get(name)
+        .map(|v| {
+            v.parse::<i64>().map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "{name}: expected an integer number of milliseconds, got `{v}`"
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// `GET /v1/series/{name}?from=&to=&step=&agg=`: raw points in `[from, to)`, or with
+/// `step` one aggregated value per non-empty bucket (buckets aligned to the epoch).
+pub async fn query(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(k) = params
+        .keys()
+        .find(|k| !matches!(k.as_str(), "from" | "to" | "step" | "agg"))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "{k}: unknown parameter (expected from, to, step, agg)"
+        )));
+    }
+    let from = int_param(&params, "from")?;
+    let to = int_param(&params, "to")?;
+    let step = int_param(&params, "step")?;
+    let agg = match params.get("agg") {
+        None => AggFn::Mean,
+        Some(a) => a
+            .parse::<AggFn>()
+            .map_err(|e| ApiError::BadRequest(format!("agg: {e}")))?,
+    };
+    if params.contains_key("agg") && step.is_none() {
+        return Err(ApiError::BadRequest("agg: needs a step".into()));
+    }
+    let q = RangeQuery {
+        from,
+        to,
+        step,
+        agg,
+    };
+    let store = st.series.clone();
+    let n = name.clone();
+    let points = tokio::task::spawn_blocking(move || store.query(&n, q))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let points: Vec<Value> = points
+        .into_iter()
+        .map(|(t, v)| json!({ "t": t, "v": v }))
+        .collect();
+    let agg_name = step.map(|_| format!("{agg:?}").to_lowercase());
+    Ok(Json(json!({
+        "name": name,
+        "from": from,
+        "to": to,
+        "step": step,
+        "agg": agg_name,
+        "points": points,
+    })))
+}
+
+fn rollup_json(name: &str, r: &SeriesRollup, window_ms: i64, computed_at: Option<i64>) -> Value {
+    let windows: Vec<Value> = r
+        .windows
+        .iter()
+        .map(|(start, a)| {
+            let s = a.summary();
+            json!({
+                "start": start, "count": s.count, "sum": s.sum, "mean": s.mean,
+                "min": s.min, "max": s.max, "last": s.last,
+            })
+        })
+        .collect();
+    json!({
+        "name": name,
+        "total": r.total.summary(),
+        "retained": r.retained.summary(),
+        "window_ms": window_ms,
+        "windows": windows,
+        "computed_at": computed_at,
+    })
+}
+
+/// `GET /v1/series/{name}/rollups`: from the last published snapshot; a series created
+/// since then is computed on the spot (`computed_at` is then null).
+pub async fn rollups(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let window_ms = st.series.options().window_ms;
+    let snap = st.rollups.snapshot();
+    if let Some(r) = snap.series.get(name.as_str()) {
+        return Ok(Json(rollup_json(
+            &name,
+            r,
+            window_ms,
+            Some(snap.computed_at_ms),
+        )));
+    }
+    let r = st.series.rollup(&name)?;
+    Ok(Json(rollup_json(&name, &r, window_ms, None)))
+}
+
+/// `POST /v1/series/rollups/refresh`: recompute and publish now.
+pub async fn refresh(State(st): State<AppState>) -> Json<Value> {
+    let snap = st.rollups.refresh_async().await;
+    Json(json!({
+        "computed_at": snap.computed_at_ms,
+        "series": snap.series.len(),
+    }))
+}

@@ -1,0 +1,218 @@
+//! Ingest of line protocol into the series store, shared by `POST /write` and the TCP
+//! listener (`--line-listen`): parse, group points by series, insert, count. The TCP
+//! listener itself (bounded lines, bounded connections, bad lines counted) lives here too.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::line_protocol::{parse_lines, ParseSummary, Precision};
+use super::rollup::stopped;
+use super::store::{validate_name, IngestReport, SeriesStore};
+use crate::metrics::{Metrics, SourceLabels};
+
+/// Longest line the TCP listener accepts; longer ones are counted as invalid and skipped.
+pub const MAX_TCP_LINE_BYTES: usize = 64 * 1024;
+
+/// Outcome of one line-protocol batch.
+#[derive(Debug, Clone, Default)]
+pub struct LineIngest {
+    pub parse: ParseSummary,
+    pub store: IngestReport,
+    /// Points refused because their series key is not a valid series name.
+    pub bad_names: u64,
+}
+
+/// Parses `body` and stores its numeric points; string fields are skipped (counted as
+/// rejected, reason `non_numeric`), bad lines are counted (reason `invalid`).
+pub fn ingest_lines(
+    store: &SeriesStore,
+    metrics: &Metrics,
+    body: &[u8],
+    precision: Precision,
+    now_ms: i64,
+    source: &str,
+) -> LineIngest {
+    let mut groups: HashMap<String, Vec<(i64, f64)>> = HashMap::new();
+    let mut key = String::new();
+    let parse = parse_lines(body, precision, now_ms, |p| {
+        let Some(v) = p.value().as_f64() else { return };
+        key.clear();
+        p.write_series_key(&mut key);
+        match groups.get_mut(key.as_str()) {
+            Some(g) => g.push((p.timestamp_ms(), v)),
+            None => {
+                groups.insert(key.clone(), vec![(p.timestamp_ms(), v)]);
+            }
+        }
+    });
+    let mut out = LineIngest {
+        parse,
+        ..LineIngest::default()
+    };
+    for (name, pts) in &groups {
+        if validate_name(name).is_err() {
+            out.bad_names += pts.len() as u64;
+            continue;
+        }
+        out.store.add(store.insert(name, pts, now_ms));
+    }
+    if out.store.accepted > 0 {
+        metrics
+            .series_points_accepted
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
+            })
+            .inc_by(out.store.accepted);
+    }
+    let invalid = out.parse.error_lines as u64 + out.bad_names;
+    if invalid > 0 {
+        store.reject("invalid", invalid);
+    }
+    if out.parse.non_numeric > 0 {
+        store.reject("non_numeric", out.parse.non_numeric as u64);
+    }
+    out
+}
+
+/// Options of the TCP line-protocol listener.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpOptions {
+    pub precision: Precision,
+    pub max_connections: usize,
+}
+
+/// Accepts connections on `listener` until `stop` turns true. Each connection streams
+/// newline-delimited line protocol; complete lines are ingested as they arrive.
+pub fn spawn_tcp_listener(
+    listener: TcpListener,
+    store: Arc<SeriesStore>,
+    metrics: Arc<Metrics>,
+    opts: TcpOptions,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stopped(&mut stop) => break,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stopped(&mut stop) => break,
+            };
+            match accepted {
+                Ok((sock, peer)) => {
+                    let (store, metrics) = (store.clone(), metrics.clone());
+                    let mut stop = stop.clone();
+                    conns.spawn(async move {
+                        let _permit = permit;
+                        tokio::select! {
+                            _ = serve_connection(sock, peer, &store, &metrics, opts.precision) => {}
+                            _ = stopped(&mut stop) => {}
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "accepting a line-protocol connection failed"),
+            }
+            while conns.try_join_next().is_some() {}
+        }
+        conns.shutdown().await;
+    })
+}
+
+async fn serve_connection(
+    mut sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+    store: &SeriesStore,
+    metrics: &Metrics,
+    precision: Precision,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    // True while skipping the rest of an over-long line.
+    let mut skipping = false;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match sock.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "line-protocol connection failed");
+                break;
+            }
+        };
+        let mut data = &chunk[..n];
+        if skipping {
+            match memchr::memchr(b'\n', data) {
+                Some(i) => {
+                    skipping = false;
+                    data = &data[i + 1..];
+                }
+                None => continue,
+            }
+        }
+        buf.extend_from_slice(data);
+        let complete = match memchr::memrchr(b'\n', &buf) {
+            Some(i) => i + 1,
+            None => 0,
+        };
+        if complete > 0 {
+            ingest_tcp(store, metrics, &buf[..complete], precision);
+            buf.drain(..complete);
+        }
+        if buf.len() > MAX_TCP_LINE_BYTES {
+            tracing::debug!(%peer, "line-protocol line longer than 64 KiB skipped");
+            store.reject("invalid", 1);
+            buf.clear();
+            skipping = true;
+        }
+    }
+    if !buf.is_empty() && !skipping {
+        ingest_tcp(store, metrics, &buf, precision);
+    }
+}
+
+fn ingest_tcp(store: &SeriesStore, metrics: &Metrics, lines: &[u8], precision: Precision) {
+    let r = ingest_lines(store, metrics, lines, precision, crate::now_ms(), "tcp");
+    if let Some(e) = r.parse.errors.first() {
+        tracing::debug!(error = %e, bad_lines = r.parse.error_lines, "bad line protocol over TCP");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::series::store::StoreOptions;
+
+    #[test]
+    fn lines_are_grouped_per_series_and_bad_names_and_strings_are_not_stored() {
+        let metrics = Arc::new(Metrics::new());
+        let store = SeriesStore::new(StoreOptions::default(), metrics.clone());
+        let long = "m".repeat(300);
+        let body =
+            format!("a,h=1 x=1,y=2 1000\na,h=1 x=3 1001\n{long} x=5 1000\ns t=\"str\" 1000\nbad\n");
+        let r = ingest_lines(
+            &store,
+            &metrics,
+            body.as_bytes(),
+            Precision::Milliseconds,
+            2000,
+            "write",
+        );
+        assert_eq!(r.store.accepted, 3);
+        assert_eq!(
+            (r.bad_names, r.parse.error_lines, r.parse.non_numeric),
+            (1, 1, 1)
+        );
+        let names: Vec<String> = store.list().iter().map(|s| s.name.to_string()).collect();
+        assert_eq!(names, ["a,h=1:x", "a,h=1:y"]);
+        assert_eq!(store.total().sum(), 6.0);
+    }
+}

@@ -1,0 +1,342 @@
+//! Rollups: the mergeable running aggregate [`Agg`] (count, Neumaier sum, min, max, last)
+//! that the series store keeps per series, per sealed block and per fixed window, and the
+//! published [`RollupSnapshot`] that [`Rollups::refresh`] recomputes on a schedule
+//! (`--rollup-interval`) and on demand.
+//!
+//! Incremental by construction: sealed blocks contribute per-window summaries computed once
+//! at seal time (kept merged per series), so a refresh only folds in the open head.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::store::SeriesStore;
+use crate::metrics::Metrics;
+
+/// A mergeable aggregate of `(timestamp_ms, value)` points.
+///
+/// `sum` is Neumaier-compensated; `last` is the value with the latest timestamp (for equal
+/// timestamps, the last pushed or merged). An empty `Agg` has `count == 0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Agg {
+    pub count: u64,
+    sum: f64,
+    comp: f64,
+    pub min: f64,
+    pub max: f64,
+    pub last: f64,
+    pub last_ts: i64,
+}
+
+impl Default for Agg {
+    fn default() -> Self {
+        Agg::EMPTY
+    }
+}
+
+impl Agg {
+    pub const EMPTY: Agg = Agg {
+        count: 0,
+        sum: -0.0,
+        comp: 0.0,
+        min: f64::NAN,
+        max: f64::NAN,
+        last: f64::NAN,
+        last_ts: i64::MIN,
+    };
+
+    #[inline]
+    fn add_sum(&mut self, x: f64) {
+        let t = self.sum + x;
+        if self.sum.abs() >= x.abs() {
+            self.comp += (self.sum - t) + x;
+        } else {
+            self.comp += (x - t) + self.sum;
+        }
+        self.sum = t;
+    }
+
+    /// Adds one point.
+    #[inline]
+    pub fn push(&mut self, ts: i64, v: f64) {
+        self.count += 1;
+        self.add_sum(v);
+        if !v.is_nan() {
+            if self.min.is_nan() || v < self.min {
+                self.min = v;
+            }
+            if self.max.is_nan() || v > self.max {
+                self.max = v;
+            }
+        }
+        if ts >= self.last_ts {
+            self.last = v;
+            self.last_ts = ts;
+        }
+    }
+
+    /// Folds another aggregate in (as if its points had been pushed after ours).
+    pub fn merge(&mut self, o: &Agg) {
+        if o.count == 0 {
+            return;
+        }
+        self.count += o.count;
+        self.add_sum(o.sum);
+        self.comp += o.comp;
+        if !o.min.is_nan() && (self.min.is_nan() || o.min < self.min) {
+            self.min = o.min;
+        }
+        if !o.max.is_nan() && (self.max.is_nan() || o.max > self.max) {
+            self.max = o.max;
+        }
+        if o.last_ts >= self.last_ts {
+            self.last = o.last;
+            self.last_ts = o.last_ts;
+        }
+    }
+
+    /// The compensated sum (`-0.0`... `0.0` for no points is reported as `0.0`).
+    pub fn sum(&self) -> f64 {
+        let s = if self.sum.is_finite() && self.comp != 0.0 {
+            self.sum + self.comp
+        } else {
+            self.sum
+        };
+        if self.count == 0 {
+            0.0
+        } else {
+            s
+        }
+    }
+
+    /// `sum / count`; `None` without points.
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum() / self.count as f64)
+    }
+
+    /// The value of one aggregation function; `None` when it has no value (no points).
+    pub fn value(&self, f: AggFn) -> Option<f64> {
+        if self.count == 0 {
+            return match f {
+                AggFn::Count => Some(0.0),
+                AggFn::Sum => Some(0.0),
+                _ => None,
+            };
+        }
+        Some(match f {
+            AggFn::Sum => self.sum(),
+            AggFn::Count => self.count as f64,
+            AggFn::Mean => self.sum() / self.count as f64,
+            AggFn::Min => self.min,
+            AggFn::Max => self.max,
+            AggFn::Last => self.last,
+        })
+    }
+
+    /// The wire summary `{count, sum, mean, min, max, last}`.
+    pub fn summary(&self) -> AggSummary {
+        let some = |v: f64| (self.count > 0).then_some(v);
+        AggSummary {
+            count: self.count,
+            sum: self.sum(),
+            mean: self.mean(),
+            min: some(self.min),
+            max: some(self.max),
+            last: some(self.last),
+        }
+    }
+}
+
+/// An aggregation function of `GET /v1/series/{name}?agg=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggFn {
+    Sum,
+    Count,
+    Mean,
+    Min,
+    Max,
+    Last,
+}
+
+impl std::str::FromStr for AggFn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "sum" => AggFn::Sum,
+            "count" => AggFn::Count,
+            "mean" | "avg" => AggFn::Mean,
+            "min" => AggFn::Min,
+            "max" => AggFn::Max,
+            "last" => AggFn::Last,
+            other => {
+                return Err(format!(
+                    "unknown aggregation `{other}` (expected sum, count, mean, min, max or last)"
+                ))
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct AggSummary {
+    pub count: u64,
+    pub sum: f64,
+    pub mean: Option<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub last: Option<f64>,
+}
+
+/// The rollup of one series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesRollup {
+    /// Every point ever accepted into the series (retention and evictions do not subtract).
+    pub total: Agg,
+    /// The points currently retained.
+    pub retained: Agg,
+    /// Fixed windows (`--rollup-window-ms`) over the retained points: `(start_ms, agg)`,
+    /// in time order, only windows with points.
+    pub windows: Vec<(i64, Agg)>,
+}
+
+/// What the last refresh published.
+#[derive(Debug, Clone, Default)]
+pub struct RollupSnapshot {
+    /// Milliseconds since the epoch; 0 before the first refresh.
+    pub computed_at_ms: i64,
+    pub series: BTreeMap<Arc<str>, SeriesRollup>,
+}
+
+/// Owns the published snapshot and the scheduler that refreshes it.
+pub struct Rollups {
+    store: Arc<SeriesStore>,
+    metrics: Arc<Metrics>,
+    snapshot: RwLock<Arc<RollupSnapshot>>,
+    /// Serializes refreshes (the scheduler and the on-demand route).
+    refreshing: parking_lot::Mutex<()>,
+}
+
+impl Rollups {
+    pub fn new(store: Arc<SeriesStore>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Rollups {
+            store,
+            metrics,
+            snapshot: RwLock::new(Arc::new(RollupSnapshot::default())),
+            refreshing: parking_lot::Mutex::new(()),
+        })
+    }
+
+    /// The last published snapshot.
+    pub fn snapshot(&self) -> Arc<RollupSnapshot> {
+        self.snapshot.read().clone()
+    }
+
+    /// Enforces retention, recomputes every series' rollup and publishes the result.
+    /// Synchronous (CPU work): call it from a blocking thread.
+    pub fn refresh(&self) -> Arc<RollupSnapshot> {
+        let _one = self.refreshing.lock();
+        let started = Instant::now();
+        let now = crate::now_ms();
+        self.store.enforce_retention(now);
+        let series = self.store.rollup_all();
+        let snap = Arc::new(RollupSnapshot {
+            computed_at_ms: now,
+            series,
+        });
+        *self.snapshot.write() = snap.clone();
+        self.metrics
+            .series_rollup_duration
+            .observe(started.elapsed().as_secs_f64());
+        snap
+    }
+
+    /// Refreshes on a blocking thread (for async callers).
+    pub async fn refresh_async(self: &Arc<Self>) -> Arc<RollupSnapshot> {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || me.refresh()).await {
+            Ok(s) => s,
+            Err(_) => self.snapshot(),
+        }
+    }
+
+    /// Refreshes every `interval` until `stop` turns true.
+    pub fn spawn_scheduler(
+        self: &Arc<Self>,
+        interval: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { me.refresh_async().await; }
+                    _ = stopped(&mut stop) => break,
+                }
+            }
+        })
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_two_aggregates_equals_pushing_all_points_into_one() {
+        let pts: Vec<(i64, f64)> = (0..100).map(|i| (i, (i as f64) * 0.1 - 3.0)).collect();
+        let mut all = Agg::EMPTY;
+        pts.iter().for_each(|&(t, v)| all.push(t, v));
+        let (mut a, mut b) = (Agg::EMPTY, Agg::EMPTY);
+        pts[..37].iter().for_each(|&(t, v)| a.push(t, v));
+        pts[37..].iter().for_each(|&(t, v)| b.push(t, v));
+        a.merge(&b);
+        assert_eq!(a.count, all.count);
+        assert!((a.sum() - all.sum()).abs() < 1e-9);
+        assert_eq!((a.min, a.max, a.last), (all.min, all.max, all.last));
+    }
+
+    #[test]
+    fn an_empty_aggregate_has_a_zero_sum_and_no_mean() {
+        let s = Agg::EMPTY.summary();
+        assert_eq!((s.count, s.sum, s.mean, s.min), (0, 0.0, None, None));
+        assert_eq!(Agg::EMPTY.value(AggFn::Count), Some(0.0));
+        assert_eq!(Agg::EMPTY.value(AggFn::Max), None);
+    }
+
+    #[test]
+    fn last_follows_the_latest_timestamp_not_the_arrival_order() {
+        let mut a = Agg::EMPTY;
+        a.push(10, 1.0);
+        a.push(5, 2.0);
+        assert_eq!(a.last, 1.0);
+        a.push(10, 3.0);
+        assert_eq!(a.last, 3.0);
+    }
+
+    #[test]
+    fn aggregation_names_parse_or_name_the_problem() {
+        for (s, f) in [
+            ("sum", AggFn::Sum),
+            ("count", AggFn::Count),
+            ("mean", AggFn::Mean),
+            ("min", AggFn::Min),
+            ("max", AggFn::Max),
+            ("last", AggFn::Last),
+        ] {
+            assert_eq!(s.parse::<AggFn>(), Ok(f));
+        }
+        assert!("median".parse::<AggFn>().unwrap_err().contains("median"));
+    }
+}

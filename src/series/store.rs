@@ -1,0 +1,827 @@
+//! The in-memory series store: per series an open, sorted head of recent points (late
+//! points accepted within `--ooo-window-ms` of the series' newest timestamp), sealed into
+//! Gorilla blocks once `--block-points` points are older than that window; retention by age
+//! (`--retention`) and a global limit on retained points (`--max-points`, oldest blocks
+//! evicted first); running all-time totals and incrementally merged window rollups.
+//!
+//! Concurrency: a map of series behind a `parking_lot::RwLock`, each series behind its own
+//! `Mutex`. A series emptied by retention or eviction is removed from the map and its
+//! all-time total folded into `dropped_total`, so `/getSum` never loses a point; a writer
+//! that raced with the removal sees `removed` and retries on a fresh series.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use thiserror::Error;
+
+use super::gorilla::{BlockEncoder, SealedBlock};
+use super::rollup::{Agg, AggFn, SeriesRollup};
+use crate::metrics::{Metrics, ReasonLabels};
+
+/// Largest series name, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Most raw points one query may return (use `step` for more).
+pub const MAX_RAW_POINTS: usize = 100_000;
+/// Most buckets one aggregated query may return.
+pub const MAX_BUCKETS: i64 = 100_000;
+
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Points up to this many ms older than the series' newest point are still accepted.
+    pub ooo_window_ms: i64,
+    /// Points per sealed block.
+    pub block_points: usize,
+    /// Points older than this (wall clock) are dropped; whole blocks at a time.
+    pub retention_ms: i64,
+    /// Retained points across all series, at most.
+    pub max_points: u64,
+    /// Width of the rollup windows.
+    pub window_ms: i64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            ooo_window_ms: 10_000,
+            block_points: 1024,
+            retention_ms: 86_400_000,
+            max_points: 10_000_000,
+            window_ms: 60_000,
+        }
+    }
+}
+
+/// What happened to a batch of points.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestReport {
+    pub accepted: u64,
+    /// Older than the out-of-order window allows.
+    pub late: u64,
+    /// Already older than the retention when they arrived.
+    pub expired: u64,
+}
+
+impl IngestReport {
+    pub fn add(&mut self, o: IngestReport) {
+        self.accepted += o.accepted;
+        self.late += o.late;
+        self.expired += o.expired;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SeriesError {
+    #[error("series name must be 1 to {MAX_NAME_BYTES} bytes long (got {0} bytes)")]
+    NameLength(usize),
+    #[error("series name must not contain control characters")]
+    NameControl,
+    #[error("no series named `{0}`")]
+    NotFound(String),
+    #[error("{param}: {message}")]
+    BadQuery {
+        param: &'static str,
+        message: String,
+    },
+}
+
+/// Checks a series name: 1..=256 bytes, no control characters.
+pub fn validate_name(name: &str) -> Result<(), SeriesError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(SeriesError::NameLength(name.len()));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(SeriesError::NameControl);
+    }
+    Ok(())
+}
+
+/// One row of `GET /v1/series`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesInfo {
+    pub name: Arc<str>,
+    pub points: u64,
+    pub first: Option<i64>,
+    pub last: Option<i64>,
+}
+
+/// A range query: `[from, to)`, raw when `step` is `None`.
+#[derive(Debug, Clone, Copy)]
+pub struct RangeQuery {
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub step: Option<i64>,
+    pub agg: AggFn,
+}
+
+struct Block {
+    sealed: SealedBlock,
+    first_ts: i64,
+    last_ts: i64,
+    agg: Agg,
+    /// Per rollup window, computed once at seal time.
+    windows: Vec<(i64, Agg)>,
+}
+
+#[derive(Default)]
+struct Series {
+    /// Sorted by timestamp (stable for equal timestamps).
+    head: Vec<(i64, f64)>,
+    blocks: VecDeque<Block>,
+    sealed_points: u64,
+    newest: Option<i64>,
+    total: Agg,
+    /// Merge of every block's `windows` / `agg`; rebuilt from the blocks when one is dropped.
+    sealed_windows: BTreeMap<i64, Agg>,
+    sealed_agg: Agg,
+    sealed_dirty: bool,
+    removed: bool,
+}
+
+impl Series {
+    fn points(&self) -> u64 {
+        self.sealed_points + self.head.len() as u64
+    }
+
+    fn oldest_ts(&self) -> Option<i64> {
+        match self.blocks.front() {
+            Some(b) => Some(b.first_ts),
+            None => self.head.first().map(|p| p.0),
+        }
+    }
+
+    fn first_last(&self) -> (Option<i64>, Option<i64>) {
+        let last = match (self.head.last(), self.blocks.back()) {
+            (Some(h), _) => Some(h.0),
+            (None, Some(b)) => Some(b.last_ts),
+            (None, None) => None,
+        };
+        (self.oldest_ts(), last)
+    }
+
+    fn pop_block(&mut self) -> Option<(u64, usize)> {
+        let b = self.blocks.pop_front()?;
+        let n = b.sealed.len() as u64;
+        self.sealed_points -= n;
+        self.sealed_dirty = true;
+        Some((n, b.sealed.byte_len()))
+    }
+
+    fn rebuild_sealed(&mut self) {
+        if !self.sealed_dirty {
+            return;
+        }
+        self.sealed_windows.clear();
+        self.sealed_agg = Agg::EMPTY;
+        for b in &self.blocks {
+            self.sealed_agg.merge(&b.agg);
+            for (start, a) in &b.windows {
+                self.sealed_windows.entry(*start).or_default().merge(a);
+            }
+        }
+        self.sealed_dirty = false;
+    }
+}
+
+/// The store. Cheap to share behind an `Arc`.
+pub struct SeriesStore {
+    opts: StoreOptions,
+    metrics: Arc<Metrics>,
+    series: RwLock<HashMap<Arc<str>, Arc<Mutex<Series>>>>,
+    /// All-time totals of series removed after retention or eviction emptied them.
+    dropped_total: Mutex<Agg>,
+    retained: AtomicU64,
+    sealed_bytes: AtomicU64,
+    sealed_points: AtomicU64,
+    evicting: Mutex<()>,
+}
+
+impl SeriesStore {
+    pub fn new(opts: StoreOptions, metrics: Arc<Metrics>) -> Self {
+        let opts = StoreOptions {
+            block_points: opts.block_points.clamp(1, u32::MAX as usize),
+            window_ms: opts.window_ms.max(1),
+            ooo_window_ms: opts.ooo_window_ms.max(0),
+            ..opts
+        };
+        SeriesStore {
+            opts,
+            metrics,
+            series: RwLock::new(HashMap::new()),
+            dropped_total: Mutex::new(Agg::EMPTY),
+            retained: AtomicU64::new(0),
+            sealed_bytes: AtomicU64::new(0),
+            sealed_points: AtomicU64::new(0),
+            evicting: Mutex::new(()),
+        }
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    /// Points currently retained across all series.
+    pub fn retained_points(&self) -> u64 {
+        self.retained.load(Ordering::Relaxed)
+    }
+
+    /// Compressed bytes per sealed point (0 before the first block is sealed).
+    pub fn bytes_per_point(&self) -> f64 {
+        let p = self.sealed_points.load(Ordering::Relaxed);
+        if p == 0 {
+            0.0
+        } else {
+            self.sealed_bytes.load(Ordering::Relaxed) as f64 / p as f64
+        }
+    }
+
+    pub fn series_count(&self) -> usize {
+        self.series.read().len()
+    }
+
+    fn get_or_create(&self, name: &str) -> Arc<Mutex<Series>> {
+        if let Some(s) = self.series.read().get(name) {
+            return s.clone();
+        }
+        let mut map = self.series.write();
+        map.entry(Arc::from(name))
+            .or_insert_with(|| Arc::new(Mutex::new(Series::default())))
+            .clone()
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Mutex<Series>>> {
+        self.series.read().get(name).cloned()
+    }
+
+    /// Inserts points into one series (any order), then enforces `--max-points`. The name
+    /// must have passed [`validate_name`].
+    pub fn insert(&self, name: &str, points: &[(i64, f64)], now_ms: i64) -> IngestReport {
+        let report = loop {
+            let arc = self.get_or_create(name);
+            let mut s = arc.lock();
+            if s.removed {
+                continue;
+            }
+            let r = self.insert_locked(&mut s, points, now_ms);
+            // Counted under the series lock, so an eviction of these points (which needs
+            // the lock) can never subtract them first.
+            self.retained.fetch_add(r.accepted, Ordering::Relaxed);
+            break r;
+        };
+        if report.late > 0 {
+            self.reject("late", report.late);
+        }
+        if report.expired > 0 {
+            self.reject("expired", report.expired);
+        }
+        self.enforce_memory();
+        self.publish_gauges();
+        report
+    }
+
+    /// Counts points refused for `reason` in `/metrics`.
+    pub fn reject(&self, reason: &str, n: u64) {
+        self.metrics
+            .series_points_rejected
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    fn insert_locked(&self, s: &mut Series, points: &[(i64, f64)], now_ms: i64) -> IngestReport {
+        let mut r = IngestReport::default();
+        let expiry = now_ms.saturating_sub(self.opts.retention_ms);
+        for &(ts, v) in points {
+            if ts < expiry {
+                r.expired += 1;
+                continue;
+            }
+            let mut floor = s
+                .newest
+                .map_or(i64::MIN, |n| n.saturating_sub(self.opts.ooo_window_ms));
+            if let Some(b) = s.blocks.back() {
+                floor = floor.max(b.last_ts);
+            }
+            if ts < floor {
+                r.late += 1;
+                continue;
+            }
+            if s.head.last().is_none_or(|p| p.0 <= ts) {
+                s.head.push((ts, v));
+            } else {
+                let at = s.head.partition_point(|p| p.0 <= ts);
+                s.head.insert(at, (ts, v));
+            }
+            s.newest = Some(s.newest.map_or(ts, |n| n.max(ts)));
+            s.total.push(ts, v);
+            r.accepted += 1;
+        }
+        self.seal(s);
+        r
+    }
+
+    /// Seals full blocks out of the part of the head older than the out-of-order window.
+    fn seal(&self, s: &mut Series) {
+        let Some(newest) = s.newest else { return };
+        let limit = newest.saturating_sub(self.opts.ooo_window_ms);
+        let bp = self.opts.block_points;
+        while s.head.partition_point(|p| p.0 < limit) >= bp {
+            let pts: Vec<(i64, f64)> = s.head.drain(..bp).collect();
+            let mut enc = BlockEncoder::with_capacity(bp);
+            let mut agg = Agg::EMPTY;
+            let mut windows: Vec<(i64, Agg)> = Vec::new();
+            for &(ts, v) in &pts {
+                // The head is sorted and smaller than u32::MAX: push cannot fail.
+                if enc.push(ts, v).is_err() {
+                    continue;
+                }
+                agg.push(ts, v);
+                let w = ts.div_euclid(self.opts.window_ms) * self.opts.window_ms;
+                match windows.last_mut() {
+                    Some((start, a)) if *start == w => a.push(ts, v),
+                    _ => {
+                        let mut a = Agg::EMPTY;
+                        a.push(ts, v);
+                        windows.push((w, a));
+                    }
+                }
+            }
+            let sealed = enc.finish();
+            let (first_ts, last_ts) = (pts[0].0, pts[pts.len() - 1].0);
+            if !s.sealed_dirty {
+                s.sealed_agg.merge(&agg);
+                for (start, a) in &windows {
+                    s.sealed_windows.entry(*start).or_default().merge(a);
+                }
+            }
+            s.sealed_points += sealed.len() as u64;
+            self.sealed_bytes
+                .fetch_add(sealed.byte_len() as u64, Ordering::Relaxed);
+            self.sealed_points
+                .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+            s.blocks.push_back(Block {
+                sealed,
+                first_ts,
+                last_ts,
+                agg,
+                windows,
+            });
+        }
+    }
+
+    fn dropped(&self, reason: &str, points: u64, sealed: Option<(u64, usize)>) {
+        if points == 0 {
+            return;
+        }
+        self.retained.fetch_sub(points, Ordering::Relaxed);
+        if let Some((n, bytes)) = sealed {
+            self.sealed_points.fetch_sub(n, Ordering::Relaxed);
+            self.sealed_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
+        }
+        self.metrics
+            .series_evictions
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc_by(points);
+    }
+
+    /// Drops the oldest data (whole blocks first, then head points) until at most
+    /// `--max-points` points are retained.
+    fn enforce_memory(&self) {
+        if self.retained_points() <= self.opts.max_points {
+            return;
+        }
+        let _one = self.evicting.lock();
+        while self.retained_points() > self.opts.max_points {
+            let oldest = {
+                let map = self.series.read();
+                map.values()
+                    .filter_map(|s| s.lock().oldest_ts().map(|t| (t, s.clone())))
+                    .min_by_key(|(t, _)| *t)
+            };
+            let Some((_, arc)) = oldest else { break };
+            let mut s = arc.lock();
+            if let Some((n, bytes)) = s.pop_block() {
+                self.dropped("memory", n, Some((n, bytes)));
+            } else {
+                let excess = self.retained_points().saturating_sub(self.opts.max_points);
+                let k = (excess as usize).min(s.head.len());
+                s.head.drain(..k);
+                self.dropped("memory", k as u64, None);
+            }
+        }
+        self.remove_empty();
+    }
+
+    /// Drops whole blocks whose newest point is older than the retention, and head points
+    /// older than it; removes series left empty.
+    pub fn enforce_retention(&self, now_ms: i64) {
+        let cutoff = now_ms.saturating_sub(self.opts.retention_ms);
+        let all: Vec<_> = self.series.read().values().cloned().collect();
+        for arc in all {
+            let mut s = arc.lock();
+            while s.blocks.front().is_some_and(|b| b.last_ts < cutoff) {
+                if let Some((n, bytes)) = s.pop_block() {
+                    self.dropped("retention", n, Some((n, bytes)));
+                }
+            }
+            let k = s.head.partition_point(|p| p.0 < cutoff);
+            s.head.drain(..k);
+            self.dropped("retention", k as u64, None);
+        }
+        self.remove_empty();
+        self.publish_gauges();
+    }
+
+    fn remove_empty(&self) {
+        let mut map = self.series.write();
+        map.retain(|_, arc| {
+            let mut s = arc.lock();
+            if s.points() == 0 {
+                s.removed = true;
+                self.dropped_total.lock().merge(&s.total);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        m.series_count.set(self.series_count() as i64);
+        m.series_points_retained.set(self.retained_points() as i64);
+        m.series_bytes_per_point.set(self.bytes_per_point());
+    }
+
+    /// The all-time aggregate of every accepted point of every series (what `/getSum`
+    /// answers), including series since removed.
+    pub fn total(&self) -> Agg {
+        let mut t = *self.dropped_total.lock();
+        let all: Vec<_> = self.series.read().values().cloned().collect();
+        for arc in all {
+            t.merge(&arc.lock().total);
+        }
+        t
+    }
+
+    /// Every series, sorted by name.
+    pub fn list(&self) -> Vec<SeriesInfo> {
+        let all: Vec<_> = self
+            .series
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out: Vec<SeriesInfo> = all
+            .into_iter()
+            .map(|(name, arc)| {
+                let s = arc.lock();
+                let (first, last) = s.first_last();
+                SeriesInfo {
+                    name,
+                    points: s.points(),
+                    first,
+                    last,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn rollup_locked(&self, s: &mut Series) -> SeriesRollup {
+        s.rebuild_sealed();
+        let mut windows = s.sealed_windows.clone();
+        let mut retained = s.sealed_agg;
+        let w = self.opts.window_ms;
+        for &(ts, v) in &s.head {
+            retained.push(ts, v);
+            windows.entry(ts.div_euclid(w) * w).or_default().push(ts, v);
+        }
+        SeriesRollup {
+            total: s.total,
+            retained,
+            windows: windows.into_iter().collect(),
+        }
+    }
+
+    /// The rollup of one series, computed now.
+    pub fn rollup(&self, name: &str) -> Result<SeriesRollup, SeriesError> {
+        let arc = self
+            .get(name)
+            .ok_or_else(|| SeriesError::NotFound(name.to_string()))?;
+        let mut s = arc.lock();
+        Ok(self.rollup_locked(&mut s))
+    }
+
+    /// Every series' rollup, computed now.
+    pub fn rollup_all(&self) -> BTreeMap<Arc<str>, SeriesRollup> {
+        let all: Vec<_> = self
+            .series
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        all.into_iter()
+            .map(|(k, arc)| {
+                let mut s = arc.lock();
+                (k, self.rollup_locked(&mut s))
+            })
+            .collect()
+    }
+
+    /// Points of one series in `[from, to)`: raw `(t, v)` without `step`, else one
+    /// `(bucket_start, value)` per non-empty bucket of `step` ms (aligned to the epoch).
+    pub fn query(&self, name: &str, q: RangeQuery) -> Result<Vec<(i64, f64)>, SeriesError> {
+        let arc = self
+            .get(name)
+            .ok_or_else(|| SeriesError::NotFound(name.to_string()))?;
+        let s = arc.lock();
+        let from = q.from.unwrap_or(i64::MIN);
+        let to = q.to.unwrap_or(i64::MAX);
+        if from >= to {
+            return Err(SeriesError::BadQuery {
+                param: "to",
+                message: "must be greater than from".into(),
+            });
+        }
+        let in_range = |t: i64| t >= from && t < to;
+        match q.step {
+            None => {
+                let mut out = Vec::new();
+                let mut push = |p: (i64, f64)| -> Result<(), SeriesError> {
+                    if out.len() >= MAX_RAW_POINTS {
+                        return Err(SeriesError::BadQuery {
+                            param: "step",
+                            message: format!(
+                                "more than {MAX_RAW_POINTS} raw points in range; narrow from/to or give a step"
+                            ),
+                        });
+                    }
+                    out.push(p);
+                    Ok(())
+                };
+                for b in s
+                    .blocks
+                    .iter()
+                    .filter(|b| b.last_ts >= from && b.first_ts < to)
+                {
+                    for p in b.sealed.iter().filter(|p| in_range(p.0)) {
+                        push(p)?;
+                    }
+                }
+                for &p in s.head.iter().filter(|p| in_range(p.0)) {
+                    push(p)?;
+                }
+                Ok(out)
+            }
+            Some(step) => {
+                if step <= 0 {
+                    return Err(SeriesError::BadQuery {
+                        param: "step",
+                        message: "must be a positive number of milliseconds".into(),
+                    });
+                }
+                let (lo, hi) = match s.first_last() {
+                    (Some(f), Some(l)) => (f.max(from), l.min(to.saturating_sub(1))),
+                    _ => return Ok(Vec::new()),
+                };
+                if lo <= hi && (hi.div_euclid(step) - lo.div_euclid(step)) >= MAX_BUCKETS {
+                    return Err(SeriesError::BadQuery {
+                        param: "step",
+                        message: format!("more than {MAX_BUCKETS} buckets; use a larger step"),
+                    });
+                }
+                let bucket = |t: i64| t.div_euclid(step) * step;
+                let mut buckets: BTreeMap<i64, Agg> = BTreeMap::new();
+                for b in s
+                    .blocks
+                    .iter()
+                    .filter(|b| b.last_ts >= from && b.first_ts < to)
+                {
+                    if in_range(b.first_ts)
+                        && in_range(b.last_ts)
+                        && bucket(b.first_ts) == bucket(b.last_ts)
+                    {
+                        // Whole block inside one bucket: its precomputed aggregate.
+                        buckets.entry(bucket(b.first_ts)).or_default().merge(&b.agg);
+                    } else {
+                        for (t, v) in b.sealed.iter().filter(|p| in_range(p.0)) {
+                            buckets.entry(bucket(t)).or_default().push(t, v);
+                        }
+                    }
+                }
+                for &(t, v) in s.head.iter().filter(|p| in_range(p.0)) {
+                    buckets.entry(bucket(t)).or_default().push(t, v);
+                }
+                Ok(buckets
+                    .into_iter()
+                    .filter_map(|(start, a)| a.value(q.agg).map(|v| (start, v)))
+                    .collect())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn store(f: impl FnOnce(&mut StoreOptions)) -> SeriesStore {
+        let mut o = StoreOptions::default();
+        f(&mut o);
+        SeriesStore::new(o, Arc::new(Metrics::new()))
+    }
+
+    fn raw(s: &SeriesStore, name: &str) -> Vec<(i64, f64)> {
+        s.query(
+            name,
+            RangeQuery {
+                from: None,
+                to: None,
+                step: None,
+                agg: AggFn::Sum,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn late_points_are_accepted_inside_the_window_and_rejected_outside_it() {
+        // (points in arrival order, ooo window, expected accepted, late)
+        let cases: &[(&[i64], i64, u64, u64)] = &[
+            (&[1000, 2000, 3000], 0, 3, 0),
+            (&[3000, 2000], 1000, 2, 0),
+            (&[3000, 1999], 1000, 1, 1),
+            (&[3000, 2000, 5000, 3999], 1000, 3, 1),
+            (&[3000, 3000, 3000], 0, 3, 0),
+        ];
+        for (i, &(ts, window, acc, late)) in cases.iter().enumerate() {
+            let st = store(|o| o.ooo_window_ms = window);
+            let mut r = IngestReport::default();
+            for &t in ts {
+                r.add(st.insert("s", &[(NOW - 10_000 + t, 1.0)], NOW));
+            }
+            assert_eq!((r.accepted, r.late), (acc, late), "case {i}");
+            let got = raw(&st, "s");
+            assert!(
+                got.windows(2).all(|w| w[0].0 <= w[1].0),
+                "case {i}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn full_blocks_are_sealed_and_read_back_in_order() {
+        let st = store(|o| {
+            o.block_points = 10;
+            o.ooo_window_ms = 5;
+        });
+        let pts: Vec<(i64, f64)> = (0..105).map(|i| (NOW - 1000 + i, i as f64 * 0.5)).collect();
+        st.insert("s", &pts, NOW);
+        assert!(st.bytes_per_point() > 0.0);
+        assert_eq!(raw(&st, "s"), pts);
+        assert_eq!(st.retained_points(), 105);
+    }
+
+    #[test]
+    fn the_memory_limit_drops_the_oldest_points_and_keeps_the_all_time_total() {
+        let st = store(|o| {
+            o.block_points = 10;
+            o.ooo_window_ms = 0;
+            o.max_points = 50;
+        });
+        let pts: Vec<(i64, f64)> = (0..200).map(|i| (NOW - 1000 + i, 1.0)).collect();
+        st.insert("a", &pts, NOW);
+        assert!(st.retained_points() <= 50);
+        let got = raw(&st, "a");
+        assert_eq!(got.last().map(|p| p.0), Some(NOW - 1000 + 199));
+        assert_eq!(st.total().sum(), 200.0);
+    }
+
+    #[test]
+    fn retention_drops_old_blocks_and_head_points_and_removes_empty_series() {
+        let st = store(|o| {
+            o.block_points = 4;
+            o.ooo_window_ms = 0;
+            o.retention_ms = 1000;
+        });
+        let pts: Vec<(i64, f64)> = (0..20).map(|i| (NOW - 900 + i * 10, 2.0)).collect();
+        st.insert("a", &pts, NOW);
+        st.insert("b", &[(NOW, 3.0)], NOW);
+        st.enforce_retention(NOW + 2000);
+        assert_eq!(st.retained_points(), 0);
+        assert_eq!(st.series_count(), 0);
+        assert_eq!(st.total().sum(), 43.0);
+        // Too old to be kept at all: refused as expired.
+        let r = st.insert("a", &[(NOW - 5000, 1.0)], NOW);
+        assert_eq!(r.expired, 1);
+    }
+
+    #[test]
+    fn window_rollups_from_blocks_and_head_match_a_direct_computation() {
+        let st = store(|o| {
+            o.block_points = 7;
+            o.ooo_window_ms = 0;
+            o.window_ms = 100;
+        });
+        let pts: Vec<(i64, f64)> = (0..90).map(|i| (NOW - 5000 + i * 13, i as f64)).collect();
+        st.insert("a", &pts, NOW);
+        let r = st.rollup("a").unwrap();
+        let mut expect: BTreeMap<i64, (u64, f64)> = BTreeMap::new();
+        for &(t, v) in &pts {
+            let e = expect.entry(t.div_euclid(100) * 100).or_default();
+            e.0 += 1;
+            e.1 += v;
+        }
+        let got: BTreeMap<i64, (u64, f64)> = r
+            .windows
+            .iter()
+            .map(|(s, a)| (*s, (a.count, a.sum())))
+            .collect();
+        assert_eq!(got, expect);
+        assert_eq!(r.retained.count, 90);
+        assert_eq!(r.total.sum(), (0..90).sum::<i64>() as f64);
+    }
+
+    #[test]
+    fn stepped_queries_aggregate_per_bucket() {
+        let st = store(|o| {
+            o.block_points = 5;
+            o.ooo_window_ms = 0;
+        });
+        let pts: Vec<(i64, f64)> = (0..40).map(|i| (NOW - 4000 + i * 100, i as f64)).collect();
+        st.insert("a", &pts, NOW);
+        let q = |agg| RangeQuery {
+            from: Some(NOW - 4000),
+            to: Some(NOW),
+            step: Some(1000),
+            agg,
+        };
+        let sums = st.query("a", q(AggFn::Sum)).unwrap();
+        let expect: Vec<f64> = (0..4)
+            .map(|b| (b * 10..b * 10 + 10).sum::<i64>() as f64)
+            .collect();
+        assert_eq!(sums.iter().map(|p| p.1).collect::<Vec<_>>(), expect);
+        let counts = st.query("a", q(AggFn::Count)).unwrap();
+        assert!(counts.iter().all(|p| p.1 == 10.0));
+        let max = st.query("a", q(AggFn::Max)).unwrap();
+        assert_eq!(max[0].1, 9.0);
+    }
+
+    #[test]
+    fn concurrent_writers_lose_no_point_of_the_total_and_respect_the_limit() {
+        let st = Arc::new(store(|o| {
+            o.block_points = 8;
+            o.ooo_window_ms = 0;
+            o.max_points = 500;
+        }));
+        let threads: Vec<_> = (0..4)
+            .map(|k| {
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    for i in 0..250i64 {
+                        let name = format!("s{}", (k + i) % 3);
+                        st.insert(&name, &[(NOW - 100_000 + i * 4 + k, 1.0)], NOW);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let t = st.total();
+        assert_eq!(t.count, 1000 - late_points(&st));
+        assert!(st.retained_points() <= 500);
+        let listed: u64 = st.list().iter().map(|s| s.points).sum();
+        assert_eq!(listed, st.retained_points());
+    }
+
+    fn late_points(st: &SeriesStore) -> u64 {
+        let page = st.metrics.render();
+        page.lines()
+            .find_map(|l| l.strip_prefix("tally_series_points_rejected_total{reason=\"late\"} "))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
+    #[test]
+    fn names_are_validated() {
+        let long = "x".repeat(257);
+        let cases: &[(&str, bool)] = &[("cpu", true), ("", false), (&long, false), ("a\nb", false)];
+        for &(n, ok) in cases {
+            assert_eq!(validate_name(n).is_ok(), ok, "{n:?}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_series_is_not_found() {
+        let st = store(|_| {});
+        assert!(matches!(st.rollup("nope"), Err(SeriesError::NotFound(_))));
+    }
+}

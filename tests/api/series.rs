@@ -1,0 +1,572 @@
+//! Live series over HTTP and TCP: ingest (line protocol over HTTP and TCP, JSON), the
+//! `/getSum` sum and its own listener, late points, retention and memory limits, rollups
+//! and range queries against values the tests compute themselves, and bad input.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tally::config::StoreSpec;
+use tokio::io::AsyncWriteExt;
+
+use crate::helpers::{metric, TestApp, PATIENCE};
+
+async fn spawn_series(f: impl FnOnce(&mut tally::config::ServeConfig)) -> TestApp {
+    TestApp::spawn_with(|c| {
+        c.store = StoreSpec::Memory;
+        f(c);
+    })
+    .await
+}
+
+async fn write(app: &TestApp, query: &str, body: String) -> (StatusCode, Value) {
+    let res = app
+        .client
+        .post(app.url(&format!("/write{query}")))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let text = res.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn get_sum(client: &reqwest::Client, base: &str) -> f64 {
+    let text = client
+        .get(format!("{base}/getSum"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number: {text:?}"))
+}
+
+async fn refresh(app: &TestApp) {
+    let (status, body) = app.post("/v1/series/rollups/refresh", &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+fn now_ms() -> i64 {
+    tally::now_ms()
+}
+
+#[tokio::test]
+async fn get_sum_equals_the_sum_of_points_pushed_over_http_line_protocol_tcp_and_json() {
+    let app = spawn_series(|c| {
+        c.line_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.compat_get_sum_bind = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let base = now_ms() - 5_000;
+    let mut expected = 0.0;
+
+    // HTTP line protocol, ms precision, two series and one line without a timestamp.
+    let mut body = String::new();
+    for i in 0..50 {
+        let v = 10 + i % 16;
+        expected += v as f64;
+        body.push_str(&format!("upstream,host=a value={v} {}\n", base + i));
+    }
+    body.push_str("upstream,host=b value=2.5\n");
+    expected += 2.5;
+    let (status, res) = write(&app, "?precision=ms", body).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{res}");
+
+    // JSON points.
+    let points: Vec<Value> = (0..20)
+        .map(|i| json!({ "t": base + 100 + i, "v": i as f64 * 0.25 }))
+        .collect();
+    expected += (0..20).map(|i| i as f64 * 0.25).sum::<f64>();
+    let (status, res) = app.post("/v1/series/pushed/points", &json!(points)).await;
+    assert_eq!(status, StatusCode::OK, "{res}");
+    assert_eq!(res["accepted"], 20);
+
+    // TCP line protocol (ms precision by default).
+    let mut sock = tokio::net::TcpStream::connect(app.line_addr.unwrap())
+        .await
+        .unwrap();
+    let mut lines = String::new();
+    for i in 0..30 {
+        expected += (i * 3) as f64;
+        lines.push_str(&format!("tcp,src=t value={}i {}\n", i * 3, base + 200 + i));
+    }
+    sock.write_all(lines.as_bytes()).await.unwrap();
+    sock.shutdown().await.unwrap();
+
+    let until = Instant::now() + PATIENCE;
+    loop {
+        let sum = get_sum(&app.client, &app.addr).await;
+        if sum == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "/getSum is {sum}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The compatible listener answers the same, and only /getSum and /healthz.
+    let compat = app.compat_addr.clone().unwrap();
+    assert_eq!(get_sum(&app.client, &compat).await, expected);
+    let health = app
+        .client
+        .get(format!("{compat}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let other = app
+        .client
+        .get(format!("{compat}/v1/series"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_FOUND);
+
+    let (_, list) = app.get("/v1/series").await;
+    let names: Vec<&str> = list["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "pushed",
+            "tcp,src=t:value",
+            "upstream,host=a:value",
+            "upstream,host=b:value"
+        ]
+    );
+
+    let page = app.metrics().await;
+    for (source, n) in [("write", 51.0), ("json", 20.0), ("tcp", 30.0)] {
+        assert_eq!(
+            metric(
+                &page,
+                &format!("tally_series_points_accepted_total{{source=\"{source}\"}}")
+            ),
+            Some(n),
+            "{source}"
+        );
+    }
+    assert_eq!(metric(&page, "tally_series"), Some(4.0));
+    assert_eq!(metric(&page, "tally_series_points_retained"), Some(101.0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn late_points_inside_the_window_are_kept_in_order_and_older_ones_are_rejected_and_counted() {
+    let app = spawn_series(|c| c.ooo_window_ms = 1_000).await;
+    let t = now_ms() - 10_000;
+    let pts = json!([
+        { "t": t, "v": 1.0 },
+        { "t": t - 500, "v": 2.0 },   // late, inside the window
+        { "t": t - 1_500, "v": 4.0 }, // late, outside the window
+        { "t": t + 10, "v": 8.0 },
+    ]);
+    let (status, res) = app.post("/v1/series/late/points", &pts).await;
+    assert_eq!(status, StatusCode::OK, "{res}");
+    assert_eq!(
+        (res["accepted"].as_u64(), res["rejected_late"].as_u64()),
+        (Some(3), Some(1))
+    );
+
+    let (_, body) = app.get("/v1/series/late").await;
+    let got: Vec<(i64, f64)> = body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["t"].as_i64().unwrap(), p["v"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(got, [(t - 500, 2.0), (t, 1.0), (t + 10, 8.0)]);
+    assert_eq!(get_sum(&app.client, &app.addr).await, 11.0);
+    let page = app.metrics().await;
+    assert_eq!(
+        metric(&page, "tally_series_points_rejected_total{reason=\"late\"}"),
+        Some(1.0)
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_line_protocol_lines_are_reported_with_their_line_numbers_while_good_lines_are_stored()
+{
+    let app = spawn_series(|_| {}).await;
+    let t = now_ms();
+    let body = format!(
+        "m value=1 {t}\nnot line protocol\nm value=2 {t}\nm value=abc {t}\nm value=4 {t}\n"
+    );
+    let (status, res) = write(&app, "?precision=ms", body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{res}");
+    let lines: Vec<u64> = res["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [2, 4]);
+    let detail = res["detail"].as_str().unwrap();
+    assert!(detail.contains("2 of 5 lines rejected"), "{detail}");
+    assert!(detail.contains("were stored"), "{detail}");
+    assert_eq!(get_sum(&app.client, &app.addr).await, 7.0);
+
+    let (status, res) = write(&app, "?precision=hours", "m value=1\n".into()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        res["detail"].as_str().unwrap().starts_with("precision"),
+        "{res}"
+    );
+    let page = app.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            "tally_series_points_rejected_total{reason=\"invalid\"}"
+        ),
+        Some(2.0)
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_json_points_and_names_are_rejected_with_4xx_naming_the_problem() {
+    let app = spawn_series(|_| {}).await;
+    let long = "x".repeat(257);
+    let cases: Vec<(String, Value, &str)> = vec![
+        ("s".into(), json!({"t": 1, "v": 1}), "array"),
+        ("s".into(), json!([{"t": 1.5, "v": 1}]), "[0].t"),
+        ("s".into(), json!([{"t": 1, "v": "1"}]), "[0].v"),
+        ("s".into(), json!([{"t": 1}]), "[0].v"),
+        (
+            "s".into(),
+            json!([{"t": 1, "v": 1}, {"t": 2, "v": 2, "x": 0}]),
+            "[1]: unknown field",
+        ),
+        (long, json!([]), "1 to 256 bytes"),
+        ("a%01b".into(), json!([]), "control characters"),
+    ];
+    for (name, body, needle) in cases {
+        let (status, res) = app.post(&format!("/v1/series/{name}/points"), &body).await;
+        assert!(status.is_client_error(), "{body}: {status} {res}");
+        let detail = res["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(needle), "{body}: {detail}");
+    }
+    // Nothing of a rejected request is stored.
+    assert_eq!(get_sum(&app.client, &app.addr).await, 0.0);
+    let res = app
+        .client
+        .post(app.url("/v1/series/s/points"))
+        .header("content-type", "application/json")
+        .body("[{\"t\": 1, \"v\": 1e999}]")
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_client_error());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_memory_limit_evicts_the_oldest_points_and_counts_them() {
+    let app = spawn_series(|c| {
+        c.max_points = 100;
+        c.block_points = 10;
+        c.ooo_window_ms = 0;
+    })
+    .await;
+    let t = now_ms() - 60_000;
+    let pts: Vec<Value> = (0..300).map(|i| json!({ "t": t + i, "v": 1.0 })).collect();
+    let (status, _) = app.post("/v1/series/big/points", &json!(pts)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, list) = app.get("/v1/series").await;
+    let s = &list["series"][0];
+    assert!(s["points"].as_u64().unwrap() <= 100, "{list}");
+    assert_eq!(s["last"], t + 299);
+    assert!(s["first"].as_i64().unwrap() >= t + 200, "{list}");
+    // The all-time sum keeps what was evicted.
+    assert_eq!(get_sum(&app.client, &app.addr).await, 300.0);
+    let page = app.metrics().await;
+    let evicted = metric(
+        &page,
+        "tally_series_evicted_points_total{reason=\"memory\"}",
+    )
+    .unwrap();
+    assert!(evicted >= 200.0, "{evicted}");
+    assert!(metric(&page, "tally_series_points_retained").unwrap() <= 100.0);
+    assert!(metric(&page, "tally_series_bytes_per_point").unwrap() > 0.0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn retention_drops_points_older_than_it_and_refuses_points_that_arrive_expired() {
+    let app = spawn_series(|c| {
+        c.retention = 1;
+        c.ooo_window_ms = 0;
+    })
+    .await;
+    let t = now_ms();
+    let (_, res) = app
+        .post(
+            "/v1/series/r/points",
+            &json!([{ "t": t - 60_000, "v": 5.0 }, { "t": t - 200, "v": 1.0 }, { "t": t - 100, "v": 2.0 }]),
+        )
+        .await;
+    assert_eq!(
+        (res["accepted"].as_u64(), res["rejected_expired"].as_u64()),
+        (Some(2), Some(1))
+    );
+    // Poll the on-demand refresh (which enforces retention) until the points age out.
+    let until = Instant::now() + PATIENCE;
+    loop {
+        refresh(&app).await;
+        let (_, list) = app.get("/v1/series").await;
+        if list["series"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < until, "never expired: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get_sum(&app.client, &app.addr).await, 3.0);
+    let page = app.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            "tally_series_evicted_points_total{reason=\"retention\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "tally_series_points_rejected_total{reason=\"expired\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&page, "tally_series_points_retained"), Some(0.0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn rollups_and_stepped_queries_match_sums_the_test_computes_itself() {
+    let app = spawn_series(|c| {
+        c.block_points = 16;
+        c.ooo_window_ms = 0;
+    })
+    .await;
+    // 200 points, 7 s apart, inside the last hour, so they span several minute windows.
+    let start = now_ms() - 3_600_000;
+    let pts: Vec<(i64, f64)> = (0..200)
+        .map(|i| (start + i * 7_000, ((i * 37) % 101) as f64 - 20.5))
+        .collect();
+    let body: Vec<Value> = pts.iter().map(|(t, v)| json!({ "t": t, "v": v })).collect();
+    let (status, _) = app.post("/v1/series/roll/points", &json!(body)).await;
+    assert_eq!(status, StatusCode::OK);
+    refresh(&app).await;
+
+    let (status, r) = app.get("/v1/series/roll/rollups").await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let sum: f64 = pts.iter().map(|p| p.1).sum();
+    assert_eq!(r["total"]["count"], 200);
+    assert_eq!(r["total"]["sum"].as_f64(), Some(sum));
+    assert_eq!(r["total"]["last"].as_f64(), Some(pts[199].1));
+    let min = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    assert_eq!(r["retained"]["min"].as_f64(), Some(min));
+    assert!(r["computed_at"].is_i64());
+
+    let mut windows: BTreeMap<i64, (u64, f64)> = BTreeMap::new();
+    for &(t, v) in &pts {
+        let w = windows.entry(t.div_euclid(60_000) * 60_000).or_default();
+        w.0 += 1;
+        w.1 += v;
+    }
+    let got: BTreeMap<i64, (u64, f64)> = r["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["start"].as_i64().unwrap(),
+                (w["count"].as_u64().unwrap(), w["sum"].as_f64().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(got, windows);
+
+    // A stepped range query: 5-minute sums over [from, to).
+    let (from, to, step) = (start + 100_000, start + 1_000_000, 300_000);
+    let (status, q) = app
+        .get(&format!(
+            "/v1/series/roll?from={from}&to={to}&step={step}&agg=sum"
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{q}");
+    let mut expect: BTreeMap<i64, f64> = BTreeMap::new();
+    for &(t, v) in pts.iter().filter(|p| p.0 >= from && p.0 < to) {
+        *expect.entry(t.div_euclid(step) * step).or_default() += v;
+    }
+    let got: BTreeMap<i64, f64> = q["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["t"].as_i64().unwrap(), p["v"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(got, expect);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_query_parameters_name_the_parameter_and_unknown_series_are_404() {
+    let app = spawn_series(|_| {}).await;
+    let (status, _) = app
+        .post("/v1/series/q/points", &json!([{ "t": now_ms(), "v": 1 }]))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for (query, param) in [
+        ("from=yesterday", "from"),
+        ("to=1.5", "to"),
+        ("step=0", "step"),
+        ("step=1000&agg=median", "agg"),
+        ("agg=sum", "agg"),
+        ("from=10&to=5", "to"),
+        ("color=red", "color"),
+    ] {
+        let (status, res) = app.get(&format!("/v1/series/q?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {res}");
+        let detail = res["detail"].as_str().unwrap();
+        assert!(detail.starts_with(param), "{query}: {detail}");
+    }
+    for path in ["/v1/series/nope", "/v1/series/nope/rollups"] {
+        let (status, res) = app.get(path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {res}");
+        assert!(res["detail"].as_str().unwrap().contains("nope"));
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn writes_and_the_rollup_refresh_need_the_token_when_one_is_set() {
+    let app = spawn_series(|c| c.auth_token = Some("s3cret".parse().unwrap())).await;
+    let (status, _) = write(&app, "", "m value=1\n".into()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = app.post("/v1/series/rollups/refresh", &json!({})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = app.post("/v1/series/x/points", &json!([])).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let res = app
+        .client
+        .post(app.url("/write"))
+        .bearer_auth("s3cret")
+        .body("m value=1\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    // Reads stay open.
+    assert_eq!(get_sum(&app.client, &app.addr).await, 1.0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn tcp_garbage_and_over_long_lines_are_counted_and_the_server_keeps_serving() {
+    let app = spawn_series(|c| c.line_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let t = now_ms();
+    let mut sock = tokio::net::TcpStream::connect(app.line_addr.unwrap())
+        .await
+        .unwrap();
+    let mut payload = Vec::new();
+    payload.extend_from_slice(b"\x00\xff\xfe garbage\n");
+    payload.extend_from_slice(&vec![b'a'; 70 * 1024]);
+    payload.extend_from_slice(b"\n");
+    payload.extend_from_slice(format!("ok value=5 {t}\n").as_bytes());
+    sock.write_all(&payload).await.unwrap();
+    sock.shutdown().await.unwrap();
+
+    let until = Instant::now() + PATIENCE;
+    loop {
+        let page = app.metrics().await;
+        let invalid = metric(
+            &page,
+            "tally_series_points_rejected_total{reason=\"invalid\"}",
+        );
+        if get_sum(&app.client, &app.addr).await == 5.0 && invalid == Some(2.0) {
+            break;
+        }
+        assert!(Instant::now() < until, "invalid = {invalid:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, _) = app.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn write_has_its_own_body_limit_larger_than_the_general_one() {
+    let app = spawn_series(|c| {
+        c.max_body_bytes = 64;
+        c.max_write_bytes = 4096;
+    })
+    .await;
+    let t = now_ms();
+    let body: String = (0..40).map(|i| format!("m value={i} {t}\n")).collect();
+    assert!(body.len() > 64 && body.len() < 4096);
+    let (status, res) = write(&app, "?precision=ms", body).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{res}");
+    assert_eq!(get_sum(&app.client, &app.addr).await, 780.0);
+    let (status, res) = write(&app, "?precision=ms", "m value=1\n".repeat(500)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{res}");
+    assert!(res["detail"].as_str().unwrap().contains("4096"), "{res}");
+    let res = app
+        .client
+        .post(app.url("/write"))
+        .header("content-encoding", "gzip")
+        .body("m value=1\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_memory_store_keeps_live_series_off_the_disk_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = crate::helpers::Proc::start(
+        dir.path(),
+        &["--store", "memory", "--compat-get-sum-bind", "127.0.0.1:0"],
+    );
+    let client = reqwest::Client::new();
+    let t = now_ms();
+    let body: String = (0..2_000)
+        .map(|i| format!("m,h=a value={} {}\n", i % 16 + 10, t - 2_000 + i))
+        .collect();
+    let res = client
+        .post(format!("{}/write?precision=ms", p.addr))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    let res = client
+        .post(format!("{}/v1/series/rollups/refresh", p.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let expected: f64 = (0..2_000).map(|i| (i % 16 + 10) as f64).sum();
+    assert_eq!(get_sum(&client, &p.addr).await, expected);
+    p.signal(libc::SIGTERM);
+    let (status, _) = p.wait_exit(Duration::from_secs(10));
+    assert!(status.success());
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "files written: {left:?}");
+}
