@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::series::ingest::{self, TcpOptions};
 use crate::series::rollup::Rollups;
+use crate::series::sources::{self, FlagDefaults, Sources};
 use crate::series::store::SeriesStore;
 use crate::stats::{self, Dataset};
 use crate::store::memory::MemoryStore;
@@ -67,8 +68,20 @@ impl Application {
             ),
             None => None,
         };
+        // Sources are validated before anything is opened: a bad one names itself.
+        let source_specs = sources::load_specs(
+            &cfg.sources,
+            &FlagDefaults {
+                interval_ms: cfg.source_interval_ms,
+                concurrency: cfg.source_concurrency,
+                timeout_ms: cfg.source_timeout_ms,
+            },
+            cfg.config.as_deref(),
+            cfg.enable_test_jobs,
+        )?;
         let metrics = Arc::new(Metrics::new());
         let series = Arc::new(SeriesStore::new(cfg.series_options(), metrics.clone()));
+        let sources = Arc::new(Sources::new(source_specs, series.clone(), metrics.clone()));
         let rollups = Rollups::new(series.clone(), metrics.clone());
         let store: Arc<dyn Store> = match &cfg.store {
             StoreSpec::Memory => Arc::new(MemoryStore::new(cfg.memory_max_results)),
@@ -143,6 +156,7 @@ impl Application {
             series,
             rollups,
             max_write_bytes: cfg.max_write_bytes,
+            sources,
         });
         tracing::info!(
             addr = %listener.local_addr()?,
@@ -215,6 +229,8 @@ impl Application {
             Duration::from_secs(cfg.rollup_interval),
             series_stopped.clone(),
         )];
+        // The polled sources: one supervisor each, stopped with the other series tasks.
+        series_tasks.extend(state.sources.spawn(series_stopped.clone()));
         if let Some(l) = line_listener {
             series_tasks.push(ingest::spawn_tcp_listener(
                 l,
@@ -368,5 +384,6 @@ pub fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sum(args) => csv::cli::run(&args),
         Command::Load(args) => crate::load::run(&args),
+        Command::Upstream(args) => crate::series::upstream_demo::run(&args),
     }
 }

@@ -13,7 +13,8 @@
 //!   health, metrics; the only layer that knows about HTTP and JSON shapes.
 //! - [`metrics`]: the Prometheus registry and typed metric families.
 //! - [`series`]: live time series: Gorilla-compressed blocks, the line-protocol parser, the
-//!   in-memory series store with incremental rollups, and the TCP line listener.
+//!   in-memory series store with incremental rollups, the TCP line listener, the
+//!   supervised upstream pollers (sources) and `tally upstream`, the demo upstream.
 //! - [`pipeline`]: the ordered pipeline: events acknowledged once durable in a
 //!   write-ahead log, processed after a random delay, journaled strictly in order.
 //! - [`load`]: `tally load`, the pipeline's (and the job API's) load client.

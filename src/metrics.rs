@@ -57,6 +57,18 @@ pub struct SourceLabels {
     pub source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceOutcomeLabels {
+    pub source: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceStateLabels {
+    pub source: String,
+    pub state: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
@@ -98,6 +110,9 @@ pub struct Metrics {
     pub series_bytes_per_point: Gauge<f64, AtomicU64>,
     pub series_evictions: Family<ReasonLabels, Counter>,
     pub series_rollup_duration: Histogram,
+    pub source_requests: Family<SourceOutcomeLabels, Counter>,
+    pub source_state: Family<SourceStateLabels, Gauge>,
+    pub source_restarts: Family<SourceLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -138,6 +153,9 @@ impl Metrics {
             series_bytes_per_point: Gauge::default(),
             series_evictions: Family::default(),
             series_rollup_duration: seconds_histogram(),
+            source_requests: Family::default(),
+            source_state: Family::default(),
+            source_restarts: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -272,6 +290,21 @@ impl Metrics {
             "series_rollup_duration_seconds",
             "Time to recompute and publish the rollup snapshot",
             m.series_rollup_duration.clone(),
+        );
+        r.register(
+            "source_requests",
+            "Requests of the polled sources, by source and outcome (ok, error, timeout, bad_body)",
+            m.source_requests.clone(),
+        );
+        r.register(
+            "source_state",
+            "1 for the current supervision state of each polled source (running, restarting)",
+            m.source_state.clone(),
+        );
+        r.register(
+            "source_restarts",
+            "Restarts of a polled source after its poll loop failed or panicked",
+            m.source_restarts.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -27,6 +27,7 @@ pub mod error;
 pub mod events;
 pub mod ops;
 pub mod series;
+pub mod sources;
 pub mod storage;
 pub mod v1;
 
@@ -57,6 +58,8 @@ pub struct AppContext {
     pub rollups: Arc<crate::series::rollup::Rollups>,
     /// `--max-write-bytes`: largest `POST /write` body.
     pub max_write_bytes: usize,
+    /// The polled sources (`--source`, `--config`) and their supervision state.
+    pub sources: Arc<crate::series::sources::Sources>,
 }
 
 impl AppContext {
@@ -115,6 +118,7 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
         .route("/v1/series", get(series::list))
         .route("/v1/series/{name}", get(series::query))
         .route("/v1/series/{name}/rollups", get(series::rollups))
+        .route("/v1/sources", get(sources::list))
         .route("/storage/get_counter", get(storage::get_counter))
         .route("/storage/get_json/{id}", get(storage::get_json))
         // Checks --auth-token itself: only `csv_name=` starts work.

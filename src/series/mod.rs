@@ -1,7 +1,9 @@
 //! Live time series: compressed blocks of `(timestamp_ms, f64)` points ([`gorilla`]), the
 //! InfluxDB line-protocol parser ([`line_protocol`]), the in-memory series store
 //! ([`store`]), rollups and their scheduler ([`rollup`]), and line-protocol ingest with the
-//! TCP listener ([`ingest`]). The HTTP routes are in `api::series`.
+//! TCP listener ([`ingest`]), the supervised upstream pollers ([`sources`]) and the slow
+//! demo upstream of `tally upstream` ([`upstream_demo`]). The HTTP routes are in
+//! `api::series` and `api::sources`.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -10,4 +12,6 @@ pub mod gorilla;
 pub mod ingest;
 pub mod line_protocol;
 pub mod rollup;
+pub mod sources;
 pub mod store;
+pub mod upstream_demo;

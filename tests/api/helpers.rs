@@ -377,3 +377,78 @@ impl ProcClient {
         }
     }
 }
+
+/// `tally upstream` (the slow demo upstream) running as a child process on port 0.
+pub struct UpstreamProc {
+    child: Child,
+    /// `http://127.0.0.1:PORT/`
+    pub url: String,
+}
+
+impl UpstreamProc {
+    /// Starts `tally upstream --bind 127.0.0.1:0 <args>` and waits for it to listen.
+    pub fn start(args: &[&str]) -> UpstreamProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .arg("upstream")
+            .args(["--bind", "127.0.0.1:0"])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the tally binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("listening") {
+                    if let Some(addr) = line
+                        .split("addr=")
+                        .nth(1)
+                        .and_then(|s| s.split_whitespace().next())
+                    {
+                        let _ = tx.send(addr.to_string());
+                    }
+                }
+            }
+        });
+        let Ok(addr) = rx.recv_timeout(PATIENCE) else {
+            let _ = child.kill();
+            panic!("tally upstream did not start");
+        };
+        UpstreamProc {
+            child,
+            url: format!("http://{addr}/"),
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to `within`) for it to exit.
+    pub fn terminate(mut self, within: Duration) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let until = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < until, "tally upstream ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops it now (kill -9) and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for UpstreamProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

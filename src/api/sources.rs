@@ -1,0 +1,37 @@
+//! `GET /v1/sources`: the polled sources and their supervision state.
+
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::AppState;
+
+fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `GET /v1/sources`: `{"sources": [{name, kind, url, series, state, restarts,
+/// last_error, last_success, last_value, points}]}`.
+pub async fn list(State(st): State<AppState>) -> Json<Value> {
+    let sources: Vec<Value> = st
+        .sources
+        .list()
+        .into_iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "kind": "upstream",
+                "url": s.url,
+                "series": s.series,
+                "state": s.state.as_str(),
+                "restarts": s.restarts,
+                "last_error": s.last_error,
+                "last_success": s.last_success_ms.map(rfc3339),
+                "last_value": s.last_value,
+                "points": s.points,
+            })
+        })
+        .collect();
+    Json(json!({ "sources": sources }))
+}
