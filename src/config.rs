@@ -35,6 +35,9 @@ pub enum Command {
     /// Drive a running service: concurrent connections sending events (or jobs) with
     /// random delays, a progress bar, and a summary.
     Load(LoadArgs),
+    /// The slow demo upstream: `GET /` answers a random integer in [--min, --max] as
+    /// plain text after --delay-ms.
+    Upstream(UpstreamArgs),
 }
 
 /// What `tally load` sends.
@@ -44,6 +47,20 @@ pub enum LoadMode {
     Events,
     /// `POST /v1/jobs` with `--kind` and `--params`.
     Jobs,
+    /// `POST /write?precision=ms`: batches of `--batch-lines` lines of Influx line
+    /// protocol, one series per connection (`demo,host=h<conn> value=<v> <ts_ms>`).
+    Write,
+}
+
+/// The values `tally load --mode write` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadValues {
+    /// Random integers in 10..=25, like the demo upstream.
+    Demo,
+    /// Random floats in [0, 100).
+    Random,
+    /// Always 1 (so the sum of what was sent is the number of lines).
+    Constant,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -100,6 +117,38 @@ pub struct LoadArgs {
     /// Never show the progress bar (it only shows when stderr is a terminal).
     #[arg(long)]
     pub quiet: bool,
+
+    /// Lines per batch for `--mode write` (each connection sends `--connection-value`
+    /// batches).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub batch_lines: u64,
+
+    /// Values for `--mode write`.
+    #[arg(long, value_enum, default_value_t = LoadValues::Demo)]
+    pub values: LoadValues,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpstreamArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TALLY_UPSTREAM_BIND", default_value = "127.0.0.1:4568")]
+    pub bind: SocketAddr,
+
+    /// Milliseconds each answer waits (asynchronously) before it is sent.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub delay_ms: u64,
+
+    /// Smallest value answered.
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true)]
+    pub min: i64,
+
+    /// Largest value answered (at least --min).
+    #[arg(long, default_value_t = 25, allow_negative_numbers = true)]
+    pub max: i64,
+
+    /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, env = "TALLY_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -344,6 +393,29 @@ pub struct ServeConfig {
     /// sum service (e.g. 127.0.0.1:4567).
     #[arg(long, env = "TALLY_COMPAT_GET_SUM_BIND")]
     pub compat_get_sum_bind: Option<SocketAddr>,
+
+    /// A polled upstream source, `NAME=URL` (repeatable): every --source-interval-ms, a
+    /// GET whose plain-text number becomes a point of series NAME. The environment
+    /// variable holds one.
+    #[arg(long = "source", env = "TALLY_SOURCE")]
+    pub sources: Vec<String>,
+
+    /// Poll interval of the --source sources, in milliseconds.
+    #[arg(long, env = "TALLY_SOURCE_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=86_400_000))]
+    pub source_interval_ms: u64,
+
+    /// Requests in flight per --source source, at most.
+    #[arg(long, env = "TALLY_SOURCE_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub source_concurrency: u64,
+
+    /// Per-request timeout of the --source sources, in milliseconds.
+    #[arg(long, env = "TALLY_SOURCE_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub source_timeout_ms: u64,
+
+    /// A TOML configuration file; its `[[source]]` tables (name, url, interval_ms,
+    /// concurrency, timeout_ms, field, series) add polled sources.
+    #[arg(long, env = "TALLY_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -398,6 +470,9 @@ impl Cli {
             // Only reached with the arguments of `defaults()`, which name `serve`.
             Command::Sum(_) => unreachable!("serve_config() on a `sum` command line"),
             Command::Load(_) => unreachable!("serve_config() on a `load` command line"),
+            Command::Upstream(_) => {
+                unreachable!("serve_config() on an `upstream` command line")
+            }
         }
     }
 }
@@ -474,6 +549,8 @@ mod tests {
         };
         assert_eq!((a.connection_count, a.connection_value), (100, 100));
         assert_eq!((a.delay_range, a.mode), (5.0, LoadMode::Events));
+        assert_eq!((a.batch_lines, a.values), (10_000, LoadValues::Demo));
+        assert!(Cli::try_parse_from(["tally", "load", "--batch-lines", "0"]).is_err());
     }
 
     #[test]
