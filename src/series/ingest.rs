@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::line_protocol::{parse_lines, ParseSummary, Precision};
+use super::line_protocol::{parse_lines, ParseSummary, Point, Precision};
 use super::rollup::stopped;
 use super::store::{validate_name, IngestReport, SeriesStore};
 use crate::metrics::{Metrics, SourceLabels};
@@ -28,6 +28,42 @@ pub struct LineIngest {
     pub bad_names: u64,
 }
 
+/// The series of the previous point, as its parts, with buffers reused between points.
+#[derive(Default)]
+struct LastSeries {
+    group: Option<usize>,
+    measurement: String,
+    field: String,
+    tags: Vec<(String, String)>,
+}
+
+impl LastSeries {
+    fn matches(&self, p: &Point<'_>) -> bool {
+        p.measurement() == self.measurement
+            && p.field() == self.field
+            && p.tags().len() == self.tags.len()
+            && p.tags()
+                .iter()
+                .zip(&self.tags)
+                .all(|(t, (k, v))| t.key() == k && t.value() == v)
+    }
+
+    fn remember(&mut self, p: &Point<'_>, group: usize) {
+        self.group = Some(group);
+        self.measurement.clear();
+        self.measurement.push_str(p.measurement());
+        self.field.clear();
+        self.field.push_str(p.field());
+        self.tags.resize_with(p.tags().len(), Default::default);
+        for (t, (k, v)) in p.tags().iter().zip(self.tags.iter_mut()) {
+            k.clear();
+            k.push_str(t.key());
+            v.clear();
+            v.push_str(t.value());
+        }
+    }
+}
+
 /// Parses `body` and stores its numeric points; string fields are skipped (counted as
 /// rejected, reason `non_numeric`), bad lines are counted (reason `invalid`).
 pub fn ingest_lines(
@@ -38,18 +74,31 @@ pub fn ingest_lines(
     now_ms: i64,
     source: &str,
 ) -> LineIngest {
-    let mut groups: HashMap<String, Vec<(i64, f64)>> = HashMap::new();
+    let mut groups: Vec<(String, Vec<(i64, f64)>)> = Vec::new();
+    let mut index: HashMap<String, usize, foldhash::fast::RandomState> = HashMap::default();
     let mut key = String::new();
+    // Batches usually hold runs of lines of one series: compare the parts of the previous
+    // point (cheap) before building and hashing an escaped key (measured: ~20% of ingest).
+    let mut last = LastSeries::default();
     let parse = parse_lines(body, precision, now_ms, |p| {
         let Some(v) = p.value().as_f64() else { return };
+        let point = (p.timestamp_ms(), v);
+        if let Some(g) = last.group.filter(|_| last.matches(&p)) {
+            groups[g].1.push(point);
+            return;
+        }
         key.clear();
         p.write_series_key(&mut key);
-        match groups.get_mut(key.as_str()) {
-            Some(g) => g.push((p.timestamp_ms(), v)),
+        let g = match index.get(key.as_str()) {
+            Some(&g) => g,
             None => {
-                groups.insert(key.clone(), vec![(p.timestamp_ms(), v)]);
+                index.insert(key.clone(), groups.len());
+                groups.push((key.clone(), Vec::new()));
+                groups.len() - 1
             }
-        }
+        };
+        groups[g].1.push(point);
+        last.remember(&p, g);
     });
     let mut out = LineIngest {
         parse,
@@ -214,5 +263,38 @@ mod tests {
         let names: Vec<String> = store.list().iter().map(|s| s.name.to_string()).collect();
         assert_eq!(names, ["a,h=1:x", "a,h=1:y"]);
         assert_eq!(store.total().sum(), 6.0);
+    }
+
+    #[test]
+    fn interleaved_series_that_differ_in_one_part_are_kept_apart() {
+        let metrics = Arc::new(Metrics::new());
+        let store = SeriesStore::new(StoreOptions::default(), metrics.clone());
+        // Each line differs from the one before in exactly one part: tag value, tag key,
+        // field, measurement, number of tags; the last repeats the first series.
+        let body = "a,h=1 v=1 1000\na,h=2 v=2 1000\na,k=2 v=4 1000\na,k=2 w=8 1000\n\
+                    b,k=2 w=16 1000\nb w=32 1000\na,h=1 v=64 1001\n";
+        let r = ingest_lines(
+            &store,
+            &metrics,
+            body.as_bytes(),
+            Precision::Milliseconds,
+            2000,
+            "write",
+        );
+        assert_eq!(r.store.accepted, 7);
+        let mut got: Vec<(String, f64)> = store
+            .list()
+            .iter()
+            .map(|s| (s.name.to_string(), s.points as f64))
+            .collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["a,h=1:v", "a,h=2:v", "a,k=2:v", "a,k=2:w", "b,k=2:w", "b:w"]
+        );
+        let points: Vec<f64> = got.iter().map(|(_, n)| *n).collect();
+        assert_eq!(points, [2.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        assert_eq!(store.total().sum(), 127.0);
     }
 }

@@ -478,6 +478,10 @@ where
 {
     let mut summary = ParseSummary::default();
     let mut scratch = Scratch::default();
+    // One UTF-8 check for the whole batch (fast, and the common case) instead of one per
+    // line; a batch with invalid bytes falls back to checking line by line, so the bad
+    // line is still the one reported.
+    let text = std::str::from_utf8(input).ok();
     let mut start = 0;
     let mut line_no = 0;
     let mut ends = memchr_iter(b'\n', input);
@@ -488,12 +492,16 @@ where
             None => break,
         };
         let line = &input[start..end];
+        let line_text = text.map(|t| (t, start));
         start = next;
         line_no += 1;
         summary.lines += 1;
         parse_one(
-            line,
-            line_no,
+            LineRef {
+                bytes: line,
+                whole: line_text,
+                no: line_no,
+            },
             precision,
             default_ts_ms,
             &mut scratch,
@@ -523,10 +531,22 @@ enum RawValue<'i> {
     Str(Cow<'i, str>),
 }
 
+/// One line of the input.
+struct LineRef<'i> {
+    bytes: &'i [u8],
+    /// The whole input as text (when it is valid UTF-8) and where `bytes` starts in it.
+    whole: Option<(&'i str, usize)>,
+    /// 1-based line number, for error reports.
+    no: usize,
+}
+
 #[inline]
 fn parse_one<'i, F: FnMut(Point<'_>)>(
-    line: &'i [u8],
-    line_no: usize,
+    LineRef {
+        bytes: line,
+        whole,
+        no: line_no,
+    }: LineRef<'i>,
     precision: Precision,
     default_ts_ms: i64,
     scratch: &mut Scratch<'i>,
@@ -539,13 +559,15 @@ fn parse_one<'i, F: FnMut(Point<'_>)>(
         .take_while(|&&b| b == b' ' || b == b'\t')
         .count();
     let line = &line[skip..];
+    // Both ends sit next to ASCII bytes (or the input's ends), so they are char boundaries.
+    let text = whole.and_then(|(t, at)| t.get(at + skip..at + skip + line.len()));
     if line.is_empty() || line[0] == b'#' {
         summary.skipped_lines += 1;
         return;
     }
     scratch.tags.clear();
     scratch.fields.clear();
-    let parsed = match std::str::from_utf8(line) {
+    let parsed = match text.map_or_else(|| std::str::from_utf8(line), Ok) {
         Ok(text) => parse_line(text, precision, default_ts_ms, scratch),
         Err(_) => Err(LineErrorKind::InvalidUtf8),
     };

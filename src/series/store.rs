@@ -188,7 +188,9 @@ impl Series {
 pub struct SeriesStore {
     opts: StoreOptions,
     metrics: Arc<Metrics>,
-    series: RwLock<HashMap<Arc<str>, Arc<Mutex<Series>>>>,
+    /// foldhash: keys come from clients, so the hasher is seeded (no flooding), and it is
+    /// several times faster than SipHash on short keys, which showed in ingest profiles.
+    series: RwLock<HashMap<Arc<str>, Arc<Mutex<Series>>, foldhash::fast::RandomState>>,
     /// All-time totals of series removed after retention or eviction emptied them.
     dropped_total: Mutex<Agg>,
     retained: AtomicU64,
@@ -208,7 +210,7 @@ impl SeriesStore {
         SeriesStore {
             opts,
             metrics,
-            series: RwLock::new(HashMap::new()),
+            series: RwLock::new(HashMap::default()),
             dropped_total: Mutex::new(Agg::EMPTY),
             retained: AtomicU64::new(0),
             sealed_bytes: AtomicU64::new(0),
