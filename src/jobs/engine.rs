@@ -176,18 +176,33 @@ impl Engine {
                 capacity: inner.opts.queue_capacity,
             });
         };
-        let id = inner.store.submit(&job, now_ms()).await?;
+        // The job is queued while its record is being committed (the work overlaps the
+        // commit, and its outcome often lands in the same group commit); the id is
+        // returned only once the record is durable.
+        let (id, durable) = inner.store.submit_begin(&job, now_ms()).await?;
         let NewJob { kind, params } = job;
+        let live = self.enqueue(id, kind.clone(), params, slot);
+        if let Err(e) = durable.await {
+            // Never acknowledged: stop the job; its outcome cannot be recorded anyway.
+            live.ctx.cancel();
+            live.finalized.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
         inner
             .metrics
             .jobs_submitted
-            .get_or_create(&KindLabels { kind: kind.clone() })
+            .get_or_create(&KindLabels { kind })
             .inc();
-        self.enqueue(id, kind, params, slot);
         Ok(id)
     }
 
-    fn enqueue(&self, id: JobId, kind: String, params: Value, slot: OwnedSemaphorePermit) {
+    fn enqueue(
+        &self,
+        id: JobId,
+        kind: String,
+        params: Value,
+        slot: OwnedSemaphorePermit,
+    ) -> Arc<Live> {
         let live = Arc::new(Live {
             kind,
             ctx: JobContext::default(),
@@ -202,9 +217,10 @@ impl Engine {
         let _ = self.inner.tx.send(Queued {
             id,
             params,
-            live,
+            live: live.clone(),
             _slot: slot,
         });
+        live
     }
 
     /// Queues again the jobs an earlier process left unfinished. Runs in the background,

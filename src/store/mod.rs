@@ -28,11 +28,29 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+/// Resolves once a submitted record is durable (see [`Store::submit_begin`]).
+pub type Durable =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Allocates an id and records the job as queued. Returns only once the record is
     /// durable (for stores that persist): the id is valid the instant it is returned.
     async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<JobId, StoreError>;
+
+    /// Starts a submission: allocates the id and puts the record on its way, ordered
+    /// before any later write about the same job; the returned future resolves once the
+    /// record is durable. The engine queues the job in between, so the work overlaps the
+    /// commit, and still returns the id only after the future resolved. Stores without
+    /// a pipeline of writes keep the default (all done in `submit`).
+    async fn submit_begin(
+        &self,
+        job: &NewJob,
+        now_ms: i64,
+    ) -> Result<(JobId, Durable), StoreError> {
+        let id = self.submit(job, now_ms).await?;
+        Ok((id, Box::pin(std::future::ready(Ok(())))))
+    }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
 

@@ -463,8 +463,19 @@ fn map_ack_err(r: Result<Result<(), String>, oneshot::error::RecvError>) -> Resu
 #[async_trait]
 impl Store for SqliteStore {
     async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<JobId, StoreError> {
+        let (id, durable) = self.submit_begin(job, now_ms).await?;
+        durable.await?;
+        Ok(id)
+    }
+
+    async fn submit_begin(
+        &self,
+        job: &NewJob,
+        now_ms: i64,
+    ) -> Result<(JobId, super::Durable), StoreError> {
         let id = JobId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (ack, rx) = oneshot::channel();
+        // Once sent, the insert precedes in the writer's queue every later op about `id`.
         self.send(Op::Insert {
             id,
             kind: job.kind.clone(),
@@ -473,8 +484,7 @@ impl Store for SqliteStore {
             ack,
         })
         .await?;
-        map_ack_err(rx.await)?;
-        Ok(id)
+        Ok((id, Box::pin(async move { map_ack_err(rx.await) })))
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
