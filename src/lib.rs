@@ -11,6 +11,7 @@
 //!   kind and the data directory it reads from.
 //! - [`api`]: the HTTP edge (axum): native `/v1` routes, the compatible `/api` routes,
 //!   health, metrics; the only layer that knows about HTTP and JSON shapes.
+//! - [`neumaier`]: the compensated running sum every module that adds numbers uses.
 //! - [`metrics`]: the Prometheus registry and typed metric families.
 //! - [`series`]: live time series: Gorilla-compressed blocks, the line-protocol parser, the
 //!   in-memory series store with incremental rollups, the TCP line listener, the
@@ -28,6 +29,7 @@ pub mod csv;
 pub mod jobs;
 pub mod load;
 pub mod metrics;
+pub mod neumaier;
 pub mod pipeline;
 pub mod series;
 pub mod stats;

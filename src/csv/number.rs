@@ -133,44 +133,7 @@ fn slow_f64(b: &[u8]) -> Result<f64, CellError> {
     s.parse::<f64>().map_err(|_| CellError::NotANumber)
 }
 
-/// Neumaier (improved Kahan–Babuška) running sum.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Neumaier {
-    sum: f64,
-    comp: f64,
-}
-
-impl Neumaier {
-    #[inline(always)]
-    pub(crate) fn add(&mut self, x: f64) {
-        let t = self.sum + x;
-        if self.sum.abs() >= x.abs() {
-            self.comp += (self.sum - t) + x;
-        } else {
-            self.comp += (x - t) + self.sum;
-        }
-        self.sum = t;
-    }
-
-    /// Folds another partial sum in (chunks are merged in file order).
-    pub(crate) fn merge(&mut self, other: &Neumaier) {
-        self.add(other.sum);
-        if other.sum.is_finite() {
-            self.add(other.comp);
-        }
-    }
-
-    /// The compensated total. Once the running sum is infinite or NaN the
-    /// compensation is meaningless (it would turn `inf` into `NaN`), so the
-    /// plain sum is returned, matching naive summation.
-    pub(crate) fn value(&self) -> f64 {
-        if self.sum.is_finite() {
-            self.sum + self.comp
-        } else {
-            self.sum
-        }
-    }
-}
+pub(crate) use crate::neumaier::Neumaier;
 
 #[cfg(test)]
 mod tests {

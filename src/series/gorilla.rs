@@ -56,6 +56,7 @@
 //!
 //! There is no window before the first `11` record.
 
+use crate::neumaier::Neumaier;
 use std::fmt;
 
 use thiserror::Error;
@@ -280,8 +281,7 @@ impl Aggregates {
 #[derive(Debug, Clone, Copy)]
 struct AggState {
     count: u64,
-    sum: f64,
-    comp: f64,
+    sum: Neumaier,
     min: f64,
     max: f64,
     last: f64,
@@ -289,11 +289,9 @@ struct AggState {
 
 impl AggState {
     const fn new() -> Self {
-        // -0.0 is the true additive identity: -0.0 + x == x for every x.
         Self {
             count: 0,
-            sum: -0.0,
-            comp: 0.0,
+            sum: Neumaier::IDENTITY,
             min: f64::NAN,
             max: f64::NAN,
             last: f64::NAN,
@@ -303,13 +301,7 @@ impl AggState {
     #[inline]
     fn push(&mut self, x: f64) {
         self.count += 1;
-        let t = self.sum + x;
-        if self.sum.abs() >= x.abs() {
-            self.comp += (self.sum - t) + x;
-        } else {
-            self.comp += (x - t) + self.sum;
-        }
-        self.sum = t;
+        self.sum.add(x);
         if !x.is_nan() {
             if self.min.is_nan() || x < self.min {
                 self.min = x;
@@ -322,16 +314,9 @@ impl AggState {
     }
 
     fn finish(&self) -> Aggregates {
-        // Once the running sum is non-finite the compensation is meaningless
-        // (inf - inf = NaN); IEEE semantics of the plain sum apply.
-        let sum = if self.sum.is_finite() && self.comp != 0.0 {
-            self.sum + self.comp
-        } else {
-            self.sum
-        };
         Aggregates {
             count: self.count,
-            sum,
+            sum: self.sum.value(),
             min: self.min,
             max: self.max,
             last: self.last,

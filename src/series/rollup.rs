@@ -6,6 +6,7 @@
 //! Incremental by construction: sealed blocks contribute per-window summaries computed once
 //! at seal time (kept merged per series), so a refresh only folds in the open head.
 
+use crate::neumaier::Neumaier;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,8 +26,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Agg {
     pub count: u64,
-    sum: f64,
-    comp: f64,
+    sum: Neumaier,
     pub min: f64,
     pub max: f64,
     pub last: f64,
@@ -42,30 +42,18 @@ impl Default for Agg {
 impl Agg {
     pub const EMPTY: Agg = Agg {
         count: 0,
-        sum: -0.0,
-        comp: 0.0,
+        sum: Neumaier::IDENTITY,
         min: f64::NAN,
         max: f64::NAN,
         last: f64::NAN,
         last_ts: i64::MIN,
     };
 
-    #[inline]
-    fn add_sum(&mut self, x: f64) {
-        let t = self.sum + x;
-        if self.sum.abs() >= x.abs() {
-            self.comp += (self.sum - t) + x;
-        } else {
-            self.comp += (x - t) + self.sum;
-        }
-        self.sum = t;
-    }
-
     /// Adds one point.
     #[inline]
     pub fn push(&mut self, ts: i64, v: f64) {
         self.count += 1;
-        self.add_sum(v);
+        self.sum.add(v);
         if !v.is_nan() {
             if self.min.is_nan() || v < self.min {
                 self.min = v;
@@ -86,8 +74,7 @@ impl Agg {
             return;
         }
         self.count += o.count;
-        self.add_sum(o.sum);
-        self.comp += o.comp;
+        self.sum.merge(&o.sum);
         if !o.min.is_nan() && (self.min.is_nan() || o.min < self.min) {
             self.min = o.min;
         }
@@ -102,15 +89,10 @@ impl Agg {
 
     /// The compensated sum (`-0.0`... `0.0` for no points is reported as `0.0`).
     pub fn sum(&self) -> f64 {
-        let s = if self.sum.is_finite() && self.comp != 0.0 {
-            self.sum + self.comp
-        } else {
-            self.sum
-        };
         if self.count == 0 {
             0.0
         } else {
-            s
+            self.sum.value()
         }
     }
 

@@ -14,6 +14,7 @@ use parking_lot::RwLock;
 use serde_json::{Map, Value};
 
 use crate::jobs::{JobContext, JobError, JobHandler, Registry};
+use crate::neumaier::Neumaier;
 
 /// The bundled sample, so that a fresh clone answers without `--stats-dataset`.
 pub const SAMPLE_CSV: &str = include_str!("../../data/sample_health.csv");
@@ -43,25 +44,18 @@ pub enum LoadError {
 /// A compensated running sum and a count.
 #[derive(Debug, Clone, Copy, Default)]
 struct Acc {
-    sum: f64,
-    comp: f64,
+    sum: Neumaier,
     n: u64,
 }
 
 impl Acc {
     fn add(&mut self, x: f64) {
-        let t = self.sum + x;
-        if self.sum.abs() >= x.abs() {
-            self.comp += (self.sum - t) + x;
-        } else {
-            self.comp += (x - t) + self.sum;
-        }
-        self.sum = t;
+        self.sum.add(x);
         self.n += 1;
     }
 
     fn mean(&self) -> f64 {
-        (self.sum + self.comp) / self.n as f64
+        self.sum.value() / self.n as f64
     }
 }
 
