@@ -470,14 +470,19 @@ impl SeriesStore {
         t
     }
 
-    /// Every series, sorted by name.
-    pub fn list(&self) -> Vec<SeriesInfo> {
-        let all: Vec<_> = self
-            .series
+    /// The series map's entries at this moment, taken so that no caller holds the map's
+    /// lock while it locks a series.
+    fn snapshot(&self) -> Vec<(Arc<str>, Arc<Mutex<Series>>)> {
+        self.series
             .read()
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+            .collect()
+    }
+
+    /// Every series, sorted by name.
+    pub fn list(&self) -> Vec<SeriesInfo> {
+        let all = self.snapshot();
         let mut out: Vec<SeriesInfo> = all
             .into_iter()
             .map(|(name, arc)| {
@@ -522,12 +527,7 @@ impl SeriesStore {
 
     /// Every series' rollup, computed now.
     pub fn rollup_all(&self) -> BTreeMap<Arc<str>, SeriesRollup> {
-        let all: Vec<_> = self
-            .series
-            .read()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let all = self.snapshot();
         all.into_iter()
             .map(|(k, arc)| {
                 let mut s = arc.lock();

@@ -91,38 +91,19 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let res = self.client.get(self.url(path)).send().await.unwrap();
-        let status = res.status();
-        let text = res.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        reply(self.client.get(self.url(path))).await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        let res = self
-            .client
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = res.status();
-        let text = res.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        reply(self.client.post(self.url(path)).json(body)).await
     }
 
     /// Submits on the native API; returns the job id.
     pub async fn submit(&self, kind: &str, params: Value) -> String {
-        let (status, body) = self
-            .post("/v1/jobs", &json!({ "kind": kind, "params": params }))
-            .await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        body["id"].as_str().unwrap().to_string()
+        accepted_id(
+            self.post("/v1/jobs", &json!({ "kind": kind, "params": params }))
+                .await,
+        )
     }
 
     /// Polls `/v1/jobs/{id}` until the job is finished.
@@ -186,6 +167,24 @@ impl TestApp {
             h.await.unwrap().unwrap();
         }
     }
+}
+
+/// Sends a request; the status and the body as JSON (or as a JSON string when it is not
+/// JSON).
+async fn reply(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let res = req.send().await.unwrap();
+    let status = res.status();
+    let text = res.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The id of a job the native API accepted.
+fn accepted_id((status, body): (StatusCode, Value)) -> String {
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    body["id"].as_str().unwrap().to_string()
 }
 
 /// The value of a metric line (exact name with labels) in a Prometheus text page.
@@ -334,34 +333,18 @@ pub struct ProcClient {
 
 impl ProcClient {
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let res = self
-            .http
-            .get(format!("{}{path}", self.addr))
-            .send()
-            .await
-            .unwrap();
-        let status = res.status();
-        (status, res.json().await.unwrap_or(Value::Null))
+        reply(self.http.get(format!("{}{path}", self.addr))).await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        let res = self
-            .http
-            .post(format!("{}{path}", self.addr))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = res.status();
-        (status, res.json().await.unwrap_or(Value::Null))
+        reply(self.http.post(format!("{}{path}", self.addr)).json(body)).await
     }
 
     pub async fn submit(&self, kind: &str, params: Value) -> String {
-        let (status, body) = self
-            .post("/v1/jobs", &json!({ "kind": kind, "params": params }))
-            .await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        body["id"].as_str().unwrap().to_string()
+        accepted_id(
+            self.post("/v1/jobs", &json!({ "kind": kind, "params": params }))
+                .await,
+        )
     }
 
     pub async fn status_of(&self, id: &str) -> String {
