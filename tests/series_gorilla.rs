@@ -45,7 +45,11 @@ fn assert_roundtrip(points: &[(i64, f64)]) -> SealedBlock {
         (None, None) => {}
         (Some(a), Some(b)) => {
             assert_eq!(a.count, b.count);
-            assert_eq!(a.sum.to_bits(), b.sum.to_bits());
+            // A NaN's payload depends on how the compiler ordered the additions (release
+            // and debug builds differ), so NaN sums only need to agree on being NaN.
+            if !(a.sum.is_nan() && b.sum.is_nan()) {
+                assert_eq!(a.sum.to_bits(), b.sum.to_bits());
+            }
             assert_eq!(a.min.to_bits(), b.min.to_bits());
             assert_eq!(a.max.to_bits(), b.max.to_bits());
             assert_eq!(a.last.to_bits(), b.last.to_bits());
