@@ -7,7 +7,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::json;
+
+/// The submit answer. Replies are parsed into just the fields the client acts on (the
+/// rest is still parsed through, so a malformed reply counts as an error): a full JSON
+/// tree per reply would make the client, which shares the machine's cores with the
+/// server, spend twice as much per job on a 1.5 KB answer as on the no-op's 30 bytes,
+/// and that would be charged to the server.
+#[derive(Deserialize)]
+struct Submitted {
+    job_id: String,
+}
+
+#[derive(Deserialize)]
+struct Polled {
+    status: String,
+    #[allow(dead_code)]
+    #[serde(default)]
+    data: Option<IgnoredAny>,
+}
 
 const QUESTION: &str = "Percent of adults aged 18 years and older who have obesity";
 
@@ -65,19 +85,18 @@ async fn main() {
                         continue;
                     }
                 };
-                let v: Value = res.json().await.unwrap_or(Value::Null);
-                let Some(id) = v["job_id"].as_str() else {
+                let Ok(Submitted { job_id }) = res.json::<Submitted>().await else {
                     errors += 1;
                     continue;
                 };
-                let url = format!("{result_prefix}{id}");
+                let url = format!("{result_prefix}{job_id}");
                 loop {
                     polls += 1;
-                    let r: Value = match http.get(&url).send().await {
-                        Ok(r) => r.json().await.unwrap_or(Value::Null),
-                        Err(_) => Value::Null,
+                    let status = match http.get(&url).send().await {
+                        Ok(r) => r.json::<Polled>().await.map(|p| p.status).ok(),
+                        Err(_) => None,
                     };
-                    match r["status"].as_str() {
+                    match status.as_deref() {
                         Some("running") => tokio::task::yield_now().await,
                         Some("done") => break,
                         _ => {
