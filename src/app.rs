@@ -24,7 +24,7 @@ use crate::series::sources::{self, FlagDefaults, Sources};
 use crate::series::store::SeriesStore;
 use crate::stats::{self, Dataset};
 use crate::store::memory::MemoryStore;
-use crate::store::sqlite::SqliteStore;
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::Store;
 use crate::telemetry;
 
@@ -86,8 +86,15 @@ impl Application {
         let store: Arc<dyn Store> = match &cfg.store {
             StoreSpec::Memory => Arc::new(MemoryStore::new(cfg.memory_max_results)),
             StoreSpec::Sqlite(path) => Arc::new(
-                SqliteStore::open(path, cfg.sqlite_sync, metrics.clone())
-                    .with_context(|| format!("opening the store {}", cfg.store))?,
+                SqliteStore::open(
+                    path,
+                    SqliteOptions {
+                        sync: cfg.sqlite_sync,
+                        commit_delay: Duration::from_micros(cfg.sqlite_commit_delay_us),
+                    },
+                    metrics.clone(),
+                )
+                .with_context(|| format!("opening the store {}", cfg.store))?,
             ),
         };
         let dataset = match &cfg.stats_dataset {

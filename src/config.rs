@@ -326,6 +326,14 @@ pub struct ServeConfig {
     #[arg(long, env = "TALLY_SQLITE_SYNC", value_enum, default_value_t = SqliteSync::Full)]
     pub sqlite_sync: SqliteSync,
 
+    /// Microseconds the SQLite writer waits for more writes before a commit when writes
+    /// arrive concurrently (0: commit at once). A short job's outcome then shares the
+    /// commit of its own insert, and a commit carries more jobs.
+    #[arg(long, env = "TALLY_SQLITE_COMMIT_DELAY_US",
+          default_value_t = crate::store::sqlite::DEFAULT_COMMIT_DELAY_US,
+          value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub sqlite_commit_delay_us: u64,
+
     /// Enable the job kinds and routes used by tests and benchmarks (`test.sleep`,
     /// `test.panic`, `/api/noop`). Off in production.
     #[arg(long, env = "TALLY_ENABLE_TEST_JOBS", hide = true)]

@@ -97,6 +97,7 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub store_batch_size: Histogram,
     pub store_commit_duration: Histogram,
+    pub store_checkpoint_duration: Histogram,
     pub store_evictions: Gauge,
     pub events_accepted: Counter,
     pub events_journaled: Family<EventStatusLabels, Counter>,
@@ -140,6 +141,7 @@ impl Metrics {
             store_errors: Counter::default(),
             store_batch_size: batch_histogram(),
             store_commit_duration: seconds_histogram(),
+            store_checkpoint_duration: seconds_histogram(),
             store_evictions: Gauge::default(),
             events_accepted: Counter::default(),
             events_journaled: Family::default(),
@@ -229,6 +231,11 @@ impl Metrics {
             "store_commit_duration_seconds",
             "Time to apply and commit one store transaction",
             m.store_commit_duration.clone(),
+        );
+        r.register(
+            "store_checkpoint_duration_seconds",
+            "Time to copy the SQLite write-ahead log into the database file",
+            m.store_checkpoint_duration.clone(),
         );
         r.register(
             "store_evictions",

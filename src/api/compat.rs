@@ -165,7 +165,7 @@ pub async fn get_results(State(st): State<AppState>, Path(raw): Path<String>) ->
         {
             json_text(StatusCode::OK, r#"{"status":"running"}"#.to_string())
         }
-        Ok(id) => match st.engine.store().state(id).await {
+        Ok(id) => match st.engine.state(id).await {
             Err(e) => {
                 tracing::error!(job_id = %raw, error = %e, "store failed while reading a job");
                 error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")

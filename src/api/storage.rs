@@ -210,7 +210,7 @@ pub async fn get_json(State(st): State<AppState>, Path(raw): Path<String>) -> Re
     if st.engine.is_in_flight(id) {
         return Json(json!({ "status": "running" })).into_response();
     }
-    match st.engine.store().get(id).await {
+    match st.engine.state(id).await {
         Err(e) => ApiError::from(e).into_response(),
         Ok(None) => unknown(),
         Ok(Some(r)) => match r.status {

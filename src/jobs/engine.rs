@@ -12,7 +12,7 @@
 //!   left stays in the store as queued/running, to be run again at the next start.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::model::{JobCounts, JobId, JobRecord, JobStatus, NewJob, Outcome};
+use super::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, NewJob, Outcome};
 use super::{EngineOptions, JobContext, JobError, Registry};
 use crate::metrics::{KindLabels, Metrics};
 use crate::now_ms;
@@ -93,13 +93,64 @@ struct Inner {
     idle: Notify,
     /// Finished jobs on their way to the store, for the one completion task.
     completions: tokio::sync::mpsc::UnboundedSender<Completion>,
+    recent: Mutex<Recent>,
 }
 
-/// A job whose worker is done with it; the completion task records it and lets it go.
+/// Jobs whose final state is at most this many (or bytes) are kept for their first poll.
+const RECENT_MAX_JOBS: usize = 4096;
+const RECENT_MAX_BYTES: usize = 4 << 20;
+
+/// Final states of jobs that just finished here, kept until their first read or until
+/// pushed out by newer ones: the poll that follows a submit is answered without a store
+/// read. An entry is added only once its state is durable, so a read never sees more
+/// than the store holds; it is bounded in entries and bytes, so results still live in
+/// the store, not in the heap.
+#[derive(Default)]
+struct Recent {
+    states: HashMap<JobId, JobState>,
+    order: VecDeque<JobId>,
+    bytes: usize,
+}
+
+fn state_bytes(s: &JobState) -> usize {
+    s.result.as_ref().map_or(0, String::len) + s.error.as_ref().map_or(0, String::len)
+}
+
+impl Recent {
+    fn insert(&mut self, id: JobId, state: JobState) {
+        let size = state_bytes(&state);
+        if size > RECENT_MAX_BYTES / 4 {
+            return;
+        }
+        self.bytes += size;
+        self.states.insert(id, state);
+        self.order.push_back(id);
+        while self.order.len() > RECENT_MAX_JOBS || self.bytes > RECENT_MAX_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(s) = self.states.remove(&old) {
+                self.bytes -= state_bytes(&s);
+            }
+        }
+    }
+
+    fn take(&mut self, id: JobId) -> Option<JobState> {
+        let s = self.states.remove(&id)?;
+        self.bytes -= state_bytes(&s);
+        // Its id stays in `order` until pushed out; removing it there would cost a scan.
+        Some(s)
+    }
+}
+
+/// A job whose worker is done with it and whose outcome is on its way to the store; the
+/// completion task waits until it is durable, then lets the job go.
 struct Completion {
     id: JobId,
     live: Arc<Live>,
-    outcome: Outcome,
+    /// The outcome as a poll will read it, for the recently-finished cache.
+    state: JobState,
+    durable: crate::store::Pending<bool>,
 }
 
 #[derive(Clone)]
@@ -130,6 +181,7 @@ impl Engine {
             stopped: AtomicBool::new(false),
             idle: Notify::new(),
             completions,
+            recent: Mutex::new(Recent::default()),
         });
         for n in 0..inner.opts.workers {
             spawn_worker(inner.clone(), n);
@@ -323,6 +375,15 @@ impl Engine {
             return;
         }
         let _ = tokio::time::timeout(hold, gone).await;
+    }
+
+    /// Status, result and error of a job: from the jobs that just finished here (each
+    /// answered once that way), else from the store.
+    pub async fn state(&self, id: JobId) -> Result<Option<JobState>, StoreError> {
+        if let Some(s) = self.inner.recent.lock().take(id) {
+            return Ok(Some(s));
+        }
+        self.inner.store.state(id).await
     }
 
     /// When a job running in this process started, if it has (the store may not know
@@ -531,20 +592,26 @@ fn complete(
         return;
     }
     inner.metrics.job_finished(&live.kind, label, took);
+    let state = JobState::from(&outcome);
+    let started = Some(live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0);
+    // Straight to the store from this thread: no hop through a task before the write is
+    // queued, so it often lands in the same group commit as the job's insert.
+    let durable = inner.store.finish_begin(id, outcome, started, now_ms());
     let done = Completion {
         id,
         live: live.clone(),
-        outcome,
+        state,
+        durable,
     };
     if let Err(lost) = inner.completions.send(done) {
         // Only when the runtime is gone (process exit): the job stays unfinished in the
-        // store and runs again at the next start.
+        // store (unless the write above lands) and runs again at the next start.
         release(inner, lost.0.id, &lost.0.live);
     }
 }
 
-/// One task records every outcome: it sends each to the store and, once the store says
-/// it is durable, removes the job from `live` ("in flight here" means "final state not
+/// One task sees every outcome through: once the store says it is durable, it removes
+/// the job from `live` ("in flight here" means "final state not
 /// yet durable"). One task instead of one per job: under load a single wake-up carries a
 /// whole group commit's worth of completions.
 async fn record_completions(
@@ -562,17 +629,24 @@ async fn record_completions(
                     open = false;
                 }
                 for c in batch.drain(..) {
-                    let store = inner.store.clone();
                     pending.push(async move {
-                        let started = Some(c.live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0);
-                        if let Err(e) = store.finish(c.id, c.outcome, started, now_ms()).await {
-                            tracing::error!(job = %c.id, error = %e, "could not record job outcome");
-                        }
-                        (c.id, c.live)
+                        let recorded = match c.durable.await {
+                            Ok(changed) => changed.then_some(c.state),
+                            Err(e) => {
+                                tracing::error!(job = %c.id, error = %e, "could not record job outcome");
+                                None
+                            }
+                        };
+                        (c.id, c.live, recorded)
                     });
                 }
             }
-            Some((id, live)) = pending.next(), if !pending.is_empty() => release(&inner, id, &live),
+            Some((id, live, recorded)) = pending.next(), if !pending.is_empty() => {
+                if let Some(state) = recorded.filter(|_| !inner.store.cheap_reads()) {
+                    inner.recent.lock().insert(id, state);
+                }
+                release(&inner, id, &live);
+            }
             else => return,
         }
     }
@@ -582,4 +656,53 @@ fn release(inner: &Inner, id: JobId, live: &Live) {
     inner.live.lock().remove(&id);
     live.gone.notify_waiters();
     inner.idle.notify_waiters();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(bytes: usize) -> JobState {
+        JobState {
+            status: JobStatus::Done,
+            result: Some("x".repeat(bytes)),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn recent_states_are_read_once_and_bounded_in_count_and_bytes() {
+        let mut r = Recent::default();
+        r.insert(JobId(1), done(10));
+        assert_eq!(
+            r.take(JobId(1)).and_then(|s| s.result).map(|s| s.len()),
+            Some(10)
+        );
+        assert!(
+            r.take(JobId(1)).is_none(),
+            "answered once, then from the store"
+        );
+        assert_eq!(r.bytes, 0);
+
+        for i in 0..(RECENT_MAX_JOBS as u64 + 10) {
+            r.insert(JobId(100 + i), done(1));
+        }
+        assert_eq!(r.states.len(), RECENT_MAX_JOBS);
+        assert!(r.take(JobId(100)).is_none(), "the oldest were pushed out");
+        assert!(r.take(JobId(100 + RECENT_MAX_JOBS as u64 + 9)).is_some());
+
+        let mut r = Recent::default();
+        let big = RECENT_MAX_BYTES / 4;
+        for i in 0..8 {
+            r.insert(JobId(i), done(big));
+        }
+        assert!(r.bytes <= RECENT_MAX_BYTES, "{} bytes kept", r.bytes);
+        assert!(r.take(JobId(7)).is_some());
+        assert!(r.take(JobId(0)).is_none());
+        r.insert(JobId(99), done(RECENT_MAX_BYTES));
+        assert!(
+            r.take(JobId(99)).is_none(),
+            "a huge result is left to the store"
+        );
+    }
 }

@@ -146,6 +146,20 @@ pub struct JobState {
     pub error: Option<String>,
 }
 
+impl From<&Outcome> for JobState {
+    fn from(o: &Outcome) -> Self {
+        let (result, error) = match o {
+            Outcome::Done(r) => (Some(r.clone()), None),
+            Outcome::Failed(e) | Outcome::Cancelled(e) => (None, Some(e.clone())),
+        };
+        JobState {
+            status: o.status(),
+            result,
+            error,
+        }
+    }
+}
+
 /// Number of jobs in each state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct JobCounts {

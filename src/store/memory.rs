@@ -40,6 +40,47 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    fn apply_finish(
+        &self,
+        id: JobId,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        now_ms: i64,
+    ) -> bool {
+        let mut g = self.inner.lock();
+        let Some(rec) = g.jobs.get_mut(&id) else {
+            return false;
+        };
+        let before = rec.status;
+        if before.is_finished() {
+            return false;
+        }
+        let after = outcome.status();
+        rec.status = after;
+        rec.finished_at = Some(now_ms);
+        if rec.started_at.is_none() {
+            rec.started_at = started_at;
+        }
+        match outcome {
+            Outcome::Done(r) => rec.result = Some(r),
+            Outcome::Failed(e) | Outcome::Cancelled(e) => rec.error = Some(e),
+        }
+        *g.counts.slot(before) -= 1;
+        *g.counts.slot(after) += 1;
+        g.finished.push_back(id);
+        while g.finished.len() > self.max_finished {
+            if let Some(old) = g.finished.pop_front() {
+                if let Some(r) = g.jobs.remove(&old) {
+                    *g.counts.slot(r.status) -= 1;
+                }
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+}
+
 #[async_trait]
 impl Store for MemoryStore {
     async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<JobId, StoreError> {
@@ -90,36 +131,18 @@ impl Store for MemoryStore {
         started_at: Option<i64>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let mut g = self.inner.lock();
-        let Some(rec) = g.jobs.get_mut(&id) else {
-            return Ok(false);
-        };
-        let before = rec.status;
-        if before.is_finished() {
-            return Ok(false);
-        }
-        let after = outcome.status();
-        rec.status = after;
-        rec.finished_at = Some(now_ms);
-        if rec.started_at.is_none() {
-            rec.started_at = started_at;
-        }
-        match outcome {
-            Outcome::Done(r) => rec.result = Some(r),
-            Outcome::Failed(e) | Outcome::Cancelled(e) => rec.error = Some(e),
-        }
-        *g.counts.slot(before) -= 1;
-        *g.counts.slot(after) += 1;
-        g.finished.push_back(id);
-        while g.finished.len() > self.max_finished {
-            if let Some(old) = g.finished.pop_front() {
-                if let Some(r) = g.jobs.remove(&old) {
-                    *g.counts.slot(r.status) -= 1;
-                }
-                self.evictions.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Ok(true)
+        Ok(self.apply_finish(id, outcome, started_at, now_ms))
+    }
+
+    fn finish_begin(
+        &self,
+        id: JobId,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        now_ms: i64,
+    ) -> super::Pending<bool> {
+        let changed = self.apply_finish(id, outcome, started_at, now_ms);
+        Box::pin(std::future::ready(Ok(changed)))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError> {
@@ -157,6 +180,10 @@ impl Store for MemoryStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn cheap_reads(&self) -> bool {
+        true
     }
 
     fn evictions(&self) -> u64 {

@@ -28,9 +28,12 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+/// Resolves once a write is durable, with what the write answers.
+pub type Pending<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send>>;
+
 /// Resolves once a submitted record is durable (see [`Store::submit_begin`]).
-pub type Durable =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+pub type Durable = Pending<()>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -79,6 +82,20 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<bool, StoreError>;
 
+    /// `finish` for callers outside the async runtime (worker threads): the write is on
+    /// its way, ordered after every earlier write about the job, when this returns; the
+    /// future resolves once it is durable, with `finish`'s answer. Worker threads hand
+    /// outcomes straight to the store this way instead of through a task, so an outcome
+    /// often joins the group commit of its own job's insert. Must not be called from
+    /// within the async runtime (it may block briefly on a full write queue).
+    fn finish_begin(
+        &self,
+        id: JobId,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        now_ms: i64,
+    ) -> Pending<bool>;
+
     /// A page of jobs, newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError>;
 
@@ -93,6 +110,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Returns once everything accepted so far is durable.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// True when a read costs about as little as a lookup in a map: the engine then keeps
+    /// no copy of just-finished states for polls (it would also outlive the store's own
+    /// evictions).
+    fn cheap_reads(&self) -> bool {
+        false
+    }
 
     /// Finished results dropped to respect a memory cap (0 for stores that keep all).
     fn evictions(&self) -> u64 {
