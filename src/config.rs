@@ -327,8 +327,9 @@ pub struct ServeConfig {
     pub sqlite_sync: SqliteSync,
 
     /// Microseconds the SQLite writer waits for more writes before a commit when writes
-    /// arrive concurrently (0: commit at once). A short job's outcome then shares the
-    /// commit of its own insert, and a commit carries more jobs.
+    /// arrive concurrently (0, the default: commit at once). A short job's outcome then
+    /// more often shares the commit of its own insert, and a commit carries more jobs:
+    /// worth trying where an fsync is slow next to the CPU a commit takes.
     #[arg(long, env = "TALLY_SQLITE_COMMIT_DELAY_US",
           default_value_t = crate::store::sqlite::DEFAULT_COMMIT_DELAY_US,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
