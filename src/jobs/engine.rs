@@ -96,8 +96,9 @@ struct Inner {
     recent: Mutex<Recent>,
 }
 
-/// Jobs whose final state is at most this many (or bytes) are kept for their first poll.
+/// At most this many just-finished states wait for their first poll ([`Recent`])...
 const RECENT_MAX_JOBS: usize = 4096;
+/// ...holding at most this many bytes of results and errors.
 const RECENT_MAX_BYTES: usize = 4 << 20;
 
 /// Final states of jobs that just finished here, kept until their first read or until
@@ -611,9 +612,9 @@ fn complete(
 }
 
 /// One task sees every outcome through: once the store says it is durable, it removes
-/// the job from `live` ("in flight here" means "final state not
-/// yet durable"). One task instead of one per job: under load a single wake-up carries a
-/// whole group commit's worth of completions.
+/// the job from `live` ("in flight here" means "final state not yet durable"). One task
+/// instead of one per job: under load a single wake-up carries a whole group commit's
+/// worth of completions.
 async fn record_completions(
     inner: Arc<Inner>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Completion>,

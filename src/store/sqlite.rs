@@ -4,7 +4,9 @@
 //!
 //! Why group commit: a commit costs one fsync; batching every pending write into one
 //! transaction makes the cost per job fall as load rises, while a lone write is still
-//! committed at once (the writer never waits to fill a batch).
+//! committed at once (the writer never waits to fill a batch, unless
+//! `--sqlite-commit-delay-us` asks it to). A job whose outcome arrives in the batch of
+//! its insert is written once, already finished; equal results are stored once.
 //!
 //! Durability: `submit` answers only after its batch committed. `mark_running` and
 //! `finish` are queued behind it without waiting: readers only ever see committed rows,
@@ -160,11 +162,11 @@ fn open_conn(path: &Path, sync: SqliteSync) -> Result<Connection, rusqlite::Erro
     // A bounded page cache per connection: the store's memory does not grow with jobs.
     conn.pragma_update(None, "cache_size", -2048)?;
     // The writer completes a checkpoint every 1000 pages (see `writer_loop`): right
-    // after one, the next commit starts the log over from its beginning, overwriting blocks the
-    // file already has, and an fsync of overwritten blocks costs about half that of an
-    // append here (110 vs 225 us). A checkpointer thread alone is not enough: under
-    // constant writes it never catches up, the log never restarts (it grew to 250 MB in
-    // 6 s), so the writer finishes the job.
+    // after one, the next commit starts the log over from its beginning, overwriting
+    // blocks the file already has, and an fsync of overwritten blocks costs about half
+    // that of an append here (110 vs 225 us). A checkpointer thread alone is not enough:
+    // under constant writes it never catches up, the log never restarts (it grew to
+    // 250 MB in 6 s), so the writer finishes the job.
     // After a checkpoint, truncate the WAL file back to this size, so a burst of writes
     // does not leave a huge WAL behind.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
@@ -198,8 +200,9 @@ impl SqliteStore {
         // Deliberately no index on status: every extra B-tree touched by a write costs
         // pages in each commit (measured: +70% throughput without one). Recovery scans
         // the table once at start-up; listings walk ids newest first. Results live in
-        // their own table: appending a row there is cheaper than growing a job's row in
-        // place (which splits pages), and job rows stay small and fixed in size.
+        // their own table (`blobs`, shared by equal bodies): adding a row there is
+        // cheaper than growing a job's row in place (which splits pages), and job rows
+        // stay small.
         let max_id: i64 =
             conn.query_row("SELECT COALESCE(MAX(id), 0) FROM jobs", [], |r| r.get(0))?;
         let mut counts = JobCounts::default();
