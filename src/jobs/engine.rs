@@ -149,8 +149,9 @@ impl Recent {
 struct Completion {
     id: JobId,
     live: Arc<Live>,
-    /// The outcome as a poll will read it, for the recently-finished cache.
-    state: JobState,
+    /// The outcome as a poll will read it, for the recently-finished cache (none when
+    /// the store's own reads are as cheap).
+    state: Option<JobState>,
     durable: crate::store::Pending<bool>,
 }
 
@@ -593,7 +594,7 @@ fn complete(
         return;
     }
     inner.metrics.job_finished(&live.kind, label, took);
-    let state = JobState::from(&outcome);
+    let state = (!inner.store.cheap_reads()).then(|| JobState::from(&outcome));
     let started = Some(live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0);
     // Straight to the store from this thread: no hop through a task before the write is
     // queued, so it often lands in the same group commit as the job's insert.
@@ -632,7 +633,7 @@ async fn record_completions(
                 for c in batch.drain(..) {
                     pending.push(async move {
                         let recorded = match c.durable.await {
-                            Ok(changed) => changed.then_some(c.state),
+                            Ok(changed) => c.state.filter(|_| changed),
                             Err(e) => {
                                 tracing::error!(job = %c.id, error = %e, "could not record job outcome");
                                 None
@@ -643,7 +644,7 @@ async fn record_completions(
                 }
             }
             Some((id, live, recorded)) = pending.next(), if !pending.is_empty() => {
-                if let Some(state) = recorded.filter(|_| !inner.store.cheap_reads()) {
+                if let Some(state) = recorded {
                     inner.recent.lock().insert(id, state);
                 }
                 release(&inner, id, &live);

@@ -70,8 +70,6 @@ enum Op {
 
 pub struct SqliteStore {
     path: PathBuf,
-    /// Dropped with the store: the checkpointer thread ends.
-    _stop_checkpoints: std::sync::mpsc::Sender<()>,
     /// An exclusive lock on `<file>.lock`, held while the store is open: the writer
     /// thread must be the file's only writer (its counts and ids rely on it).
     _lock: std::fs::File,
@@ -231,10 +229,11 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let writer_counts = counts.clone();
         let checkpointer = open_conn(path, opts.sync)?;
-        let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
+        // A slot of one: commits while the checkpointer is busy or resting fold into it.
+        let (committed, commits) = std::sync::mpsc::sync_channel::<()>(1);
         thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, stopped))?;
+            .spawn(move || checkpoint_loop(checkpointer, commits))?;
         thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
@@ -245,11 +244,11 @@ impl SqliteStore {
                     unfinished,
                     writer_counts,
                     metrics,
+                    committed,
                 )
             })?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
-            _stop_checkpoints: stop_checkpoints,
             _lock: lock,
             tx,
             next_id: AtomicU64::new(max_id as u64 + 1),
@@ -378,6 +377,7 @@ fn writer_loop(
     mut unfinished: Unfinished,
     counts: Arc<Mutex<JobCounts>>,
     metrics: Arc<Metrics>,
+    committed: std::sync::mpsc::SyncSender<()>,
 ) {
     // Replaces SQLite's automatic checkpoint (itself a WAL hook): see the end of the loop.
     conn.wal_hook(Some(note_wal_pages));
@@ -434,6 +434,8 @@ fn writer_loop(
         match res {
             Ok(()) => {
                 blobs.committed();
+                // Wakes the checkpointer unless a wake-up is already pending.
+                let _ = committed.try_send(());
                 for (id, status) in changes.drain() {
                     if status.is_finished() {
                         unfinished.remove(&id);
@@ -511,18 +513,18 @@ thread_local! {
 /// Log size, in pages, at which the writer checkpoints (SQLite's own default).
 const CHECKPOINT_PAGES: i32 = 1000;
 
-/// How often the checkpointer thread copies the log into the database.
+/// Least time between two background checkpoints.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// The background half of checkpointing (see `writer_loop`): a PASSIVE checkpoint every
-/// [`CHECKPOINT_EVERY`], which never blocks the writer or readers, until the store is
-/// dropped.
-fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
-    {
+/// The background half of checkpointing (see `writer_loop`): after commits, a PASSIVE
+/// checkpoint (it never blocks the writer or readers), then a rest of
+/// [`CHECKPOINT_EVERY`]. An idle store costs nothing; the thread ends with the writer.
+fn checkpoint_loop(conn: Connection, commits: std::sync::mpsc::Receiver<()>) {
+    while commits.recv().is_ok() {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %e, "background checkpoint skipped");
         }
+        thread::sleep(CHECKPOINT_EVERY);
     }
 }
 
@@ -908,15 +910,26 @@ mod tests {
     use serde_json::json;
 
     fn store(dir: &Path) -> SqliteStore {
+        store_with_delay(dir, std::time::Duration::ZERO)
+    }
+
+    fn store_with_delay(dir: &Path, commit_delay: std::time::Duration) -> SqliteStore {
         SqliteStore::open(
             &dir.join("t.db"),
             SqliteOptions {
                 sync: SqliteSync::Normal,
-                ..SqliteOptions::default()
+                commit_delay,
             },
             Arc::new(Metrics::new()),
         )
         .unwrap()
+    }
+
+    fn job(kind: &str, params: serde_json::Value) -> NewJob {
+        NewJob {
+            kind: kind.into(),
+            params,
+        }
     }
 
     #[tokio::test]
@@ -924,16 +937,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let id = {
             let s = store(dir.path());
-            let id = s
-                .submit(
-                    &NewJob {
-                        kind: "k".into(),
-                        params: json!({"a": 1}),
-                    },
-                    5,
-                )
-                .await
-                .unwrap();
+            let id = s.submit(&job("k", json!({"a": 1})), 5).await.unwrap();
             let r = s.get(id).await.unwrap().unwrap();
             assert_eq!(r.status, JobStatus::Queued);
             assert_eq!(r.params, json!({"a": 1}));
@@ -948,16 +952,7 @@ mod tests {
         assert_eq!(again[0].id, id);
         assert_eq!(again[0].status, JobStatus::Queued);
         assert_eq!(s.counts().await.unwrap().queued, 1);
-        let next = s
-            .submit(
-                &NewJob {
-                    kind: "k".into(),
-                    params: json!({}),
-                },
-                7,
-            )
-            .await
-            .unwrap();
+        let next = s.submit(&job("k", json!({})), 7).await.unwrap();
         assert!(next.0 > id.0, "ids are never reused after a restart");
     }
 
@@ -981,17 +976,7 @@ mod tests {
         let mut ids = Vec::new();
         for i in 0..5 {
             let kind = if i % 2 == 0 { "even" } else { "odd" };
-            ids.push(
-                s.submit(
-                    &NewJob {
-                        kind: kind.into(),
-                        params: json!({}),
-                    },
-                    i,
-                )
-                .await
-                .unwrap(),
-            );
+            ids.push(s.submit(&job(kind, json!({})), i).await.unwrap());
         }
         assert!(s
             .finish(ids[0], Outcome::Done("{\"x\":1}".into()), None, 9)
@@ -1139,17 +1124,10 @@ mod tests {
     async fn the_write_ahead_log_starts_over_instead_of_growing_under_constant_writes() {
         let dir = tempfile::tempdir().unwrap();
         // With a commit delay, so that path is exercised too (batches here hold many writes).
-        let s = Arc::new(
-            SqliteStore::open(
-                &dir.path().join("t.db"),
-                SqliteOptions {
-                    sync: SqliteSync::Normal,
-                    commit_delay: std::time::Duration::from_micros(100),
-                },
-                Arc::new(Metrics::new()),
-            )
-            .unwrap(),
-        );
+        let s = Arc::new(store_with_delay(
+            dir.path(),
+            std::time::Duration::from_micros(100),
+        ));
         // About 16 MB of results, written while readers keep reading: the log must be
         // checkpointed and restarted, not grow with the data.
         // Distinct bodies, so that sharing equal results does not shrink the writes.
@@ -1167,11 +1145,7 @@ mod tests {
         for _ in 0..80 {
             let mut ids = Vec::new();
             for _ in 0..50 {
-                let job = NewJob {
-                    kind: "k".into(),
-                    params: json!({}),
-                };
-                ids.push(s.submit_begin(&job, 1).await.unwrap());
+                ids.push(s.submit_begin(&job("k", json!({})), 1).await.unwrap());
             }
             for (id, durable) in ids {
                 durable.await.unwrap();
@@ -1199,16 +1173,7 @@ mod tests {
         let s = store(dir.path());
         let mut ids = Vec::new();
         for i in 0..6 {
-            let id = s
-                .submit(
-                    &NewJob {
-                        kind: "k".into(),
-                        params: json!({ "i": i }),
-                    },
-                    1,
-                )
-                .await
-                .unwrap();
+            let id = s.submit(&job("k", json!({ "i": i })), 1).await.unwrap();
             // Three distinct bodies, each finished twice (in separate batches too).
             let body = format!("{{\"answer\":{}}}", i % 3);
             assert!(s.finish(id, Outcome::Done(body), None, 2).await.unwrap());
@@ -1261,16 +1226,7 @@ mod tests {
             s.state(JobId(1)).await.unwrap().unwrap().result.as_deref(),
             Some("{\"old\":true}")
         );
-        let id = s
-            .submit(
-                &NewJob {
-                    kind: "k".into(),
-                    params: json!({}),
-                },
-                3,
-            )
-            .await
-            .unwrap();
+        let id = s.submit(&job("k", json!({})), 3).await.unwrap();
         assert_eq!(id, JobId(2));
         assert!(s
             .finish(id, Outcome::Done("{\"new\":true}".into()), None, 4)
