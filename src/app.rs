@@ -8,16 +8,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use async_trait::async_trait;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppContext, AppState, RouterOptions};
 use crate::config::{Cli, Command, ServeConfig, StoreSpec};
 use crate::csv::{self, datasets::DataDir};
 use crate::jobs::engine::Engine;
 use crate::jobs::{self, EngineOptions, Registry};
+use crate::lifecycle::{Component, Tasks};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::queue::local::LocalQueue;
+use crate::queue::{JobQueue, LeaseOptions};
 use crate::series::ingest::{self, TcpOptions};
 use crate::series::rollup::Rollups;
 use crate::series::sources::{self, FlagDefaults, Sources};
@@ -36,7 +41,6 @@ pub struct Application {
     line_listener: Option<TcpListener>,
     state: AppState,
     cfg: ServeConfig,
-    shutdown_rx: watch::Receiver<bool>,
 }
 
 /// Why the service stopped.
@@ -97,6 +101,16 @@ impl Application {
                 .with_context(|| format!("opening the store {}", cfg.store))?,
             ),
         };
+        let lease = LeaseOptions {
+            lease: Duration::from_millis(cfg.lease_ms),
+            max_attempts: cfg.max_attempts,
+        };
+        let queue: Arc<dyn JobQueue> = Arc::new(LocalQueue::new(
+            store.clone(),
+            cfg.queue_capacity as usize,
+            lease,
+            metrics.clone(),
+        ));
         let dataset = match &cfg.stats_dataset {
             Some(path) => {
                 let path = path.clone();
@@ -126,36 +140,44 @@ impl Application {
             jobs::testing::register(&mut registry);
         }
         let engine = Engine::start(
+            queue,
             store.clone(),
             registry,
             metrics.clone(),
             EngineOptions {
                 workers: cfg.worker_count(),
-                queue_capacity: cfg.queue_capacity as usize,
                 job_timeout: cfg.job_timeout(),
+                lease,
             },
         );
-        engine
-            .recover()
-            .await
-            .context("recovering unfinished jobs")?;
+        if let Err(e) = engine.recover().await {
+            // Stop what was started before giving up, so nothing outlives the failure.
+            engine.shutdown(Instant::now()).await;
+            let _ = store.close().await;
+            return Err(anyhow::Error::new(e).context("recovering unfinished jobs"));
+        }
 
-        let pipeline = Pipeline::start(
+        let pipeline = match Pipeline::start(
             PipelineOptions {
                 journal: cfg.journal_path(),
                 process_delay_max_ms: cfg.process_delay_max_ms,
                 reorder_capacity: cfg.reorder_capacity as usize,
             },
             metrics.clone(),
-        )
-        .context("opening the pipeline journal")?;
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                engine.shutdown(Instant::now()).await;
+                let _ = store.close().await;
+                return Err(anyhow::Error::new(e).context("opening the pipeline journal"));
+            }
+        };
 
-        let (tx, shutdown_rx) = watch::channel(false);
         let state: AppState = Arc::new(AppContext {
             engine,
             metrics,
             auth: cfg.auth_token.clone(),
-            shutdown: Arc::new(tx),
+            shutdown: CancellationToken::new(),
             poll_hold: Duration::from_millis(cfg.poll_hold_ms),
             datasets: data_dir,
             max_upload_bytes: cfg.max_upload_bytes,
@@ -185,7 +207,6 @@ impl Application {
             line_listener,
             state,
             cfg,
-            shutdown_rx,
         })
     }
 
@@ -213,9 +234,11 @@ impl Application {
         self.local_addr().port()
     }
 
-    /// Serves until `stop` resolves or `/api/graceful_shutdown` is called, then drains:
-    /// no new jobs, queued and running ones finish until `--shutdown-timeout`, the store
-    /// is flushed, and the HTTP server closes.
+    /// Serves until `stop` resolves or `/api/graceful_shutdown` is called, then drains
+    /// and stops every component in this order (ARCHITECTURE.md, "Start and stop"):
+    /// stop intake; drain the engine (until `--shutdown-timeout`) and stop it; drain the
+    /// pipeline and stop its writers; flush and close the store; stop the series tasks
+    /// and listeners; stop HTTP. (The log is flushed by `run_cli` when this returns.)
     pub async fn run_until_stopped(
         self,
         stop: impl Future<Output = ()> + Send + 'static,
@@ -226,20 +249,99 @@ impl Application {
             line_listener,
             state,
             cfg,
-            mut shutdown_rx,
         } = self;
+        // Live series: the rollup scheduler, the sources, the TCP line listener and the
+        // /getSum listener, stopped together.
+        let series = SeriesTasks::start(&state, &cfg, line_listener, compat_listener);
+        let router = api::router(
+            state.clone(),
+            RouterOptions {
+                max_body_bytes: cfg.max_body_bytes,
+                test_routes: cfg.enable_test_jobs,
+            },
+        );
+        let http = Tasks::new();
+        let http_stop = http.token();
+        http.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .into_future()
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "HTTP server ended with an error");
+            }
+        });
+
+        let reason = tokio::select! {
+            _ = stop => StopReason::Signal,
+            _ = state.shutdown.cancelled() => StopReason::Route,
+        };
         let engine = state.engine.clone();
         let pipeline = state.pipeline.clone();
-        // Live series: the rollup scheduler, the TCP line listener, the /getSum listener.
-        let (series_stop, series_stopped) = watch::channel(false);
-        let mut series_tasks = vec![state.rollups.spawn_scheduler(
-            Duration::from_secs(cfg.rollup_interval),
-            series_stopped.clone(),
-        )];
-        // The polled sources: one supervisor each, stopped with the other series tasks.
-        series_tasks.extend(state.sources.spawn(series_stopped.clone()));
+        // 1. Stop intake: new jobs and events get 503 (or "shutting down" on /api).
+        engine.begin_drain();
+        pipeline.begin_drain();
+        let deadline = Instant::now() + Duration::from_secs(cfg.shutdown_timeout);
+        tracing::info!(
+            ?reason,
+            live = engine.live_jobs(),
+            timeout_s = cfg.shutdown_timeout,
+            "draining"
+        );
+        // 2. Drain the engine, then stop it (workers, sweeper, completions joined).
+        if engine.wait_idle(deadline).await {
+            tracing::info!("drain complete: every accepted job finished");
+        } else {
+            tracing::warn!(
+                unfinished = engine.live_jobs(),
+                "drain deadline passed; unfinished jobs stay in the store and run at the next start"
+            );
+        }
+        engine.shutdown(deadline).await;
+        // 3. Drain the pipeline and stop its writers.
+        drain_pipeline(&pipeline, deadline).await;
+        if reason == StopReason::Route {
+            // Let pollers see `num_jobs: 0` and `graceful_shutdown: done` before we go.
+            tokio::time::sleep(Duration::from_millis(cfg.shutdown_linger_ms)).await;
+        }
+        // 4. Flush and close the store (its threads end; its file lock is released).
+        if let Err(e) = engine.store().close().await {
+            tracing::error!(error = %e, "closing the store failed; what was not written is lost");
+        }
+        // 5. Stop the series tasks and listeners.
+        series
+            .shutdown(Instant::now() + Duration::from_secs(5))
+            .await;
+        // 6. Stop HTTP: open connections get up to 5 s to finish their requests.
+        if !http.stop(Instant::now() + Duration::from_secs(5)).await {
+            tracing::warn!("open HTTP connections did not close within 5 s");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The live series' background tasks: the rollup scheduler, one supervisor per source,
+/// the TCP line listener and the `/getSum` listener.
+struct SeriesTasks {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SeriesTasks {
+    fn start(
+        state: &AppState,
+        cfg: &ServeConfig,
+        line_listener: Option<TcpListener>,
+        compat_listener: Option<TcpListener>,
+    ) -> SeriesTasks {
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = vec![state
+            .rollups
+            .spawn_scheduler(Duration::from_secs(cfg.rollup_interval), stopped.clone())];
+        tasks.extend(state.sources.spawn(stopped.clone()));
         if let Some(l) = line_listener {
-            series_tasks.push(ingest::spawn_tcp_listener(
+            tasks.push(ingest::spawn_tcp_listener(
                 l,
                 state.series.clone(),
                 state.metrics.clone(),
@@ -247,13 +349,13 @@ impl Application {
                     precision: cfg.line_precision,
                     max_connections: cfg.line_max_connections as usize,
                 },
-                series_stopped.clone(),
+                stopped.clone(),
             ));
         }
         if let Some(l) = compat_listener {
-            let mut stopped = series_stopped.clone();
+            let mut stopped = stopped.clone();
             let router = api::series::compat_get_sum_router(state.clone());
-            series_tasks.push(tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 let served = axum::serve(l, router)
                     .with_graceful_shutdown(async move {
                         let _ = stopped.wait_for(|v| *v).await;
@@ -264,64 +366,28 @@ impl Application {
                 }
             }));
         }
-        let router = api::router(
-            state,
-            RouterOptions {
-                max_body_bytes: cfg.max_body_bytes,
-                test_routes: cfg.enable_test_jobs,
-            },
-        );
-        let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stopped.await;
-                })
-                .into_future(),
-        );
+        SeriesTasks { stop, tasks }
+    }
+}
 
-        let reason = tokio::select! {
-            _ = stop => StopReason::Signal,
-            _ = shutdown_rx.wait_for(|v| *v) => StopReason::Route,
-        };
-        engine.begin_drain();
-        pipeline.begin_drain();
-        let deadline = Instant::now() + Duration::from_secs(cfg.shutdown_timeout);
-        tracing::info!(
-            ?reason,
-            live = engine.live_jobs(),
-            timeout_s = cfg.shutdown_timeout,
-            "draining"
-        );
-        if engine.wait_idle(deadline).await {
-            tracing::info!("drain complete: every accepted job finished");
-        } else {
-            tracing::warn!(
-                unfinished = engine.live_jobs(),
-                "drain deadline passed; unfinished jobs stay in the store and run at the next start"
-            );
+#[async_trait]
+impl Component for SeriesTasks {
+    fn name(&self) -> &'static str {
+        "series"
+    }
+
+    async fn shutdown(&self, deadline: Instant) {
+        self.stop.send_replace(true);
+        for t in &self.tasks {
+            while !t.is_finished() {
+                if Instant::now() >= deadline {
+                    tracing::warn!("a series task did not stop in time; aborting it");
+                    t.abort();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
-        drain_pipeline(&pipeline, deadline).await;
-        if let Err(e) = engine.store().flush().await {
-            tracing::error!(error = %e, "flushing the store failed");
-        }
-        if reason == StopReason::Route {
-            // Let pollers see `num_jobs: 0` and `graceful_shutdown: done` before we go.
-            tokio::time::sleep(Duration::from_millis(cfg.shutdown_linger_ms)).await;
-        }
-        series_stop.send_replace(true);
-        for t in series_tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
-        let _ = http_stop.send(());
-        match tokio::time::timeout(Duration::from_secs(5), server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
-            Err(_) => tracing::warn!("open HTTP connections did not close within 5 s"),
-        }
-        tracing::info!("stopped");
-        Ok(())
     }
 }
 

@@ -217,13 +217,7 @@ impl fmt::Display for StoreSpec {
     }
 }
 
-/// How hard SQLite syncs a commit. `full` survives power loss, `normal` survives a
-/// process crash; group commit makes `full` cheap, so it is the default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SqliteSync {
-    Full,
-    Normal,
-}
+pub use crate::store::sqlite::SqliteSync;
 
 /// A bearer token that never shows up in logs or `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
@@ -321,6 +315,15 @@ pub struct ServeConfig {
     /// With `--store memory`: finished results kept before the oldest are evicted.
     #[arg(long, env = "TALLY_MEMORY_MAX_RESULTS", default_value_t = 100_000)]
     pub memory_max_results: usize,
+
+    /// How long a claimed job stays leased to its worker without a sign of life (a
+    /// checkpoint or progress) before another worker may run it again.
+    #[arg(long, env = "TALLY_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub lease_ms: u64,
+
+    /// Runs of a job whose lease expired before it is failed for good (a dead letter).
+    #[arg(long, env = "TALLY_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts: u32,
 
     /// SQLite durability of a commit.
     #[arg(long, env = "TALLY_SQLITE_SYNC", value_enum, default_value_t = SqliteSync::Full)]
@@ -500,6 +503,7 @@ mod tests {
         assert!(c.auth_token.is_none());
         assert!(!c.enable_test_jobs);
         assert!(c.worker_count() >= 1);
+        assert_eq!((c.lease_ms, c.max_attempts), (30_000, 3));
     }
 
     #[test]

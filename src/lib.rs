@@ -4,6 +4,8 @@
 //! - [`config`]: the command line (clap, every flag also `TALLY_<FLAG>`), parsed once.
 //! - [`jobs`]: jobs as data (kind + JSON params), the kind registry, and the engine that
 //!   queues them and runs them on a pool of worker threads.
+//! - [`queue`]: where jobs wait and who holds them: the [`queue::JobQueue`] trait (claims
+//!   are leases with numbered attempts) and its in-process implementation.
 //! - [`store`]: where job records and results live: the [`store::Store`] trait with an
 //!   SQLite (default, durable, group-committed) and an in-memory implementation.
 //! - [`stats`]: the survey dataset and the nine statistics computations.
@@ -19,6 +21,8 @@
 //! - [`pipeline`]: the ordered pipeline: events acknowledged once durable in a
 //!   write-ahead log, processed after a random delay, journaled strictly in order.
 //! - [`load`]: `tally load`, the pipeline's (and the job API's) load client.
+//! - [`lifecycle`]: the handle every background component hands back, and the
+//!   cancellation and task-tracking plumbing they share.
 //! - [`telemetry`]: tracing setup (UTC timestamps, rotating log file).
 //! - [`app`]: [`app::Application`], the one start-up path shared by `main` and the tests.
 
@@ -27,10 +31,12 @@ pub mod app;
 pub mod config;
 pub mod csv;
 pub mod jobs;
+pub mod lifecycle;
 pub mod load;
 pub mod metrics;
 pub mod neumaier;
 pub mod pipeline;
+pub mod queue;
 pub mod series;
 pub mod stats;
 pub mod store;

@@ -88,6 +88,11 @@ pub struct Metrics {
     pub jobs_in_store: Family<StateLabels, Gauge>,
     pub queue_depth: Gauge,
     pub queue_rejections: Counter,
+    pub queue_leased: Gauge,
+    pub queue_reclaims: Counter,
+    pub queue_fenced: Counter,
+    pub queue_dead_letters: Counter,
+    pub store_outcome_retries: Counter,
     pub busy_workers: Gauge,
     pub workers: Gauge,
     pub worker_restarts: Counter,
@@ -132,6 +137,11 @@ impl Metrics {
             jobs_in_store: Family::default(),
             queue_depth: Gauge::default(),
             queue_rejections: Counter::default(),
+            queue_leased: Gauge::default(),
+            queue_reclaims: Counter::default(),
+            queue_fenced: Counter::default(),
+            queue_dead_letters: Counter::default(),
+            store_outcome_retries: Counter::default(),
             busy_workers: Gauge::default(),
             workers: Gauge::default(),
             worker_restarts: Counter::default(),
@@ -190,6 +200,31 @@ impl Metrics {
             "queue_rejections",
             "Submissions refused because the queue was full",
             m.queue_rejections.clone(),
+        );
+        r.register(
+            "queue_leased",
+            "Jobs claimed by a worker under a lease, as this process holds them",
+            m.queue_leased.clone(),
+        );
+        r.register(
+            "queue_reclaims",
+            "Jobs queued again after their lease expired (a worker died or stalled)",
+            m.queue_reclaims.clone(),
+        );
+        r.register(
+            "queue_fenced",
+            "Outcomes refused because a newer attempt of the job holds it",
+            m.queue_fenced.clone(),
+        );
+        r.register(
+            "queue_dead_letters",
+            "Jobs failed for good after using up --max-attempts",
+            m.queue_dead_letters.clone(),
+        );
+        r.register(
+            "store_outcome_retries",
+            "Job outcomes written again after the store could not take them",
+            m.store_outcome_retries.clone(),
         );
         r.register(
             "busy_workers",

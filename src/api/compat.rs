@@ -17,6 +17,7 @@ use super::AppState;
 use crate::jobs::engine::SubmitError;
 use crate::jobs::model::{JobId, JobStatus, NewJob};
 use crate::stats::Query;
+use crate::store::StoreError;
 
 /// A JSON response from text we built ourselves.
 fn json_text(status: StatusCode, body: String) -> Response {
@@ -33,6 +34,23 @@ fn error(status: StatusCode, reason: &str) -> Response {
         status,
         serde_json::json!({ "status": "error", "reason": reason }).to_string(),
     )
+}
+
+/// A store failure in the compatible shape: 503 with `Retry-After` and the cause when
+/// the store is unavailable (a full disk, an unreachable server), an opaque 500
+/// otherwise (the cause is logged).
+fn store_error(route: &str, e: &StoreError) -> Response {
+    tracing::error!(route, error = %e, "store failed");
+    if e.is_transient() || matches!(e, StoreError::Closed) {
+        let mut res = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+        res.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+        res
+    } else {
+        error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -137,10 +155,7 @@ pub async fn compute(
             );
             res
         }
-        Err(SubmitError::Store(e)) => {
-            tracing::error!(route, error = %e, "store failed while submitting");
-            error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-        }
+        Err(SubmitError::Store(e)) => store_error(route, &e),
         // Compatible routes skip validation and always name a registered kind.
         Err(e @ (SubmitError::UnknownKind(_) | SubmitError::InvalidParams { .. })) => {
             error(StatusCode::BAD_REQUEST, &e.to_string())
@@ -166,10 +181,7 @@ pub async fn get_results(State(st): State<AppState>, Path(raw): Path<String>) ->
             json_text(StatusCode::OK, r#"{"status":"running"}"#.to_string())
         }
         Ok(id) => match st.engine.state(id).await {
-            Err(e) => {
-                tracing::error!(job_id = %raw, error = %e, "store failed while reading a job");
-                error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-            }
+            Err(e) => store_error("get_results", &e),
             Ok(None) => error(StatusCode::NOT_FOUND, "Invalid job_id"),
             Ok(Some(r)) => match r.status {
                 JobStatus::Queued | JobStatus::Running => {
@@ -192,33 +204,78 @@ pub async fn get_results(State(st): State<AppState>, Path(raw): Path<String>) ->
     res
 }
 
+/// Rows of `/api/jobs` read from the store per chunk of the answer.
+const JOBS_PAGE: usize = 4096;
+
 /// `{"status": "done", "data": [{"job_id_1": "done"}, {"job_id_2": "running"}]}`;
 /// a job that failed is "done" here (its result carries the error), as in the original.
+/// Streamed a page of the store at a time, so a long history costs no more memory than
+/// a page (a store error midway ends the answer early; it is logged).
 pub async fn jobs(State(st): State<AppState>) -> Response {
     tracing::info!(route = "jobs", "api request in");
-    let all = match st.engine.store().statuses().await {
+    // The first page is read before answering, so a store that cannot answer at all
+    // gets a proper error rather than a broken 200.
+    let first = match st.engine.store().statuses(None, JOBS_PAGE).await {
         Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "store failed while listing jobs");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
-        }
+        Err(e) => return store_error("jobs", &e),
     };
-    let mut out = String::with_capacity(32 + all.len() * 24);
-    out.push_str(r#"{"status":"done","data":["#);
-    for (i, (id, status)) in all.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let s = if status.is_finished() {
-            "done"
-        } else {
-            "running"
-        };
-        let _ = write!(out, "{{\"{id}\":\"{s}\"}}");
+    struct Listing {
+        st: AppState,
+        page: Option<Vec<(JobId, JobStatus)>>,
+        sent: usize,
+        opened: bool,
     }
-    out.push_str("]}");
-    tracing::info!(route = "jobs", jobs = all.len(), "api response out");
-    json_text(StatusCode::OK, out)
+    let listing = Listing {
+        st,
+        page: Some(first),
+        sent: 0,
+        opened: false,
+    };
+    let body = futures_util::stream::unfold(listing, |mut l| async move {
+        let mut out = String::new();
+        if !l.opened {
+            l.opened = true;
+            out.push_str(r#"{"status":"done","data":["#);
+        }
+        let page = match l.page.take() {
+            Some(p) => p,
+            None => return None,
+        };
+        let last = page.last().map(|(id, _)| *id);
+        let full = page.len() == JOBS_PAGE;
+        out.reserve(page.len() * 24);
+        for (id, status) in &page {
+            if l.sent > 0 {
+                out.push(',');
+            }
+            l.sent += 1;
+            let s = if status.is_finished() {
+                "done"
+            } else {
+                "running"
+            };
+            let _ = write!(out, "{{\"{id}\":\"{s}\"}}");
+        }
+        if full {
+            match l.st.engine.store().statuses(last, JOBS_PAGE).await {
+                Ok(next) => l.page = Some(next),
+                Err(e) => {
+                    tracing::error!(error = %e, "store failed while listing jobs; the answer is cut short");
+                    return Some((Err(std::io::Error::other(e.to_string())), l));
+                }
+            }
+        } else {
+            out.push_str("]}");
+            tracing::info!(route = "jobs", jobs = l.sent, "api response out");
+        }
+        Some((Ok::<_, std::io::Error>(out), l))
+    });
+    let mut res = Response::new(axum::body::Body::from_stream(body));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
 }
 
 pub async fn num_jobs(State(st): State<AppState>) -> Response {
@@ -235,10 +292,7 @@ pub async fn num_jobs(State(st): State<AppState>) -> Response {
                 format!("{{\"num_jobs\":{}}}", c.in_progress()),
             )
         }
-        Err(e) => {
-            tracing::error!(error = %e, "store failed while counting jobs");
-            error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-        }
+        Err(e) => store_error("num_jobs", &e),
     }
 }
 

@@ -8,7 +8,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
-use crate::jobs::engine::{CancelError, SubmitError};
+use crate::jobs::engine::{CancelError, RetryError, SubmitError};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,9 @@ pub enum ApiError {
     QueueFull(String),
     #[error("the service is shutting down and takes no new work")]
     ShuttingDown,
+    /// A dependency (the store) cannot serve right now; the detail names it and why.
+    #[error("{0}")]
+    Unavailable(String),
     /// The cause is logged, never sent to the client.
     #[error("internal error")]
     Internal(String),
@@ -49,7 +52,9 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::QueueFull(_) | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::QueueFull(_) | ApiError::ShuttingDown | ApiError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,7 +82,7 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         match self {
-            ApiError::QueueFull(_) | ApiError::ShuttingDown => {
+            ApiError::QueueFull(_) | ApiError::ShuttingDown | ApiError::Unavailable(_) => {
                 h.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECS),
@@ -94,7 +99,18 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        match e {
+            // Transient: the client may retry; the detail says what is wrong (a full
+            // disk, an unreachable Redis), which is the operator's, not a secret.
+            StoreError::Unavailable { .. } | StoreError::Io(_) | StoreError::Closed => {
+                tracing::warn!(error = %e, "store unavailable");
+                ApiError::Unavailable(e.to_string())
+            }
+            StoreError::Sqlite(_)
+            | StoreError::Rejected { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::Locked(_) => ApiError::Internal(e.to_string()),
+        }
     }
 }
 
@@ -116,6 +132,18 @@ impl From<CancelError> for ApiError {
             CancelError::NotFound(_) => ApiError::NotFound(e.to_string()),
             CancelError::AlreadyFinished { .. } => ApiError::Conflict(e.to_string()),
             CancelError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<RetryError> for ApiError {
+    fn from(e: RetryError) -> Self {
+        match e {
+            RetryError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            RetryError::NotRetryable { .. } => ApiError::Conflict(e.to_string()),
+            RetryError::ShuttingDown => ApiError::ShuttingDown,
+            RetryError::QueueFull { .. } => ApiError::QueueFull(e.to_string()),
+            RetryError::Store(s) => s.into(),
         }
     }
 }

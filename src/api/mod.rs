@@ -13,7 +13,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use tokio::sync::watch;
 
 use crate::config::Secret;
 use crate::csv::datasets::DataDir;
@@ -42,8 +41,8 @@ pub struct AppContext {
     pub metrics: Arc<Metrics>,
     /// `Some` when `--auth-token` is set.
     pub auth: Option<Secret>,
-    /// Set to true to ask the application to drain and stop (`/api/graceful_shutdown`).
-    pub shutdown: Arc<watch::Sender<bool>>,
+    /// Cancelled to ask the application to drain and stop (`/api/graceful_shutdown`).
+    pub shutdown: tokio_util::sync::CancellationToken,
     /// How long `/api/get_results` may hold a poll of an unfinished job (long polling).
     pub poll_hold: std::time::Duration,
     /// `--data-dir`: datasets of `csv.column_sum` jobs.
@@ -64,7 +63,7 @@ pub struct AppContext {
 
 impl AppContext {
     pub fn request_shutdown(&self) {
-        self.shutdown.send_replace(true);
+        self.shutdown.cancel();
     }
 }
 
@@ -79,6 +78,7 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
     let mut guarded = Router::new()
         .route("/v1/jobs", post(v1::submit))
         .route("/v1/jobs/{id}", axum::routing::delete(v1::cancel))
+        .route("/v1/jobs/{id}/retry", post(v1::retry))
         .route("/v1/events", post(events::submit))
         .route(
             "/write",

@@ -17,16 +17,30 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready to take work: 503 while draining.
+/// Ready to take work: 503 while draining, and while the store cannot write (with the
+/// cause; it turns ready again by itself once the store recovers).
 pub async fn readyz(State(st): State<AppState>) -> Response {
     if st.engine.is_draining() {
-        (
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "draining" })),
         )
-            .into_response()
-    } else {
-        Json(json!({ "status": "ready" })).into_response()
+            .into_response();
+    }
+    match st.engine.store().health() {
+        Ok(()) => Json(json!({ "status": "ready" })).into_response(),
+        Err(cause) => {
+            let mut res = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "unavailable", "detail": cause })),
+            )
+                .into_response();
+            res.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(super::error::RETRY_AFTER_SECS),
+            );
+            res
+        }
     }
 }
 

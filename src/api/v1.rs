@@ -1,5 +1,5 @@
 //! The native job API: `/v1/jobs` (submit, list), `/v1/jobs/{id}` (get, cancel),
-//! `/v1/jobs/stats`.
+//! `/v1/jobs/{id}/retry`, `/v1/jobs/stats`.
 
 use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
@@ -42,6 +42,8 @@ pub struct JobView {
     finished_at: Option<String>,
     result: Option<Box<RawValue>>,
     error: Option<String>,
+    /// Runs of the job so far (a worker that died or stalled, or a retry, adds one).
+    attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     progress: Option<Progress>,
 }
@@ -63,6 +65,7 @@ fn view(r: JobRecord, progress: Option<(u64, u64)>) -> JobView {
         // Stored results are JSON we wrote ourselves; a corrupt one shows as null.
         result: r.result.and_then(|s| RawValue::from_string(s).ok()),
         error: r.error,
+        attempts: r.attempts,
         progress: progress.map(|(done, total)| Progress { done, total }),
     }
 }
@@ -146,6 +149,22 @@ pub async fn cancel(
     Ok(Json(
         serde_json::json!({ "id": id.to_string(), "status": "cancelled" }),
     ))
+}
+
+/// `POST /v1/jobs/{id}/retry`: a failed or cancelled job runs again, same id, next
+/// attempt (409 for a job that is queued, running or done).
+pub async fn retry(
+    State(st): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&raw)?;
+    st.engine.retry(id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/jobs/{id}"))],
+        Json(serde_json::json!({ "id": id.to_string(), "status": "queued" })),
+    )
+        .into_response())
 }
 
 const MAX_PAGE: usize = 1000;

@@ -1,32 +1,40 @@
-//! The engine: admits jobs into a bounded queue, runs them on a pool of worker threads,
-//! and records every transition in the store.
+//! The engine: admits jobs into a queue ([`crate::queue::JobQueue`]), runs what it
+//! claims on a pool of worker threads, and hands every outcome to the queue, which
+//! records it only for the attempt that still holds the job.
 //!
-//! - Admission never blocks: a queue slot is a semaphore permit taken with `try_acquire`;
-//!   no permit means "queue full" (503 + Retry-After at the edge).
+//! - Admission never blocks: a full queue answers at once (503 + Retry-After at the edge).
 //! - Workers are OS threads, so CPU work never runs on the async I/O threads.
 //! - A job that panics takes its worker thread down with it; the job is failed with the
 //!   panic message and a fresh thread replaces the old one at once (counted in metrics).
 //! - Cancel and timeout set the job's flag (cooperative stop) and record the final state
 //!   at once; whichever of finish/cancel/timeout comes first wins, exactly once.
-//! - Drain: intake stops, queued and running work finishes until a deadline, and what is
-//!   left stays in the store as queued/running, to be run again at the next start.
+//! - Leases: the sweeper renews the leases of jobs whose worker shows signs of life
+//!   (checkpoints, progress), reclaims expired ones, and stops a job whose lease was
+//!   lost or which was cancelled elsewhere. An outcome the store could not write is
+//!   retried until it is (a full disk), and the job stays in flight meanwhile.
+//! - Drain: intake stops, queued (for an in-process queue) and running work finishes
+//!   until a deadline; what is left stays in the store, to be run again at the next
+//!   start (or, on a shared queue, by another replica at once).
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde_json::Value;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, NewJob, Outcome};
+use super::model::{JobCounts, JobId, JobState, JobStatus, NewJob, Outcome};
 use super::{EngineOptions, JobContext, JobError, Registry};
 use crate::metrics::{KindLabels, Metrics};
 use crate::now_ms;
-use crate::store::{Store, StoreError};
+use crate::queue::{gave_up, JobQueue, Lease, PushError, Renewal};
+use crate::store::{FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -42,6 +50,15 @@ pub enum SubmitError {
     Store(#[from] StoreError),
 }
 
+impl From<PushError> for SubmitError {
+    fn from(e: PushError) -> Self {
+        match e {
+            PushError::Full { capacity } => SubmitError::QueueFull { capacity },
+            PushError::Store(s) => SubmitError::Store(s),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CancelError {
     #[error("job {0} not found")]
@@ -52,48 +69,90 @@ pub enum CancelError {
     Store(#[from] StoreError),
 }
 
-/// A job this process has admitted and not yet let go of.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    #[error("job {id} is {status}; only failed or cancelled jobs run again", status = .status.as_str())]
+    NotRetryable { id: JobId, status: JobStatus },
+    #[error("the service is shutting down and takes no new jobs")]
+    ShuttingDown,
+    #[error("the queue is full ({capacity} jobs waiting); retry later")]
+    QueueFull { capacity: usize },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A job this process has admitted or claimed and not yet let go of: one per attempt.
 struct Live {
     kind: String,
     ctx: JobContext,
-    /// Set by whoever records the final state first (worker, cancel or timeout).
+    /// The attempt running here (0: admitted here, not yet claimed).
+    attempt: AtomicU32,
+    /// Set by whoever decides the final state first (worker, cancel, timeout, shutdown).
     finalized: AtomicBool,
     /// Woken when the job leaves `live`, i.e. once its final state is durable.
     gone: Notify,
     /// When a worker started it (ms since epoch; 0 = not started).
     started_at: AtomicI64,
-    /// The "running" state has been written to the store. Short jobs never need it:
-    /// their start time travels with their outcome, saving a write per job.
-    running_recorded: AtomicBool,
+    /// The outcome is decided and on its way to the store (retried while it cannot be
+    /// written): the lease is renewed for it whatever the worker does.
+    outcome_pending: AtomicBool,
+    /// Progress as last seen by the sweeper, and when it last moved: progress counts as
+    /// a sign of life for jobs that report it from many threads (the CSV scan).
+    progress_seen: AtomicU64,
+    progress_moved_at: AtomicI64,
 }
 
-struct Queued {
-    id: JobId,
-    params: Value,
-    live: Arc<Live>,
-    /// The queue slot, given back when a worker takes the job. Recovered jobs hold one
-    /// too, so a backlog after a restart cannot overflow the queue.
-    _slot: OwnedSemaphorePermit,
+impl Live {
+    fn new(kind: String, attempt: u32) -> Arc<Live> {
+        Arc::new(Live {
+            kind,
+            ctx: JobContext::new(attempt),
+            attempt: AtomicU32::new(attempt),
+            finalized: AtomicBool::new(false),
+            gone: Notify::new(),
+            started_at: AtomicI64::new(0),
+            outcome_pending: AtomicBool::new(false),
+            progress_seen: AtomicU64::new(0),
+            progress_moved_at: AtomicI64::new(0),
+        })
+    }
+
+    /// The last sign of life of the job's worker (ms since epoch).
+    fn last_sign_of_life(&self, now: i64) -> i64 {
+        if let Some((done, _)) = self.ctx.progress() {
+            if self.progress_seen.swap(done, Ordering::Relaxed) != done {
+                self.progress_moved_at.store(now, Ordering::Relaxed);
+            }
+        }
+        self.ctx
+            .last_beat()
+            .max(self.started_at.load(Ordering::Relaxed))
+            .max(self.progress_moved_at.load(Ordering::Relaxed))
+    }
 }
 
 struct Inner {
+    queue: Arc<dyn JobQueue>,
     store: Arc<dyn Store>,
     registry: Registry,
     metrics: Arc<Metrics>,
     opts: EngineOptions,
-    tx: crossbeam_channel::Sender<Queued>,
-    rx: crossbeam_channel::Receiver<Queued>,
-    slots: Arc<Semaphore>,
     live: Mutex<HashMap<JobId, Arc<Live>>>,
     /// No new jobs are admitted.
     draining: AtomicBool,
-    /// The drain deadline passed: workers leave what is still queued in the store.
+    /// Past the drain deadline: claims are handed back, not run.
     stopped: AtomicBool,
     /// Woken whenever a job leaves `live`, so a drain can wait without polling.
     idle: Notify,
-    /// Finished jobs on their way to the store, for the one completion task.
+    /// Outcomes on their way to the store, for the one completion task.
     completions: tokio::sync::mpsc::UnboundedSender<Completion>,
     recent: Mutex<Recent>,
+    /// The sweeper and the completion task; `stop` ends them.
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// At most this many just-finished states wait for their first poll ([`Recent`])...
@@ -124,7 +183,9 @@ impl Recent {
             return;
         }
         self.bytes += size;
-        self.states.insert(id, state);
+        if let Some(old) = self.states.insert(id, state) {
+            self.bytes -= state_bytes(&old);
+        }
         self.order.push_back(id);
         while self.order.len() > RECENT_MAX_JOBS || self.bytes > RECENT_MAX_BYTES {
             let Some(old) = self.order.pop_front() else {
@@ -142,18 +203,34 @@ impl Recent {
         // Its id stays in `order` until pushed out; removing it there would cost a scan.
         Some(s)
     }
+
+    /// A job that runs again must not answer from its previous run.
+    fn forget(&mut self, id: JobId) {
+        let _ = self.take(id);
+    }
 }
 
-/// A job whose worker is done with it and whose outcome is on its way to the store; the
-/// completion task waits until it is durable, then lets the job go.
+/// An outcome on its way to the store; the completion task waits until it is durable
+/// (retrying it while the store cannot take it), then lets the job go.
 struct Completion {
     id: JobId,
+    attempt: u32,
     live: Arc<Live>,
     /// The outcome as a poll will read it, for the recently-finished cache (none when
     /// the store's own reads are as cheap).
     state: Option<JobState>,
-    durable: crate::store::Pending<bool>,
+    started_at: Option<i64>,
+    durable: FinishPending,
 }
+
+/// How long a blocked claim waits before a worker looks around (shutdown wakes it
+/// earlier).
+const CLAIM_WAIT: Duration = Duration::from_secs(1);
+
+/// Retries of an outcome the store could not take start after this long, doubling...
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// ...up to this.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Engine {
@@ -161,35 +238,39 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the worker threads. Must be called from within a tokio runtime.
+    /// Starts the worker threads, the sweeper and the completion task. Must be called
+    /// from within a tokio runtime; [`Engine::shutdown`] stops and joins them all.
     pub fn start(
+        queue: Arc<dyn JobQueue>,
         store: Arc<dyn Store>,
         registry: Registry,
         metrics: Arc<Metrics>,
         opts: EngineOptions,
     ) -> Self {
-        let (tx, rx) = crossbeam_channel::unbounded();
         let (completions, done_rx) = tokio::sync::mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
+            queue,
             store,
             registry,
             metrics,
-            slots: Arc::new(Semaphore::new(opts.queue_capacity)),
             opts,
-            tx,
-            rx,
             live: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             idle: Notify::new(),
             completions,
             recent: Mutex::new(Recent::default()),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            threads: Mutex::new(Vec::new()),
         });
         for n in 0..inner.opts.workers {
             spawn_worker(inner.clone(), n);
         }
-        tokio::spawn(sweep(Arc::downgrade(&inner)));
-        tokio::spawn(record_completions(inner.clone(), done_rx));
+        inner.tasks.spawn(sweep(inner.clone()));
+        inner
+            .tasks
+            .spawn(record_completions(inner.clone(), done_rx));
         Engine { inner }
     }
 
@@ -197,16 +278,30 @@ impl Engine {
         &self.inner.store
     }
 
+    pub fn queue(&self) -> &Arc<dyn JobQueue> {
+        &self.inner.queue
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
     }
 
-    pub fn queue_capacity(&self) -> usize {
-        self.inner.opts.queue_capacity
+    /// Starts tracking a job the queue just admitted, when this process will run it.
+    fn admitted(&self, kind: &str) -> impl Fn(JobId) + Send + Sync + '_ {
+        let local = self.inner.queue.is_local();
+        let kind = kind.to_string();
+        move |id| {
+            if local {
+                self.inner
+                    .live
+                    .lock()
+                    .insert(id, Live::new(kind.clone(), 0));
+            }
+        }
     }
 
-    /// Admits a job: checks the kind (and params when `validate`), takes a queue slot,
-    /// makes the record durable, then queues it. The id is valid when this returns.
+    /// Admits a job: checks the kind (and params when `validate`), queues it and waits
+    /// until its record is durable. The id is valid when this returns.
     pub async fn submit(&self, job: NewJob, validate: bool) -> Result<JobId, SubmitError> {
         let inner = &self.inner;
         if inner.draining.load(Ordering::SeqCst) {
@@ -224,132 +319,96 @@ impl Engine {
                     reason,
                 })?;
         }
-        let Ok(slot) = inner.slots.clone().try_acquire_owned() else {
-            inner.metrics.queue_rejections.inc();
-            return Err(SubmitError::QueueFull {
-                capacity: inner.opts.queue_capacity,
-            });
-        };
-        // The job is queued while its record is being committed (the work overlaps the
-        // commit, and its outcome often lands in the same group commit); the id is
-        // returned only once the record is durable.
-        let (id, durable) = inner.store.submit_begin(&job, now_ms()).await?;
-        let NewJob { kind, params } = job;
-        let live = self.enqueue(id, kind.clone(), params, slot);
+        let admitted = self.admitted(&job.kind);
+        let (id, durable) = inner.queue.push(&job, now_ms(), &admitted).await?;
         if let Err(e) = durable.await {
             // Never acknowledged: stop the job; its outcome cannot be recorded anyway.
-            live.ctx.cancel();
-            live.finalized.store(true, Ordering::SeqCst);
+            let live = inner.live.lock().get(&id).cloned();
+            if let Some(live) = live {
+                live.ctx.cancel();
+                live.finalized.store(true, Ordering::SeqCst);
+                if live.attempt.load(Ordering::SeqCst) == 0 {
+                    release(inner, id, &live);
+                }
+            }
             return Err(e.into());
         }
         inner
             .metrics
             .jobs_submitted
-            .get_or_create(&KindLabels { kind })
+            .get_or_create(&KindLabels { kind: job.kind })
             .inc();
         Ok(id)
     }
 
-    fn enqueue(
-        &self,
-        id: JobId,
-        kind: String,
-        params: Value,
-        slot: OwnedSemaphorePermit,
-    ) -> Arc<Live> {
-        let live = Arc::new(Live {
-            kind,
-            ctx: JobContext::default(),
-            finalized: AtomicBool::new(false),
-            gone: Notify::new(),
-            started_at: AtomicI64::new(0),
-            running_recorded: AtomicBool::new(false),
-        });
-        self.inner.live.lock().insert(id, live.clone());
-        self.inner.metrics.queue_depth.inc();
-        // The receiver lives as long as `inner`, so sending cannot fail while we hold it.
-        let _ = self.inner.tx.send(Queued {
-            id,
-            params,
-            live: live.clone(),
-            _slot: slot,
-        });
-        live
-    }
-
-    /// Queues again the jobs an earlier process left unfinished. Runs in the background,
-    /// taking queue slots as they free up; returns how many were found.
+    /// Queues again the jobs an earlier process left unfinished (for a queue that lives
+    /// in this process); returns how many were found.
     pub async fn recover(&self) -> Result<usize, StoreError> {
-        let jobs: Vec<JobRecord> = self.inner.store.recover_unfinished().await?;
-        let n = jobs.len();
-        if n > 0 {
-            tracing::info!(
-                jobs = n,
-                "resuming jobs left unfinished by the previous run"
-            );
-            let me = self.clone();
-            tokio::spawn(async move {
-                for job in jobs {
-                    let Ok(slot) = me.inner.slots.clone().acquire_owned().await else {
-                        return;
-                    };
-                    if me.inner.stopped.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    me.enqueue(job.id, job.kind, job.params, slot);
-                }
-            });
-        }
-        Ok(n)
+        self.inner.queue.recover().await
     }
 
-    /// Cancels a queued or running job. A running job stops at its next checkpoint; its
-    /// state is `cancelled` from now on either way.
+    /// Cancels a queued or running job, wherever it runs. A running job stops at its
+    /// next checkpoint; its state is `cancelled` from now on either way.
     pub async fn cancel(&self, id: JobId) -> Result<(), CancelError> {
-        let live = self.inner.live.lock().get(&id).cloned();
-        // A job already finalized (cancelled, timed out) but whose worker has not yet
-        // noticed is answered from the store below, like any finished job.
-        if let Some(live) = live.filter(|l| !l.finalized.load(Ordering::SeqCst)) {
-            live.ctx.cancel();
-            if !live.finalized.swap(true, Ordering::SeqCst) {
-                self.inner
-                    .store
-                    .finish(
-                        id,
-                        Outcome::Cancelled("cancelled by request".into()),
-                        Some(live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0),
-                        now_ms(),
-                    )
-                    .await?;
-                self.inner
-                    .metrics
-                    .job_finished(&live.kind, "cancelled", None);
-            }
-            return Ok(());
-        }
-        match self.inner.store.get(id).await? {
-            None => Err(CancelError::NotFound(id)),
-            Some(r) if r.status.is_finished() => Err(CancelError::AlreadyFinished {
-                id,
-                status: r.status,
-            }),
-            Some(r) => {
-                // Known to the store but not to this process (not yet recovered).
-                if self
-                    .inner
-                    .store
-                    .finish(
-                        id,
-                        Outcome::Cancelled("cancelled by request".into()),
-                        None,
-                        now_ms(),
-                    )
-                    .await?
-                {
-                    self.inner.metrics.job_finished(&r.kind, "cancelled", None);
+        let inner = &self.inner;
+        let live = inner.live.lock().get(&id).cloned();
+        match inner.queue.cancel(id, now_ms()).await? {
+            Finished::Recorded => {
+                if let Some(live) = live {
+                    live.ctx.cancel();
+                    if !live.finalized.swap(true, Ordering::SeqCst) {
+                        inner.metrics.job_finished(&live.kind, "cancelled", None);
+                    }
+                    // Not claimed yet: nothing else will let it go. A running one is let
+                    // go by its worker when it stops.
+                    if live.attempt.load(Ordering::SeqCst) == 0 {
+                        release(inner, id, &live);
+                    }
+                } else if let Ok(Some(r)) = inner.store.get(id).await {
+                    inner.metrics.job_finished(&r.kind, "cancelled", None);
                 }
                 Ok(())
             }
+            Finished::Unknown => Err(CancelError::NotFound(id)),
+            Finished::AlreadyFinished | Finished::Stale => match inner.store.get(id).await? {
+                Some(r) => Err(CancelError::AlreadyFinished {
+                    id,
+                    status: r.status,
+                }),
+                None => Err(CancelError::NotFound(id)),
+            },
+        }
+    }
+
+    /// Runs a failed or cancelled job again: same id, next attempt.
+    pub async fn retry(&self, id: JobId) -> Result<(), RetryError> {
+        let inner = &self.inner;
+        if inner.draining.load(Ordering::SeqCst) {
+            return Err(RetryError::ShuttingDown);
+        }
+        let Some(rec) = inner.store.get(id).await? else {
+            return Err(RetryError::NotFound(id));
+        };
+        let admitted = self.admitted(&rec.kind);
+        let answer = inner
+            .queue
+            .retry(id, now_ms(), &admitted)
+            .await
+            .map_err(|e| match e {
+                PushError::Full { capacity } => RetryError::QueueFull { capacity },
+                PushError::Store(s) => RetryError::Store(s),
+            })?;
+        match answer {
+            Requeued::Yes(_) => {
+                inner.recent.lock().forget(id);
+                Ok(())
+            }
+            Requeued::Unknown => Err(RetryError::NotFound(id)),
+            Requeued::Done => Err(RetryError::NotRetryable {
+                id,
+                status: JobStatus::Done,
+            }),
+            Requeued::NotFinished(status) => Err(RetryError::NotRetryable { id, status }),
         }
     }
 
@@ -364,8 +423,8 @@ impl Engine {
     }
 
     /// Waits up to `hold` for a job held by this process to finish durably. Returns at
-    /// once when this process does not hold the job. This lets a poll answer "done" the moment it
-    /// is true instead of "running" now and a new poll later (long polling).
+    /// once when this process does not hold the job. This lets a poll answer "done" the
+    /// moment it is true instead of "running" now and a new poll later (long polling).
     pub async fn wait_finished(&self, id: JobId, hold: Duration) {
         let Some(live) = self.inner.live.lock().get(&id).cloned() else {
             return;
@@ -388,8 +447,7 @@ impl Engine {
         self.inner.store.state(id).await
     }
 
-    /// When a job running in this process started, if it has (the store may not know
-    /// yet: short jobs record their start with their outcome).
+    /// When a job running in this process started, if it has.
     pub fn started_at(&self, id: JobId) -> Option<i64> {
         self.inner
             .live
@@ -416,21 +474,25 @@ impl Engine {
         self.inner.draining.load(Ordering::SeqCst)
     }
 
-    /// Jobs admitted by this process and not yet finished.
+    /// Jobs admitted or claimed by this process and not yet finished.
     pub fn live_jobs(&self) -> usize {
         self.inner.live.lock().len()
     }
 
-    /// Stops intake. Idempotent.
+    /// Stops intake. Idempotent. A shared queue also stops handing this process work
+    /// (what it fetched ahead goes back at once); an in-process one goes on until the
+    /// jobs it holds are done.
     pub fn begin_drain(&self) {
         if !self.inner.draining.swap(true, Ordering::SeqCst) {
             tracing::info!(live = self.live_jobs(), "draining: no new jobs accepted");
+            if !self.inner.queue.is_local() {
+                self.inner.queue.close();
+            }
         }
     }
 
-    /// Waits until every admitted job has finished, or the deadline. Returns true when
-    /// everything finished. After a timeout the workers stop picking up queued jobs, which
-    /// stay queued in the store for the next start.
+    /// Waits until every job this process holds has finished, or the deadline. Returns
+    /// true when everything finished (outcomes durable).
     pub async fn wait_idle(&self, deadline: Instant) -> bool {
         loop {
             let notified = self.inner.idle.notified();
@@ -440,7 +502,6 @@ impl Engine {
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(deadline.into()) => {
-                    self.inner.stopped.store(true, Ordering::SeqCst);
                     return self.inner.live.lock().is_empty();
                 }
                 // A safety net in case a wake-up raced with the check above.
@@ -448,69 +509,230 @@ impl Engine {
             }
         }
     }
-}
 
-/// How often running jobs are looked at for timeouts and for recording their start.
-const SWEEP_EVERY: Duration = Duration::from_millis(50);
-
-/// One task for all running jobs, instead of a timer per job: records "running" in the
-/// store for jobs that run longer than one sweep, and fails jobs past their timeout.
-/// Ends when the engine is dropped.
-async fn sweep(inner: std::sync::Weak<Inner>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(inner) = inner.upgrade() else { return };
-        let now = now_ms();
+    /// Stops the engine: no more claims; jobs still running are stopped (cooperatively)
+    /// and handed back unfinished, for the next start or another replica; outcomes in
+    /// flight get until `deadline`; then the worker threads, the sweeper and the
+    /// completion task are joined. Idempotent.
+    pub async fn shutdown(&self, deadline: Instant) {
+        let inner = &self.inner;
+        inner.draining.store(true, Ordering::SeqCst);
+        inner.stopped.store(true, Ordering::SeqCst);
+        inner.queue.close();
+        // What still runs now is left for later: abandoned, not failed or cancelled.
         let running: Vec<(JobId, Arc<Live>)> = inner
             .live
             .lock()
             .iter()
-            .filter(|(_, l)| {
-                l.started_at.load(Ordering::SeqCst) > 0 && !l.finalized.load(Ordering::SeqCst)
-            })
             .map(|(id, l)| (*id, l.clone()))
             .collect();
+        let mut handed_back = 0usize;
         for (id, live) in running {
-            let started = live.started_at.load(Ordering::SeqCst);
-            if let Some(t) = inner.opts.job_timeout {
-                if now - started >= t.as_millis() as i64 {
-                    live.ctx.cancel();
-                    if !live.finalized.swap(true, Ordering::SeqCst) {
-                        let msg = format!("timed out after {} s", t.as_secs_f64());
-                        if let Err(e) = inner
-                            .store
-                            .finish(id, Outcome::Failed(msg), Some(started), now)
-                            .await
-                        {
-                            tracing::warn!(job = %id, error = %e, "could not record timeout");
-                        }
-                        inner.metrics.job_finished(&live.kind, "timeout", Some(t));
-                    }
+            if live.finalized.swap(true, Ordering::SeqCst) {
+                continue; // its outcome is on its way; the completion task sees it through
+            }
+            live.ctx.cancel();
+            let attempt = live.attempt.load(Ordering::SeqCst);
+            if attempt > 0 {
+                if let Err(e) = inner.queue.release(id, attempt).await {
+                    tracing::warn!(job = %id, error = %e, "could not hand a running job back");
+                }
+                handed_back += 1;
+            }
+            release(inner, id, &live);
+        }
+        if handed_back > 0 {
+            tracing::warn!(
+                jobs = handed_back,
+                "jobs still running at shutdown were handed back unfinished"
+            );
+        }
+        // Outcomes already on their way: give them until the deadline.
+        let _ = tokio::time::timeout_at(deadline.into(), async {
+            while inner
+                .live
+                .lock()
+                .values()
+                .any(|l| l.outcome_pending.load(Ordering::SeqCst))
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        inner.stop.cancel();
+        inner.tasks.close();
+        if tokio::time::timeout_at(deadline.into(), inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the engine's tasks did not stop before the deadline");
+        }
+        // Workers stop at their next claim; one still inside a job that ignores its
+        // cancel flag cannot be stopped and is left behind (the process exit ends it).
+        let threads: Vec<JoinHandle<()>> = std::mem::take(&mut *inner.threads.lock());
+        let grace = deadline.max(Instant::now() + Duration::from_secs(1));
+        let mut stuck = 0;
+        for t in threads {
+            while !t.is_finished() && Instant::now() < grace {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                stuck += 1;
+            }
+        }
+        if stuck > 0 {
+            tracing::warn!(
+                workers = stuck,
+                "worker threads still inside a job were left behind"
+            );
+        }
+    }
+}
+
+/// How often running jobs are looked at for timeouts.
+const SWEEP_EVERY: Duration = Duration::from_millis(50);
+
+/// One task for all jobs held here, instead of a timer per job: fails jobs past their
+/// timeout; renews the leases of jobs whose worker is alive; reclaims expired leases.
+async fn sweep(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let renew_every = inner.opts.lease.renew_every();
+    let mut last_renew = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = inner.stop.cancelled() => return,
+        }
+        let now = now_ms();
+        let held: Vec<(JobId, Arc<Live>)> = inner
+            .live
+            .lock()
+            .iter()
+            .filter(|(_, l)| l.attempt.load(Ordering::SeqCst) > 0)
+            .map(|(id, l)| (*id, l.clone()))
+            .collect();
+        if let Some(t) = inner.opts.job_timeout {
+            for (id, live) in &held {
+                let started = live.started_at.load(Ordering::SeqCst);
+                if started == 0 || now - started < t.as_millis() as i64 {
                     continue;
                 }
-            }
-            if now - started >= SWEEP_EVERY.as_millis() as i64
-                && !live.running_recorded.swap(true, Ordering::SeqCst)
-            {
-                if let Err(e) = inner.store.mark_running(id, started).await {
-                    tracing::warn!(job = %id, error = %e, "could not record job start");
+                live.ctx.cancel();
+                if !live.finalized.swap(true, Ordering::SeqCst) {
+                    let msg = format!("timed out after {} s", t.as_secs_f64());
+                    inner.metrics.job_finished(&live.kind, "timeout", Some(t));
+                    let attempt = live.attempt.load(Ordering::SeqCst);
+                    let queue = inner.queue.clone();
+                    let id = *id;
+                    send_completion(
+                        &inner,
+                        Completion {
+                            id,
+                            attempt,
+                            live: live.clone(),
+                            state: None,
+                            started_at: Some(started),
+                            durable: Box::pin(async move {
+                                queue
+                                    .finish_async(
+                                        id,
+                                        attempt,
+                                        Outcome::Failed(msg),
+                                        Some(started),
+                                        now,
+                                    )
+                                    .await
+                            }),
+                        },
+                    );
                 }
             }
         }
+        if last_renew.elapsed() < renew_every {
+            continue;
+        }
+        last_renew = Instant::now();
+        renew_and_reclaim(&inner, &held, now).await;
+    }
+}
+
+/// Renews the leases of jobs whose worker showed life within a lease period (or whose
+/// outcome is on its way), stops the jobs whose lease is gone, and reclaims expired
+/// leases (this process's or, on a shared queue, a dead replica's).
+async fn renew_and_reclaim(inner: &Inner, held: &[(JobId, Arc<Live>)], now: i64) {
+    let lease_ms = inner.opts.lease.lease.as_millis() as i64;
+    let alive: Vec<&(JobId, Arc<Live>)> = held
+        .iter()
+        .filter(|(_, l)| {
+            l.outcome_pending.load(Ordering::SeqCst)
+                || (!l.finalized.load(Ordering::SeqCst)
+                    && now - l.last_sign_of_life(now) < lease_ms)
+        })
+        .collect();
+    if !alive.is_empty() {
+        let keys: Vec<(JobId, u32)> = alive
+            .iter()
+            .map(|(id, l)| (*id, l.attempt.load(Ordering::SeqCst)))
+            .collect();
+        match inner.queue.renew(&keys, now).await {
+            Ok(answers) => {
+                for ((id, live), answer) in alive.iter().zip(answers) {
+                    match answer {
+                        Renewal::Held => {}
+                        Renewal::Lost => {
+                            // Its outcome will be refused: no use going on.
+                            live.ctx.cancel();
+                            tracing::warn!(job = %id, attempt = live.attempt.load(Ordering::SeqCst), "lease lost; stopping this attempt");
+                        }
+                        Renewal::Cancelled => {
+                            live.ctx.cancel();
+                            live.finalized.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew leases"),
+        }
+    }
+    match inner.queue.reclaim_expired(now).await {
+        Ok(r) => {
+            for (id, attempt) in r.requeued.iter().chain(r.dead.iter()) {
+                tracing::warn!(job = %id, attempt, "lease expired; job reclaimed");
+                // If that attempt runs here (stalled), stop it; its outcome will be refused.
+                if let Some(live) = inner.live.lock().get(id) {
+                    if live.attempt.load(Ordering::SeqCst) == *attempt {
+                        live.ctx.cancel();
+                    }
+                }
+            }
+            inner.metrics.queue_reclaims.inc_by(r.requeued.len() as u64);
+            inner.metrics.queue_dead_letters.inc_by(r.dead.len() as u64);
+            for (id, attempts) in &r.dead {
+                tracing::error!(job = %id, attempts, "job failed for good: {}", gave_up(*attempts));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not reclaim expired leases"),
     }
 }
 
 fn spawn_worker(inner: Arc<Inner>, n: usize) {
     let builder = std::thread::Builder::new().name(format!("tally-worker-{n}"));
+    let me = inner.clone();
     let spawned = builder.spawn(move || {
-        inner.metrics.workers.inc();
-        worker_loop(&inner, n);
-        inner.metrics.workers.dec();
+        me.metrics.workers.inc();
+        worker_loop(&me, n);
+        me.metrics.workers.dec();
     });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "could not start a worker thread");
+    match spawned {
+        Ok(h) => {
+            let mut threads = inner.threads.lock();
+            threads.retain(|t| !t.is_finished());
+            threads.push(h);
+        }
+        Err(e) => tracing::error!(error = %e, "could not start a worker thread"),
     }
 }
 
@@ -524,41 +746,115 @@ fn panic_message(p: &(dyn Any + Send)) -> String {
     }
 }
 
+/// The `Live` of a claimed attempt: the one made at admission for its first claim here,
+/// else a fresh one (a recovered, reclaimed or retried job, or one admitted elsewhere).
+fn adopt(inner: &Inner, lease: &Lease) -> Arc<Live> {
+    let mut live = inner.live.lock();
+    if let Some(l) = live.get(&lease.id) {
+        if l.attempt
+            .compare_exchange(0, lease.attempt, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            || l.attempt.load(Ordering::SeqCst) == lease.attempt
+        {
+            return l.clone();
+        }
+    }
+    // An older attempt may still be here (its lease was lost): it keeps its own `Live`.
+    let fresh = Live::new(lease.kind.clone(), lease.attempt);
+    live.insert(lease.id, fresh.clone());
+    fresh
+}
+
 fn worker_loop(inner: &Arc<Inner>, n: usize) {
-    while let Ok(q) = inner.rx.recv() {
-        let Queued {
+    loop {
+        let lease = match inner.queue.claim(CLAIM_WAIT) {
+            Ok(Some(lease)) => lease,
+            Ok(None) => continue,
+            Err(_closed) => return,
+        };
+        let live = adopt(inner, &lease);
+        let Lease {
             id,
+            attempt,
+            kind,
             params,
-            live,
-            _slot,
-        } = q;
-        drop(_slot);
-        inner.metrics.queue_depth.dec();
-        if inner.stopped.load(Ordering::SeqCst) || live.finalized.load(Ordering::SeqCst) {
-            // Cancelled while queued, or past the drain deadline (stays queued in store).
+        } = lease;
+        if live.finalized.load(Ordering::SeqCst) {
+            // Cancelled (or never acknowledged) before it started.
             release(inner, id, &live);
             continue;
         }
-        let Some(handler) = inner.registry.get(&live.kind).cloned() else {
-            // Only possible for a job recovered from a store written by another version.
-            let msg = format!("unknown job kind '{}'", live.kind);
-            complete(inner, id, &live, Outcome::Failed(msg), "failed", None);
+        if inner.stopped.load(Ordering::SeqCst) {
+            // Past the drain deadline: hand it back for the next start.
+            live.finalized.store(true, Ordering::SeqCst);
+            let queue = inner.queue.clone();
+            let (done, done_rx) = tokio::sync::oneshot::channel();
+            let handed = inner.tasks.spawn(async move {
+                let _ = queue.release(id, attempt).await;
+                let _ = done.send(());
+            });
+            drop(handed);
+            let _ = done_rx.blocking_recv();
+            release(inner, id, &live);
+            continue;
+        }
+        live.started_at.store(now_ms(), Ordering::SeqCst);
+        if attempt > inner.opts.lease.max_attempts {
+            let msg = gave_up(attempt - 1);
+            inner.metrics.queue_dead_letters.inc();
+            complete(
+                inner,
+                id,
+                attempt,
+                &live,
+                Outcome::Failed(msg),
+                "failed",
+                None,
+            );
+            continue;
+        }
+        let Some(handler) = inner.registry.get(&kind).cloned() else {
+            // Only possible for a job queued by a process with other kinds.
+            let msg = format!("unknown job kind '{kind}'");
+            complete(
+                inner,
+                id,
+                attempt,
+                &live,
+                Outcome::Failed(msg),
+                "failed",
+                None,
+            );
             continue;
         };
-        live.started_at.store(now_ms(), Ordering::SeqCst);
         inner.metrics.busy_workers.inc();
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| handler.run_json(&params, &live.ctx)));
         let took = started.elapsed();
         inner.metrics.busy_workers.dec();
         match result {
-            Ok(Ok(value)) => complete(inner, id, &live, Outcome::Done(value), "done", Some(took)),
-            Ok(Err(JobError::Failed(msg))) => {
-                complete(inner, id, &live, Outcome::Failed(msg), "failed", Some(took))
-            }
+            Ok(Ok(value)) => complete(
+                inner,
+                id,
+                attempt,
+                &live,
+                Outcome::Done(value),
+                "done",
+                Some(took),
+            ),
+            Ok(Err(JobError::Failed(msg))) => complete(
+                inner,
+                id,
+                attempt,
+                &live,
+                Outcome::Failed(msg),
+                "failed",
+                Some(took),
+            ),
             Ok(Err(JobError::Cancelled)) => complete(
                 inner,
                 id,
+                attempt,
                 &live,
                 Outcome::Cancelled("cancelled".into()),
                 "cancelled",
@@ -567,95 +863,223 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
             Err(payload) => {
                 let msg = format!("worker panicked: {}", panic_message(payload.as_ref()));
                 tracing::error!(job = %id, kind = %live.kind, worker = n, "{msg}; replacing the worker");
-                complete(inner, id, &live, Outcome::Failed(msg), "panic", Some(took));
+                complete(
+                    inner,
+                    id,
+                    attempt,
+                    &live,
+                    Outcome::Failed(msg),
+                    "panic",
+                    Some(took),
+                );
                 inner.metrics.worker_restarts.inc();
                 // This thread's state is suspect after a panic: a fresh one takes its place.
-                spawn_worker(inner.clone(), n);
+                if !inner.stop.is_cancelled() {
+                    spawn_worker(inner.clone(), n);
+                }
                 return;
             }
         }
     }
 }
 
-/// Records the final state unless a cancel or timeout already did, then lets the job go.
-/// The worker does not wait for the store: it hands the outcome to the completion task
-/// and takes the next job.
+/// Hands the outcome to the queue unless a cancel, timeout or shutdown decided the
+/// job's end already, then lets the job go once it is durable. The worker does not wait
+/// for the store: the completion task sees the write through.
 fn complete(
     inner: &Arc<Inner>,
     id: JobId,
+    attempt: u32,
     live: &Arc<Live>,
     outcome: Outcome,
     label: &str,
     took: Option<Duration>,
 ) {
     if live.finalized.swap(true, Ordering::SeqCst) {
-        // A cancel or timeout recorded (and committed) the final state already.
+        // A cancel, timeout or shutdown recorded (or left) the final state already.
         release(inner, id, live);
         return;
     }
     inner.metrics.job_finished(&live.kind, label, took);
     let state = (!inner.store.cheap_reads()).then(|| JobState::from(&outcome));
     let started = Some(live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0);
-    // Straight to the store from this thread: no hop through a task before the write is
+    live.outcome_pending.store(true, Ordering::SeqCst);
+    // Straight to the queue from this thread: no hop through a task before the write is
     // queued, so it often lands in the same group commit as the job's insert.
-    let durable = inner.store.finish_begin(id, outcome, started, now_ms());
-    let done = Completion {
-        id,
-        live: live.clone(),
-        state,
-        durable,
-    };
-    if let Err(lost) = inner.completions.send(done) {
-        // Only when the runtime is gone (process exit): the job stays unfinished in the
-        // store (unless the write above lands) and runs again at the next start.
-        release(inner, lost.0.id, &lost.0.live);
+    let durable = inner.queue.finish(id, attempt, outcome, started, now_ms());
+    send_completion(
+        inner,
+        Completion {
+            id,
+            attempt,
+            live: live.clone(),
+            state,
+            started_at: started,
+            durable,
+        },
+    );
+}
+
+fn send_completion(inner: &Inner, c: Completion) {
+    c.live.outcome_pending.store(true, Ordering::SeqCst);
+    if let Err(lost) = inner.completions.send(c) {
+        // Only when the completion task is gone (after shutdown): the job stays
+        // unfinished in the store (unless the write lands) and runs again later.
+        let c = lost.0;
+        c.live.outcome_pending.store(false, Ordering::SeqCst);
+        release(inner, c.id, &c.live);
     }
 }
 
-/// One task sees every outcome through: once the store says it is durable, it removes
-/// the job from `live` ("in flight here" means "final state not yet durable"). One task
-/// instead of one per job: under load a single wake-up carries a whole group commit's
-/// worth of completions.
+/// What became of one outcome write.
+enum Settled {
+    /// Durable (or refused, or moot): let the job go.
+    Done(Completion, Finished),
+    /// Not written: try again after `wait`, with the outcome handed back.
+    Retry(Completion, Outcome, Duration),
+    /// The store is closed or the outcome is lost: give up on it here.
+    Abandon(Completion, String),
+}
+
+/// Waits for one outcome write and decides what comes next.
+async fn settle(mut c: Completion, wait_before_retry: Duration) -> Settled {
+    let durable = std::mem::replace(&mut c.durable, Box::pin(std::future::pending()));
+    match durable.await {
+        Ok(f) => Settled::Done(c, f),
+        Err(FinishFailed {
+            error,
+            outcome: Some(outcome),
+        }) if error.is_transient() => Settled::Retry(c, outcome, wait_before_retry),
+        Err(FinishFailed {
+            error:
+                error @ (StoreError::Rejected { .. }
+                | StoreError::Corrupt { .. }
+                | StoreError::Sqlite(_)),
+            outcome: Some(_),
+        }) => {
+            // This outcome itself cannot be stored (too large, say): record that instead.
+            let msg = format!("the job's outcome could not be stored: {error}");
+            Settled::Retry(c, Outcome::Failed(msg), wait_before_retry)
+        }
+        Err(FinishFailed { error, .. }) => Settled::Abandon(c, error.to_string()),
+    }
+}
+
+/// One task sees every outcome through: once the queue says it is durable (or
+/// refused), it removes the job from `live` ("in flight here" means "final state not yet
+/// durable"); an outcome the store could not take is tried again, with a growing pause,
+/// until it is written or the engine stops. One task instead of one per job: under load
+/// a single wake-up carries a whole group commit's worth of completions.
 async fn record_completions(
     inner: Arc<Inner>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Completion>,
 ) {
     use futures_util::stream::{FuturesUnordered, StreamExt};
+    // First writes (the hot path, unboxed) and retries (rare, boxed) apart.
     let mut pending = FuturesUnordered::new();
+    let mut retrying: Retrying = FuturesUnordered::new();
     let mut batch = Vec::with_capacity(256);
-    let mut open = true;
     loop {
         tokio::select! {
-            n = rx.recv_many(&mut batch, 256), if open => {
+            n = rx.recv_many(&mut batch, 256) => {
                 if n == 0 {
-                    open = false;
+                    break;
                 }
                 for c in batch.drain(..) {
-                    pending.push(async move {
-                        let recorded = match c.durable.await {
-                            Ok(changed) => c.state.filter(|_| changed),
-                            Err(e) => {
-                                tracing::error!(job = %c.id, error = %e, "could not record job outcome");
-                                None
-                            }
-                        };
-                        (c.id, c.live, recorded)
-                    });
+                    pending.push(settle(c, RETRY_FIRST));
                 }
             }
-            Some((id, live, recorded)) = pending.next(), if !pending.is_empty() => {
-                if let Some(state) = recorded {
-                    inner.recent.lock().insert(id, state);
-                }
-                release(&inner, id, &live);
+            Some(settled) = pending.next(), if !pending.is_empty() => {
+                on_settled(&inner, settled, &mut retrying);
             }
-            else => return,
+            Some(settled) = retrying.next(), if !retrying.is_empty() => {
+                on_settled(&inner, settled, &mut retrying);
+            }
+            _ = inner.stop.cancelled() => break,
+        }
+    }
+    // Stopping: outcomes being written are seen through for a moment; retries are not
+    // (their jobs stay unfinished in the store and run again).
+    drop(retrying);
+    let mut ignored: Retrying = FuturesUnordered::new();
+    while let Ok(Some(settled)) =
+        tokio::time::timeout(Duration::from_millis(100), pending.next()).await
+    {
+        on_settled(&inner, settled, &mut ignored);
+    }
+    for (_, live) in inner.live.lock().drain() {
+        live.gone.notify_waiters();
+    }
+    inner.idle.notify_waiters();
+}
+
+type Retrying = futures_util::stream::FuturesUnordered<
+    std::pin::Pin<Box<dyn std::future::Future<Output = Settled> + Send>>,
+>;
+
+fn on_settled(inner: &Arc<Inner>, settled: Settled, retrying: &mut Retrying) {
+    match settled {
+        Settled::Done(c, answer) => {
+            match answer {
+                Finished::Recorded => {
+                    if let Some(state) = c.state {
+                        inner.recent.lock().insert(c.id, state);
+                    }
+                }
+                Finished::Stale => {
+                    inner.metrics.queue_fenced.inc();
+                    tracing::warn!(
+                        job = %c.id,
+                        attempt = c.attempt,
+                        "refused the outcome of a stale attempt: a newer attempt holds the job"
+                    );
+                }
+                Finished::AlreadyFinished | Finished::Unknown => {}
+            }
+            c.live.outcome_pending.store(false, Ordering::SeqCst);
+            release(inner, c.id, &c.live);
+        }
+        Settled::Retry(mut c, outcome, wait) => {
+            inner.metrics.store_outcome_retries.inc();
+            tracing::warn!(
+                job = %c.id,
+                retry_in_ms = wait.as_millis() as u64,
+                "the store could not take a job's outcome; it stays in flight and is retried"
+            );
+            let queue = inner.queue.clone();
+            let next = (wait * 2).min(RETRY_MAX);
+            retrying.push(Box::pin(async move {
+                tokio::time::sleep(wait).await;
+                let (id, attempt, started) = (c.id, c.attempt, c.started_at);
+                c.durable = Box::pin(async move {
+                    queue
+                        .finish_async(id, attempt, outcome, started, now_ms())
+                        .await
+                });
+                settle(c, next).await
+            }));
+        }
+        Settled::Abandon(c, why) => {
+            tracing::error!(
+                job = %c.id,
+                cause = %why,
+                "could not record a job's outcome; it stays unfinished in the store and runs again"
+            );
+            c.live.outcome_pending.store(false, Ordering::SeqCst);
+            release(inner, c.id, &c.live);
         }
     }
 }
 
-fn release(inner: &Inner, id: JobId, live: &Live) {
-    inner.live.lock().remove(&id);
+/// Lets a job go: it leaves `live` (if this attempt is still the one there) and its
+/// waiters are woken.
+fn release(inner: &Inner, id: JobId, live: &Arc<Live>) {
+    {
+        let mut map = inner.live.lock();
+        if map.get(&id).is_some_and(|l| Arc::ptr_eq(l, live)) {
+            map.remove(&id);
+        }
+    }
     live.gone.notify_waiters();
     inner.idle.notify_waiters();
 }

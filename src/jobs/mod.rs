@@ -5,7 +5,7 @@
 //! a [`JobContext`]; it knows nothing of HTTP, the store or the queue.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,8 +34,8 @@ pub trait JobHandler: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Does the work. Long work calls `ctx.checkpoint()` now and then, so that a cancel
-    /// or a timeout stops it.
+    /// Does the work. Long work calls `ctx.checkpoint()` (or reports progress) now and
+    /// then, so that a cancel or a timeout stops it and its lease stays renewed.
     fn run(&self, params: &Value, ctx: &JobContext) -> Result<Value, JobError>;
 
     /// The result as JSON text, which is what the store keeps. Kinds that can answer
@@ -52,11 +52,33 @@ pub struct JobContext {
     /// Progress as (done, total), in units the job chooses (bytes for CSV scans).
     done: AtomicU64,
     total: AtomicU64,
+    /// When the job last showed it is alive (ms since epoch; 0 = not yet): its lease is
+    /// renewed only while it does (see [`JobContext::checkpoint`]).
+    beat: AtomicI64,
+    /// Which attempt this is (1 for the first run).
+    attempt: u32,
 }
 
 impl JobContext {
-    /// Err(Cancelled) once the job was cancelled or timed out.
+    pub fn new(attempt: u32) -> Self {
+        JobContext {
+            attempt,
+            ..JobContext::default()
+        }
+    }
+
+    /// Which attempt of the job this run is: 1 for the first, more after its worker died
+    /// or stalled, or after a retry.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Err(Cancelled) once the job was cancelled or timed out. Also tells the engine the
+    /// job is alive: a job whose worker shows no sign of life (a checkpoint or progress)
+    /// for a whole lease period (`--lease-ms`) loses its lease, and another worker runs
+    /// it again; long jobs call this (or report progress) well within that period.
     pub fn checkpoint(&self) -> Result<(), JobError> {
+        self.beat.store(crate::now_ms(), Ordering::Relaxed);
         if self.cancelled.load(Ordering::Relaxed) {
             Err(JobError::Cancelled)
         } else {
@@ -91,6 +113,11 @@ impl JobContext {
         self.total.store(total, Ordering::Relaxed);
     }
 
+    /// When the job last called [`JobContext::checkpoint`] (0 = never).
+    pub fn last_beat(&self) -> i64 {
+        self.beat.load(Ordering::Relaxed)
+    }
+
     pub fn progress(&self) -> Option<(u64, u64)> {
         let total = self.total.load(Ordering::Relaxed);
         (total > 0).then(|| (self.done.load(Ordering::Relaxed), total))
@@ -121,6 +148,6 @@ impl Registry {
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub workers: usize,
-    pub queue_capacity: usize,
     pub job_timeout: Option<Duration>,
+    pub lease: crate::queue::LeaseOptions,
 }

@@ -136,6 +136,8 @@ pub struct JobRecord {
     pub result: Option<String>,
     /// Why the job failed or was cancelled.
     pub error: Option<String>,
+    /// How many times a worker claimed it (0 while it waits for its first run).
+    pub attempts: u32,
 }
 
 /// Where a job stands and how it ended: what a poll needs, without params or times.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{Store, StoreError};
+use super::{Attempt, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
 use crate::jobs::model::{JobCounts, JobId, JobRecord, JobStatus, ListFilter, NewJob, Outcome};
 
 pub struct MemoryStore {
@@ -41,26 +41,52 @@ impl MemoryStore {
 }
 
 impl MemoryStore {
+    fn apply_start(&self, id: JobId, attempt: u32, now_ms: i64) {
+        let mut g = self.inner.lock();
+        let Some(rec) = g.jobs.get_mut(&id) else {
+            return;
+        };
+        // A newer attempt takes over a job whose last attempt was reclaimed.
+        if rec.status.is_finished() || attempt <= rec.attempts {
+            return;
+        }
+        let before = rec.status;
+        rec.status = JobStatus::Running;
+        rec.started_at = Some(now_ms);
+        rec.attempts = attempt;
+        *g.counts.slot(before) -= 1;
+        g.counts.running += 1;
+    }
+
     fn apply_finish(
         &self,
         id: JobId,
+        attempt: Attempt,
         outcome: Outcome,
         started_at: Option<i64>,
         now_ms: i64,
-    ) -> bool {
+    ) -> Finished {
         let mut g = self.inner.lock();
         let Some(rec) = g.jobs.get_mut(&id) else {
-            return false;
+            return Finished::Unknown;
         };
+        if let Attempt::Of(a) = attempt {
+            if a < rec.attempts {
+                return Finished::Stale;
+            }
+        }
         let before = rec.status;
         if before.is_finished() {
-            return false;
+            return Finished::AlreadyFinished;
         }
         let after = outcome.status();
         rec.status = after;
         rec.finished_at = Some(now_ms);
         if rec.started_at.is_none() {
             rec.started_at = started_at;
+        }
+        if let Attempt::Of(a) = attempt {
+            rec.attempts = rec.attempts.max(a);
         }
         match outcome {
             Outcome::Done(r) => rec.result = Some(r),
@@ -71,13 +97,17 @@ impl MemoryStore {
         g.finished.push_back(id);
         while g.finished.len() > self.max_finished {
             if let Some(old) = g.finished.pop_front() {
-                if let Some(r) = g.jobs.remove(&old) {
-                    *g.counts.slot(r.status) -= 1;
+                // A requeued job may have left `finished` and come back: evict only what
+                // is still finished.
+                if g.jobs.get(&old).is_some_and(|r| r.status.is_finished()) {
+                    if let Some(r) = g.jobs.remove(&old) {
+                        *g.counts.slot(r.status) -= 1;
+                    }
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
-                self.evictions.fetch_add(1, Ordering::Relaxed);
             }
         }
-        true
+        Finished::Recorded
     }
 }
 
@@ -99,6 +129,7 @@ impl Store for MemoryStore {
                 finished_at: None,
                 result: None,
                 error: None,
+                attempts: 0,
             },
         );
         g.counts.queued += 1;
@@ -109,40 +140,70 @@ impl Store for MemoryStore {
         Ok(self.inner.lock().jobs.get(&id).cloned())
     }
 
-    async fn mark_running(&self, id: JobId, now_ms: i64) -> Result<bool, StoreError> {
+    fn start(&self, id: JobId, attempt: u32, now_ms: i64) -> Result<(), StoreError> {
+        self.apply_start(id, attempt, now_ms);
+        Ok(())
+    }
+
+    async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError> {
         let mut g = self.inner.lock();
         let Some(rec) = g.jobs.get_mut(&id) else {
-            return Ok(false);
+            return Ok(());
         };
-        if rec.status != JobStatus::Queued {
-            return Ok(false);
+        if rec.status == JobStatus::Running && rec.attempts == attempt {
+            rec.status = JobStatus::Queued;
+            rec.started_at = None;
+            rec.attempts = attempt.saturating_sub(1);
+            g.counts.running -= 1;
+            g.counts.queued += 1;
         }
-        rec.status = JobStatus::Running;
-        rec.started_at = Some(now_ms);
-        g.counts.queued -= 1;
-        g.counts.running += 1;
-        Ok(true)
+        Ok(())
     }
 
     async fn finish(
         &self,
         id: JobId,
+        attempt: Attempt,
         outcome: Outcome,
         started_at: Option<i64>,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        Ok(self.apply_finish(id, outcome, started_at, now_ms))
+    ) -> Result<Finished, FinishFailed> {
+        Ok(self.apply_finish(id, attempt, outcome, started_at, now_ms))
     }
 
     fn finish_begin(
         &self,
         id: JobId,
+        attempt: Attempt,
         outcome: Outcome,
         started_at: Option<i64>,
         now_ms: i64,
-    ) -> super::Pending<bool> {
-        let changed = self.apply_finish(id, outcome, started_at, now_ms);
-        Box::pin(std::future::ready(Ok(changed)))
+    ) -> FinishPending {
+        let answer = self.apply_finish(id, attempt, outcome, started_at, now_ms);
+        Box::pin(std::future::ready(Ok(answer)))
+    }
+
+    async fn requeue(&self, id: JobId, _now_ms: i64) -> Result<Requeued, StoreError> {
+        let mut g = self.inner.lock();
+        let Some(rec) = g.jobs.get_mut(&id) else {
+            return Ok(Requeued::Unknown);
+        };
+        let before = rec.status;
+        match before {
+            JobStatus::Queued | JobStatus::Running => return Ok(Requeued::NotFinished(before)),
+            JobStatus::Done => return Ok(Requeued::Done),
+            JobStatus::Failed | JobStatus::Cancelled => {}
+        }
+        rec.status = JobStatus::Queued;
+        rec.started_at = None;
+        rec.finished_at = None;
+        rec.error = None;
+        rec.result = None;
+        let out = rec.clone();
+        *g.counts.slot(before) -= 1;
+        g.counts.queued += 1;
+        // It stays in `finished` (eviction order); eviction skips unfinished records.
+        Ok(Requeued::Yes(out))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError> {
@@ -159,13 +220,19 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn statuses(&self) -> Result<Vec<(JobId, JobStatus)>, StoreError> {
+    async fn statuses(
+        &self,
+        after: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<(JobId, JobStatus)>, StoreError> {
+        let from = JobId(after.map_or(0, |a| a.0.saturating_add(1)));
         Ok(self
             .inner
             .lock()
             .jobs
-            .values()
-            .map(|r| (r.id, r.status))
+            .range(from..)
+            .take(limit)
+            .map(|(id, r)| (*id, r.status))
             .collect())
     }
 
@@ -197,50 +264,37 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    //! What only this store does: its cap. Everything every store must do is in the
+    //! conformance suite (tests/store_conformance.rs).
     use super::*;
     use serde_json::json;
 
-    fn job() -> NewJob {
-        NewJob {
+    #[tokio::test]
+    async fn oldest_finished_results_are_evicted_past_the_cap_but_never_unfinished_ones() {
+        let s = MemoryStore::new(2);
+        let job = NewJob {
             kind: "k".into(),
             params: json!({}),
-        }
-    }
-
-    #[tokio::test]
-    async fn oldest_finished_results_are_evicted_past_the_cap() {
-        let s = MemoryStore::new(2);
+        };
         let mut ids = Vec::new();
-        for _ in 0..3 {
-            ids.push(s.submit(&job(), 0).await.unwrap());
+        for _ in 0..4 {
+            ids.push(s.submit(&job, 0).await.unwrap());
         }
-        for id in &ids {
-            assert!(s
-                .finish(*id, Outcome::Done("1".into()), None, 1)
+        for id in &ids[..3] {
+            let f = s
+                .finish(*id, Attempt::Of(1), Outcome::Done("1".into()), None, 1)
                 .await
-                .unwrap());
+                .unwrap();
+            assert_eq!(f, Finished::Recorded);
         }
         assert!(s.get(ids[0]).await.unwrap().is_none());
         assert!(s.get(ids[2]).await.unwrap().is_some());
+        assert!(
+            s.get(ids[3]).await.unwrap().is_some(),
+            "unfinished: never evicted"
+        );
         assert_eq!(s.evictions(), 1);
-        assert_eq!(s.counts().await.unwrap().done, 2);
-    }
-
-    #[tokio::test]
-    async fn a_finished_job_cannot_finish_twice() {
-        let s = MemoryStore::new(10);
-        let id = s.submit(&job(), 0).await.unwrap();
-        assert!(s.mark_running(id, 1).await.unwrap());
-        assert!(s
-            .finish(id, Outcome::Cancelled("x".into()), None, 2)
-            .await
-            .unwrap());
-        assert!(!s
-            .finish(id, Outcome::Done("1".into()), None, 3)
-            .await
-            .unwrap());
-        let r = s.get(id).await.unwrap().unwrap();
-        assert_eq!(r.status, JobStatus::Cancelled);
-        assert_eq!(s.counts().await.unwrap().in_progress(), 0);
+        let c = s.counts().await.unwrap();
+        assert_eq!((c.done, c.queued), (2, 1));
     }
 }

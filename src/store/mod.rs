@@ -1,9 +1,13 @@
 //! Where job records and results live. One async trait, several implementations:
 //! SQLite (default: durable, WAL, group commits) and memory (nothing on disk).
 //!
-//! Architecture Invariant: the trait speaks only of data (ids, records, outcomes), never
-//! of in-process things (channels, closures, threads), so a networked store (Redis) can
-//! implement it and several processes can share one.
+//! Architecture Invariant: the trait speaks only of data (ids, records, attempts,
+//! outcomes), never of in-process things (channels, closures, threads), so a networked
+//! store (Redis) can implement it and several processes can share one.
+//!
+//! Attempts fence outcomes: each claim of a job is a numbered attempt (see
+//! [`crate::queue`]), and a store refuses the outcome of an attempt older than the newest
+//! one it has recorded, so a worker that lost its job cannot overwrite a newer result.
 
 use async_trait::async_trait;
 
@@ -18,6 +22,14 @@ pub mod sqlite;
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The store cannot take writes (or answer) right now: a full or read-only disk, an
+    /// I/O error, an unreachable server. Transient: the same request can succeed later.
+    #[error("the {store} store is unavailable: {cause}")]
+    Unavailable { store: &'static str, cause: String },
+    /// The store refused this write for what it holds, not for its surroundings (a value
+    /// too large, say): retrying the same write cannot succeed.
+    #[error("the {store} store refused the write: {cause}")]
+    Rejected { store: &'static str, cause: String },
     #[error("store is closed")]
     Closed,
     #[error("stored record of job {id} is corrupt: {what}")]
@@ -28,12 +40,82 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+impl StoreError {
+    /// True when the same operation may succeed later without anything changing in it:
+    /// callers retry (outcomes) or answer 503 with `Retry-After` (requests).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Unavailable { .. } | StoreError::Io(_) => true,
+            StoreError::Sqlite(_)
+            | StoreError::Rejected { .. }
+            | StoreError::Closed
+            | StoreError::Corrupt { .. }
+            | StoreError::Locked(_) => false,
+        }
+    }
+}
+
 /// Resolves once a write is durable, with what the write answers.
 pub type Pending<T> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send>>;
 
 /// Resolves once a submitted record is durable (see [`Store::submit_begin`]).
 pub type Durable = Pending<()>;
+
+/// What a store did with an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// Recorded: the job now has this final state.
+    Recorded,
+    /// The job had already finished (cancelled, timed out, or another outcome won).
+    AlreadyFinished,
+    /// Refused: a newer attempt of the job has been recorded (fencing).
+    Stale,
+    /// No such job.
+    Unknown,
+}
+
+/// A write of an outcome that did not happen; the outcome is handed back (when the store
+/// still had it) so the caller can try again without having kept a copy.
+#[derive(Debug)]
+pub struct FinishFailed {
+    pub error: StoreError,
+    pub outcome: Option<Outcome>,
+}
+
+impl From<StoreError> for FinishFailed {
+    fn from(error: StoreError) -> Self {
+        FinishFailed {
+            error,
+            outcome: None,
+        }
+    }
+}
+
+/// Resolves once an outcome is durable (or refused), see [`Store::finish_begin`].
+pub type FinishPending =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Finished, FinishFailed>> + Send>>;
+
+/// What a store did with a request to run a finished job again.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Requeued {
+    /// Queued again; the record as it now stands (its `attempts` unchanged: the next
+    /// claim is the next attempt).
+    Yes(JobRecord),
+    /// Only failed and cancelled jobs run again.
+    NotFinished(JobStatus),
+    Done,
+    Unknown,
+}
+
+/// Which attempt an outcome belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// The outcome of this attempt: refused when a newer one has been recorded.
+    Of(u32),
+    /// Whatever attempt runs: an operator's cancel.
+    Any,
+}
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -67,20 +149,27 @@ pub trait Store: Send + Sync + 'static {
         }))
     }
 
-    /// Queued → running. Stores that apply it asynchronously may return true before
-    /// checking; the engine decides cancellation in process, not from this answer.
-    async fn mark_running(&self, id: JobId, now_ms: i64) -> Result<bool, StoreError>;
+    /// Records that `attempt` of an unfinished job started: running, `attempts =
+    /// attempt` (a newer attempt takes over one whose lease was reclaimed). Called by
+    /// worker threads as they claim a job; the write is on its way (ordered before every
+    /// later write about the job) when this returns, and nobody waits for it. Ignored
+    /// when the job finished or this attempt is not newer than the recorded one.
+    fn start(&self, id: JobId, attempt: u32, now_ms: i64) -> Result<(), StoreError>;
 
-    /// Queued or running → the outcome's state, with the start time when the job ran
-    /// (`mark_running` may never have been called for a short job). Returns false when
-    /// the job had already finished (a late result after a timeout or a cancel is dropped).
+    /// Running → queued for `attempt` (an unstarted claim handed back at shutdown); the
+    /// attempt is not counted. Ignored unless `attempt` is the one recorded as running.
+    async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError>;
+
+    /// Queued or running → the outcome's state, with the start time when the job ran,
+    /// unless the job already finished or a newer attempt than `attempt` was recorded.
     async fn finish(
         &self,
         id: JobId,
+        attempt: Attempt,
         outcome: Outcome,
         started_at: Option<i64>,
         now_ms: i64,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Finished, FinishFailed>;
 
     /// `finish` for callers outside the async runtime (worker threads): the write is on
     /// its way, ordered after every earlier write about the job, when this returns; the
@@ -91,16 +180,26 @@ pub trait Store: Send + Sync + 'static {
     fn finish_begin(
         &self,
         id: JobId,
+        attempt: Attempt,
         outcome: Outcome,
         started_at: Option<i64>,
         now_ms: i64,
-    ) -> Pending<bool>;
+    ) -> FinishPending;
+
+    /// Failed or cancelled → queued, keeping the id, params and attempt count, and
+    /// clearing the error and times of the last run.
+    async fn requeue(&self, id: JobId, now_ms: i64) -> Result<Requeued, StoreError>;
 
     /// A page of jobs, newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError>;
 
-    /// Every job id with its status, oldest first (the compatible `/api/jobs` listing).
-    async fn statuses(&self) -> Result<Vec<(JobId, JobStatus)>, StoreError>;
+    /// Job ids with their status, oldest first, from the first id after `after`, at
+    /// most `limit` of them: a page of the compatible `/api/jobs` listing.
+    async fn statuses(
+        &self,
+        after: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<(JobId, JobStatus)>, StoreError>;
 
     async fn counts(&self) -> Result<JobCounts, StoreError>;
 
@@ -110,6 +209,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Returns once everything accepted so far is durable.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Writes what is pending, stops the store's threads and releases what it holds (the
+    /// SQLite file's lock). Later writes fail with [`StoreError::Closed`]. Idempotent.
+    async fn close(&self) -> Result<(), StoreError> {
+        self.flush().await
+    }
+
+    /// `Err(cause)` while the store cannot write (a full or read-only disk, say); it
+    /// recovers by itself once it can. Drives `/readyz`.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     /// True when a read costs about as little as a lookup in a map: the engine then keeps
     /// no copy of just-finished states for polls (it would also outlive the store's own

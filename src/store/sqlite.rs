@@ -5,27 +5,33 @@
 //! Why group commit: a commit costs one fsync; batching every pending write into one
 //! transaction makes the cost per job fall as load rises, while a lone write is still
 //! committed at once (the writer never waits to fill a batch, unless
-//! `--sqlite-commit-delay-us` asks it to). A job whose outcome arrives in the batch of
-//! its insert is written once, already finished; equal results are stored once.
+//! `--sqlite-commit-delay-us` asks it to). A job whose start and outcome arrive in the
+//! batch of its insert is written once, already finished; equal results are stored once.
 //!
-//! Durability: `submit` answers only after its batch committed. `mark_running` and
-//! `finish` are queued behind it without waiting: readers only ever see committed rows,
-//! so a result is visible exactly when it is durable, and `flush` waits for all of them.
+//! Durability: `submit` answers only after its batch committed. `start` and `finish`
+//! are queued behind it without waiting: readers only ever see committed rows, so a
+//! result is visible exactly when it is durable, and `flush` waits for all of them.
+//!
+//! Failures: a batch that cannot commit is retried a few times, then every write in it
+//! is answered with the classified cause (a full or read-only disk is
+//! [`StoreError::Unavailable`], and outcomes are handed back so the engine can retry
+//! them). While writes fail, [`Store::health`] says why and a probe write runs every
+//! second, so the store reports itself healthy again as soon as the disk takes writes,
+//! even when no client writes anything.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread;
-use std::time::Instant;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Store, StoreError};
-use crate::config::SqliteSync;
+use super::{Attempt, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
 use crate::jobs::model::{
     JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome,
 };
@@ -39,6 +45,97 @@ const CHANNEL_CAPACITY: usize = 65_536;
 const COMMIT_ATTEMPTS: u32 = 5;
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 8;
+/// How often a store that cannot write tries a probe write.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+const STORE: &str = "sqlite";
+
+/// How hard SQLite syncs a commit. `full` survives power loss, `normal` survives a
+/// process crash; group commit makes `full` cheap, so it is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SqliteSync {
+    Full,
+    Normal,
+}
+
+/// Why a batch failed, as every writer in it is told (errors are not `Clone`).
+#[derive(Debug, Clone)]
+struct WriteFailure {
+    transient: bool,
+    cause: String,
+}
+
+impl WriteFailure {
+    fn error(&self) -> StoreError {
+        if self.transient {
+            StoreError::Unavailable {
+                store: STORE,
+                cause: self.cause.clone(),
+            }
+        } else {
+            StoreError::Rejected {
+                store: STORE,
+                cause: self.cause.clone(),
+            }
+        }
+    }
+}
+
+/// Names what went wrong in words an operator acts on, with the OS error when SQLite
+/// had one (`disk I/O error (No space left on device (os error 28))`). Failures of the
+/// surroundings (disk, permissions, locks) are transient: the same write succeeds once
+/// they are fixed. The rest (a value too large, a constraint) would fail again.
+fn classify(e: &rusqlite::Error, os_errno: i32) -> WriteFailure {
+    let os = (os_errno != 0)
+        .then(|| format!(" ({})", std::io::Error::from_raw_os_error(os_errno)))
+        .unwrap_or_default();
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => {
+            let (transient, what) = match f.code {
+                ErrorCode::DiskFull => (true, "disk full".to_string()),
+                ErrorCode::ReadOnly => (true, "the database is read-only".to_string()),
+                ErrorCode::SystemIoFailure => (true, "disk I/O error".to_string()),
+                ErrorCode::CannotOpen => (true, "cannot open the database file".to_string()),
+                ErrorCode::PermissionDenied => (true, "permission denied".to_string()),
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+                    (true, "the database is locked".to_string())
+                }
+                ErrorCode::OutOfMemory => (true, "out of memory".to_string()),
+                ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                    (true, "the database file is corrupt".to_string())
+                }
+                _ => (false, e.to_string()),
+            };
+            WriteFailure {
+                transient,
+                cause: format!("{what}{os}"),
+            }
+        }
+        other => WriteFailure {
+            transient: false,
+            cause: other.to_string(),
+        },
+    }
+}
+
+/// The OS error behind the connection's last failure (0 when none).
+fn os_errno(conn: &Connection) -> i32 {
+    // SAFETY: the handle is valid for the life of `conn`, which we borrow; the call only
+    // reads the connection's last error number.
+    unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) }
+}
+
+/// A read error as callers see it: failures of the disk are `Unavailable`.
+fn read_error(e: rusqlite::Error) -> StoreError {
+    let f = classify(&e, 0);
+    if f.transient {
+        f.error()
+    } else {
+        StoreError::Sqlite(e)
+    }
+}
+
+type Ack = oneshot::Sender<Result<(), StoreError>>;
 
 enum Op {
     Insert {
@@ -46,39 +143,86 @@ enum Op {
         kind: String,
         params: String,
         at: i64,
-        ack: oneshot::Sender<Result<(), String>>,
+        ack: Ack,
     },
-    MarkRunning {
+    Start {
         id: JobId,
+        attempt: u32,
         at: i64,
+    },
+    Release {
+        id: JobId,
+        attempt: u32,
+        ack: Ack,
     },
     Finish {
         id: JobId,
+        attempt: Attempt,
         outcome: Outcome,
         started_at: Option<i64>,
         at: i64,
-        ack: Option<oneshot::Sender<bool>>,
+        ack: oneshot::Sender<Result<Finished, FinishFailed>>,
+    },
+    Requeue {
+        id: JobId,
+        ack: oneshot::Sender<Result<Requeued, StoreError>>,
     },
     Flush {
-        ack: oneshot::Sender<Result<(), String>>,
+        ack: Ack,
     },
     /// Running → queued for every job (recovery at start-up).
-    Requeue {
-        ack: oneshot::Sender<Result<(), String>>,
+    Recover {
+        ack: Ack,
     },
+    /// A write that proves the disk takes writes again (sent while unhealthy).
+    Probe,
+    /// Commit what came before, answer, and stop the writer.
+    Close {
+        ack: Ack,
+    },
+}
+
+/// The threads of an open store, joined when it closes.
+#[derive(Default)]
+struct Threads {
+    writer: Option<JoinHandle<()>>,
+    checkpointer: Option<JoinHandle<()>>,
+    probe: Option<JoinHandle<()>>,
+    /// Dropping it wakes the probe thread, which then ends.
+    probe_stop: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Threads {
+    fn join(&mut self) {
+        self.probe_stop.take();
+        for h in [
+            self.writer.take(),
+            self.checkpointer.take(),
+            self.probe.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = h.join();
+        }
+    }
 }
 
 pub struct SqliteStore {
     path: PathBuf,
     /// An exclusive lock on `<file>.lock`, held while the store is open: the writer
-    /// thread must be the file's only writer (its counts and ids rely on it).
-    _lock: std::fs::File,
+    /// thread must be the file's only writer (its counts and ids rely on it). Released
+    /// once the writer has stopped, by `close` or on drop.
+    lock: Mutex<Option<std::fs::File>>,
     tx: mpsc::Sender<Op>,
+    threads: Mutex<Threads>,
     next_id: AtomicU64,
     /// Counts per state, kept by the writer after each commit (the store is the file's
     /// only writer, so they never drift), so `num_jobs` costs no query.
     counts: Arc<Mutex<JobCounts>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// Why writes fail, while they do (set and cleared by the writer).
+    unhealthy: Arc<Mutex<Option<String>>>,
 }
 
 /// How the SQLite store commits (`--sqlite-sync`, `--sqlite-commit-delay-us`).
@@ -87,14 +231,14 @@ pub struct SqliteOptions {
     pub sync: SqliteSync,
     /// How long the writer waits for more writes before a commit, when writes come
     /// concurrently (see `writer_loop`).
-    pub commit_delay: std::time::Duration,
+    pub commit_delay: Duration,
 }
 
 impl Default for SqliteOptions {
     fn default() -> Self {
         SqliteOptions {
             sync: SqliteSync::Full,
-            commit_delay: std::time::Duration::from_micros(DEFAULT_COMMIT_DELAY_US),
+            commit_delay: Duration::from_micros(DEFAULT_COMMIT_DELAY_US),
         }
     }
 }
@@ -107,7 +251,7 @@ pub const DEFAULT_COMMIT_DELAY_US: u64 = 0;
 
 /// `results` holds the results of stores written before results were shared (one row
 /// per job); it is only read now. New results go to `blobs`, once per distinct body,
-/// referenced by `jobs.result_blob` (see [`Blobs`]).
+/// referenced by `jobs.result_blob` (see [`Blobs`]). `meta` holds the health probe.
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS jobs (
         id INTEGER PRIMARY KEY,
         kind TEXT NOT NULL,
@@ -117,7 +261,8 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS jobs (
         started_at INTEGER,
         finished_at INTEGER,
         error TEXT,
-        result_blob INTEGER
+        result_blob INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0
     );
     CREATE TABLE IF NOT EXISTS results (
         id INTEGER PRIMARY KEY,
@@ -127,15 +272,27 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS jobs (
         id INTEGER PRIMARY KEY,
         hash BLOB NOT NULL UNIQUE,
         body TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS meta (
+        key TEXT PRIMARY KEY,
+        value
     );";
 
 /// Brings a store written by an earlier version up to [`SCHEMA`].
 fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
-    let has_blob_column = conn
-        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'result_blob'")?
-        .exists([])?;
-    if !has_blob_column {
+    let has_column = |name: &str| -> Result<bool, rusqlite::Error> {
+        conn.prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")?
+            .exists([name])
+    };
+    if !has_column("result_blob")? {
         conn.execute_batch("ALTER TABLE jobs ADD COLUMN result_blob INTEGER")?;
+    }
+    if !has_column("attempts")? {
+        // Jobs that ran before attempts were counted ran once.
+        conn.execute_batch(
+            "ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+             UPDATE jobs SET attempts = 1 WHERE started_at IS NOT NULL;",
+        )?;
     }
     Ok(())
 }
@@ -147,7 +304,7 @@ fn open_conn(path: &Path, sync: SqliteSync) -> Result<Connection, rusqlite::Erro
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
         None,
@@ -170,6 +327,16 @@ fn open_conn(path: &Path, sync: SqliteSync) -> Result<Connection, rusqlite::Erro
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     Ok(conn)
 }
+
+/// Status and attempt of a job that has not finished, kept by the writer (the file's
+/// only writer) so that a state change needs no read first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Live {
+    status: JobStatus,
+    attempts: u32,
+}
+
+type Unfinished = HashMap<i64, Live>;
 
 impl SqliteStore {
     /// Opens (or creates) the file, resets nothing, and starts the writer thread.
@@ -216,44 +383,81 @@ impl SqliteStore {
         }
         let mut unfinished = HashMap::new();
         {
-            let mut stmt = conn.prepare("SELECT id, status FROM jobs WHERE status < 2")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut stmt =
+                conn.prepare("SELECT id, status, attempts FROM jobs WHERE status < 2")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
             for row in rows {
-                let (id, code) = row?;
-                if let Some(s) = JobStatus::from_code(code) {
-                    unfinished.insert(id, s);
+                let (id, code, attempts) = row?;
+                if let Some(status) = JobStatus::from_code(code) {
+                    unfinished.insert(
+                        id,
+                        Live {
+                            status,
+                            attempts: attempts.clamp(0, u32::MAX as i64) as u32,
+                        },
+                    );
                 }
             }
         }
         let counts = Arc::new(Mutex::new(counts));
+        let unhealthy = Arc::new(Mutex::new(None));
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let writer_counts = counts.clone();
-        let checkpointer = open_conn(path, opts.sync)?;
+        let checkpointer_conn = open_conn(path, opts.sync)?;
         // A slot of one: commits while the checkpointer is busy or resting fold into it.
         let (committed, commits) = std::sync::mpsc::sync_channel::<()>(1);
-        thread::Builder::new()
-            .name("sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, commits))?;
-        thread::Builder::new()
-            .name("sqlite-writer".into())
-            .spawn(move || {
-                writer_loop(
-                    opts.commit_delay,
-                    conn,
-                    rx,
-                    unfinished,
-                    writer_counts,
-                    metrics,
-                    committed,
-                )
-            })?;
+        let mut threads = Threads::default();
+        threads.checkpointer = Some(
+            thread::Builder::new()
+                .name("sqlite-checkpoint".into())
+                .spawn(move || checkpoint_loop(checkpointer_conn, commits))?,
+        );
+        let writer = Writer {
+            commit_delay: opts.commit_delay,
+            conn,
+            unfinished,
+            counts: counts.clone(),
+            metrics,
+            committed,
+            unhealthy: unhealthy.clone(),
+            blobs: Blobs::default(),
+        };
+        threads.writer = Some(
+            thread::Builder::new()
+                .name("sqlite-writer".into())
+                .spawn(move || writer.run(rx))?,
+        );
+        let (probe_stop, probe_wait) = std::sync::mpsc::channel::<()>();
+        threads.probe_stop = Some(probe_stop);
+        let (weak, sick) = (tx.downgrade(), unhealthy.clone());
+        threads.probe = Some(thread::Builder::new().name("sqlite-probe".into()).spawn(
+            move || {
+                // Ends when the store drops its end of `probe_wait`.
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    probe_wait.recv_timeout(PROBE_EVERY)
+                {
+                    if sick.lock().is_some() {
+                        if let Some(tx) = weak.upgrade() {
+                            let _ = tx.try_send(Op::Probe);
+                        }
+                    }
+                }
+            },
+        )?);
         Ok(SqliteStore {
             path: path.to_path_buf(),
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
             tx,
+            threads: Mutex::new(threads),
             next_id: AtomicU64::new(max_id as u64 + 1),
             counts,
             readers: Arc::new(Mutex::new(Vec::new())),
+            unhealthy,
         })
     }
 
@@ -269,9 +473,11 @@ impl SqliteStore {
         let c = Connection::open_with_flags(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        c.busy_timeout(std::time::Duration::from_secs(5))?;
-        c.pragma_update(None, "cache_size", -1024)?;
+        )
+        .map_err(read_error)?;
+        c.busy_timeout(Duration::from_secs(5)).map_err(read_error)?;
+        c.pragma_update(None, "cache_size", -1024)
+            .map_err(read_error)?;
         Ok(c)
     }
 
@@ -295,6 +501,42 @@ impl SqliteStore {
         self.give_back(conn);
         out
     }
+
+    /// Stops the writer after everything sent before, joins the store's threads and
+    /// releases the file's lock, without a runtime (for `drop`).
+    fn shut(&self) {
+        if self.lock.lock().is_none() {
+            return;
+        }
+        let (ack, _answer) = oneshot::channel();
+        let mut op = Op::Close { ack };
+        // The writer may be behind a full queue: wait for room.
+        loop {
+            match self.tx.try_send(op) {
+                Ok(()) => break,
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    op = back;
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+        }
+        self.release_threads();
+    }
+
+    /// Joins the threads of a writer told to close, then lets go of the file.
+    fn release_threads(&self) {
+        self.threads.lock().join();
+        self.readers.lock().clear();
+        // Only now: a new owner must not start writing while our writer still could.
+        self.lock.lock().take();
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.shut();
+    }
 }
 
 /// A job's result: its shared body, or its own row for stores from before sharing.
@@ -302,12 +544,13 @@ const RESULT_JOIN: &str = "LEFT JOIN blobs b ON b.id = j.result_blob \
      LEFT JOIN results r ON j.result_blob IS NULL AND r.id = j.id";
 
 const SELECT_COLS: &str = "SELECT j.id, j.kind, j.params, j.status, j.submitted_at, \
-     j.started_at, j.finished_at, COALESCE(b.body, r.result), j.error FROM jobs j";
+     j.started_at, j.finished_at, COALESCE(b.body, r.result), j.error, j.attempts FROM jobs j";
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> Result<JobRecord, rusqlite::Error> {
     let id: i64 = r.get(0)?;
     let params: String = r.get(2)?;
     let code: i64 = r.get(3)?;
+    let attempts: i64 = r.get(9)?;
     Ok(JobRecord {
         id: JobId(id as u64),
         kind: r.get(1)?,
@@ -318,6 +561,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<JobRecord, rusqlite::Error> {
         finished_at: r.get(6)?,
         result: r.get(7)?,
         error: r.get(8)?,
+        attempts: attempts.clamp(0, u32::MAX as i64) as u32,
     })
 }
 
@@ -366,140 +610,236 @@ impl Blobs {
     }
 }
 
-/// Status of every unfinished job, kept by the writer (the file's only writer) so that
-/// a state change needs no read first.
-type Unfinished = HashMap<i64, JobStatus>;
-
-fn writer_loop(
-    commit_delay: std::time::Duration,
-    mut conn: Connection,
-    mut rx: mpsc::Receiver<Op>,
-    mut unfinished: Unfinished,
+/// The one writer of the file, on its own thread.
+struct Writer {
+    commit_delay: Duration,
+    conn: Connection,
+    unfinished: Unfinished,
     counts: Arc<Mutex<JobCounts>>,
     metrics: Arc<Metrics>,
+    /// Wakes the checkpointer after a commit.
     committed: std::sync::mpsc::SyncSender<()>,
-) {
-    // Replaces SQLite's automatic checkpoint (itself a WAL hook): see the end of the loop.
-    conn.wal_hook(Some(note_wal_pages));
-    let mut changes: Unfinished = HashMap::new();
-    let mut blobs = Blobs::default();
-    let mut batch: Vec<Op> = Vec::with_capacity(256);
-    let mut last_batch = 0usize;
-    while let Some(op) = rx.blocking_recv() {
-        batch.push(op);
-        // Commit delay: under concurrency (the last batch held more than one write), wait
-        // a moment for the writes that are surely coming, above all the outcome of a job
-        // whose insert is in this batch: both then go out as one row in one commit. A
-        // lone write, or a delay of zero, commits at once.
-        if !commit_delay.is_zero() && last_batch > 1 {
-            thread::sleep(commit_delay);
-        }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+    unhealthy: Arc<Mutex<Option<String>>>,
+    blobs: Blobs,
+}
+
+/// What a batch answers each of its operations, decided while it is applied and sent
+/// only once it committed.
+#[derive(Debug, Clone, PartialEq)]
+enum Answer {
+    None,
+    Finish(Finished),
+    Requeue(Requeued),
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        // Replaces SQLite's automatic checkpoint (itself a WAL hook): see the end of the loop.
+        self.conn.wal_hook(Some(note_wal_pages));
+        let mut batch: Vec<Op> = Vec::with_capacity(256);
+        let mut last_batch = 0usize;
+        while let Some(op) = rx.blocking_recv() {
+            batch.push(op);
+            // Commit delay: under concurrency (the last batch held more than one write),
+            // wait a moment for the writes that are surely coming, above all the outcome
+            // of a job whose insert is in this batch: both then go out as one row in one
+            // commit. A lone write, or a delay of zero, commits at once.
+            if !self.commit_delay.is_zero() && last_batch > 1 {
+                thread::sleep(self.commit_delay);
             }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            // Nothing after a Close is applied: those writes are answered "closed".
+            let close_at = batch.iter().position(|op| matches!(op, Op::Close { .. }));
+            let after_close = close_at.map(|i| batch.split_off(i + 1));
+            last_batch = batch.len();
+            self.commit(&mut batch);
+            if let Some(rest) = after_close {
+                refuse(rest);
+                rx.close();
+                while let Ok(op) = rx.try_recv() {
+                    refuse(vec![op]);
+                }
+                return;
+            }
+            self.checkpoint_if_long();
         }
+    }
+
+    /// Applies `batch` in one transaction (tried a few times), then answers every op.
+    fn commit(&mut self, batch: &mut Vec<Op>) {
         let started = Instant::now();
         let n = batch.len();
-        last_batch = n;
-        let mut moved = Moved::default();
-        let mut finish_results: Vec<bool> = Vec::with_capacity(n);
+        let mut out = Applied::default();
         // A failed transaction rolls back entirely, so the batch can be tried again as a
         // whole; transient errors (a busy disk, a lock) must not lose accepted writes.
         let mut res = Err(rusqlite::Error::InvalidQuery);
         for attempt in 0..COMMIT_ATTEMPTS {
-            moved = Moved::default();
-            finish_results.clear();
-            changes.clear();
-            blobs.rolled_back();
+            out = Applied::default();
+            self.blobs.rolled_back();
             res = apply_batch(
-                &mut conn,
-                &batch,
-                &unfinished,
-                &mut changes,
-                &mut moved,
-                &mut finish_results,
-                &mut blobs,
+                &mut self.conn,
+                batch,
+                &self.unfinished,
+                &mut out,
+                &mut self.blobs,
             );
             match &res {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, attempt, ops = n, "sqlite commit failed; retrying");
-                    thread::sleep(std::time::Duration::from_millis(10 << attempt));
+                    let f = classify(e, os_errno(&self.conn));
+                    tracing::warn!(cause = %f.cause, attempt, ops = n, "sqlite commit failed; retrying");
+                    if !f.transient {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(10 << attempt));
                 }
             }
         }
-        metrics.store_commit(n, started.elapsed());
+        self.metrics.store_commit(n, started.elapsed());
         match res {
             Ok(()) => {
-                blobs.committed();
+                self.blobs.committed();
+                if self.unhealthy.lock().take().is_some() {
+                    tracing::info!("the sqlite store takes writes again");
+                }
                 // Wakes the checkpointer unless a wake-up is already pending.
-                let _ = committed.try_send(());
-                for (id, status) in changes.drain() {
-                    if status.is_finished() {
-                        unfinished.remove(&id);
+                let _ = self.committed.try_send(());
+                for (id, live) in out.changes.drain() {
+                    if live.status.is_finished() {
+                        self.unfinished.remove(&id);
                     } else {
-                        unfinished.insert(id, status);
+                        self.unfinished.insert(id, live);
                     }
                 }
                 {
-                    let mut c = counts.lock();
+                    let mut c = self.counts.lock();
                     for s in JobStatus::ALL {
-                        *c.slot(s) += *moved.into.slot(s);
-                        *c.slot(s) = c.slot(s).saturating_sub(*moved.out_of.slot(s));
+                        *c.slot(s) += *out.into.slot(s);
+                        *c.slot(s) = c.slot(s).saturating_sub(*out.out_of.slot(s));
                     }
                 }
-                let mut fin = finish_results.into_iter();
-                for op in batch.drain(..) {
-                    match op {
-                        Op::Insert { ack, .. } | Op::Flush { ack } | Op::Requeue { ack } => {
-                            let _ = ack.send(Ok(()));
-                        }
-                        Op::Finish { ack, .. } => {
-                            let changed = fin.next().unwrap_or(false);
-                            if let Some(ack) = ack {
-                                let _ = ack.send(changed);
-                            }
-                        }
-                        Op::MarkRunning { .. } => {}
-                    }
+                for (op, answer) in batch.drain(..).zip(out.answers) {
+                    answer_op(op, answer);
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, ops = n, "sqlite commit failed");
-                blobs.rolled_back();
-                metrics.store_errors.inc();
-                let msg = e.to_string();
+                let f = classify(&e, os_errno(&self.conn));
+                tracing::error!(cause = %f.cause, ops = n, "sqlite commit failed");
+                self.blobs.rolled_back();
+                self.metrics.store_errors.inc();
+                if f.transient {
+                    *self.unhealthy.lock() = Some(f.cause.clone());
+                }
                 for op in batch.drain(..) {
-                    match op {
-                        Op::Insert { ack, .. } | Op::Flush { ack } | Op::Requeue { ack } => {
-                            let _ = ack.send(Err(msg.clone()));
-                        }
-                        Op::Finish { ack: Some(ack), .. } => {
-                            let _ = ack.send(false);
-                        }
-                        Op::Finish { ack: None, .. } | Op::MarkRunning { .. } => {}
-                    }
+                    fail_op(op, &f);
                 }
             }
         }
-        // Checkpoints: the checkpointer thread copies the log into the database in the
-        // background; once the log is long, the writer copies what is left (little)
-        // right after a commit's acks, so that the next commit starts the log over.
-        // SQLite's automatic checkpoint instead runs inside a commit, copying a thousand
-        // pages (5 ms here) while every writer of that batch waits for its answer.
-        if WAL_PAGES.with(std::cell::Cell::get) >= CHECKPOINT_PAGES {
-            let started = Instant::now();
-            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                Ok(()) => WAL_PAGES.with(|p| p.set(0)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "sqlite checkpoint failed; retried after the next commit")
-                }
+    }
+
+    /// Checkpoints: the checkpointer thread copies the log into the database in the
+    /// background; once the log is long, the writer copies what is left (little) right
+    /// after a commit's acks, so that the next commit starts the log over. SQLite's
+    /// automatic checkpoint instead runs inside a commit, copying a thousand pages (5 ms
+    /// here) while every writer of that batch waits for its answer.
+    fn checkpoint_if_long(&mut self) {
+        if WAL_PAGES.with(std::cell::Cell::get) < CHECKPOINT_PAGES {
+            return;
+        }
+        let started = Instant::now();
+        match self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            Ok(()) => WAL_PAGES.with(|p| p.set(0)),
+            Err(e) => {
+                tracing::warn!(error = %e, "sqlite checkpoint failed; retried after the next commit")
             }
-            metrics
-                .store_checkpoint_duration
-                .observe(started.elapsed().as_secs_f64());
+        }
+        self.metrics
+            .store_checkpoint_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Sends each op of a committed batch its answer.
+fn answer_op(op: Op, answer: Answer) {
+    match (op, answer) {
+        (
+            Op::Insert { ack, .. }
+            | Op::Flush { ack }
+            | Op::Recover { ack }
+            | Op::Release { ack, .. }
+            | Op::Close { ack },
+            _,
+        ) => {
+            let _ = ack.send(Ok(()));
+        }
+        (Op::Finish { ack, .. }, Answer::Finish(f)) => {
+            let _ = ack.send(Ok(f));
+        }
+        (Op::Finish { ack, .. }, _) => {
+            let _ = ack.send(Ok(Finished::AlreadyFinished));
+        }
+        (Op::Requeue { ack, .. }, Answer::Requeue(r)) => {
+            let _ = ack.send(Ok(r));
+        }
+        (Op::Requeue { ack, .. }, _) => {
+            let _ = ack.send(Ok(Requeued::Unknown));
+        }
+        (Op::Start { .. } | Op::Probe, _) => {}
+    }
+}
+
+/// Tells each op of a failed batch why; outcomes go back to their sender.
+fn fail_op(op: Op, f: &WriteFailure) {
+    match op {
+        Op::Insert { ack, .. }
+        | Op::Flush { ack }
+        | Op::Recover { ack }
+        | Op::Release { ack, .. }
+        | Op::Close { ack } => {
+            let _ = ack.send(Err(f.error()));
+        }
+        Op::Finish { ack, outcome, .. } => {
+            let _ = ack.send(Err(FinishFailed {
+                error: f.error(),
+                outcome: Some(outcome),
+            }));
+        }
+        Op::Requeue { ack, .. } => {
+            let _ = ack.send(Err(f.error()));
+        }
+        Op::Start { .. } | Op::Probe => {}
+    }
+}
+
+/// Answers ops that came after the store closed.
+fn refuse(ops: Vec<Op>) {
+    for op in ops {
+        match op {
+            Op::Insert { ack, .. }
+            | Op::Flush { ack }
+            | Op::Recover { ack }
+            | Op::Release { ack, .. }
+            | Op::Close { ack } => {
+                let _ = ack.send(Err(StoreError::Closed));
+            }
+            Op::Finish { ack, outcome, .. } => {
+                let _ = ack.send(Err(FinishFailed {
+                    error: StoreError::Closed,
+                    outcome: Some(outcome),
+                }));
+            }
+            Op::Requeue { ack, .. } => {
+                let _ = ack.send(Err(StoreError::Closed));
+            }
+            Op::Start { .. } | Op::Probe => {}
         }
     }
 }
@@ -514,10 +854,10 @@ thread_local! {
 const CHECKPOINT_PAGES: i32 = 1000;
 
 /// Least time between two background checkpoints.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(10);
 
-/// The background half of checkpointing (see `writer_loop`): after commits, a PASSIVE
-/// checkpoint (it never blocks the writer or readers), then a rest of
+/// The background half of checkpointing (see `Writer::checkpoint_if_long`): after
+/// commits, a PASSIVE checkpoint (it never blocks the writer or readers), then a rest of
 /// [`CHECKPOINT_EVERY`]. An idle store costs nothing; the thread ends with the writer.
 fn checkpoint_loop(conn: Connection, commits: std::sync::mpsc::Receiver<()>) {
     while commits.recv().is_ok() {
@@ -533,50 +873,144 @@ fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite:
     Ok(())
 }
 
-/// Jobs a batch moved into and out of each state, applied to the counts once committed.
+/// What applying a batch did, kept apart from the writer's state until it committed.
 #[derive(Default)]
-struct Moved {
+struct Applied {
+    /// New status and attempt of every job the batch touched: an overlay on
+    /// `unfinished`, merged once committed, so a failed batch can be retried as is.
+    changes: Unfinished,
+    /// Jobs moved into and out of each state, applied to the counts once committed.
     into: JobCounts,
     out_of: JobCounts,
+    /// One answer per op, in batch order.
+    answers: Vec<Answer>,
+}
+
+impl Applied {
+    fn moved(&mut self, from: Option<JobStatus>, to: JobStatus) {
+        if let Some(f) = from {
+            *self.out_of.slot(f) += 1;
+        }
+        *self.into.slot(to) += 1;
+    }
+}
+
+/// A job's row as the ops of one batch leave it, for a job inserted in that batch: the
+/// row is then written once, in its final state.
+struct Folded<'a> {
+    status: JobStatus,
+    attempts: u32,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    error: Option<&'a str>,
+    result: Option<&'a str>,
+}
+
+impl<'a> Folded<'a> {
+    /// The same rules as the SQL paths of `apply_batch`, on a row not yet written.
+    fn apply(&mut self, op: &'a Op) -> Answer {
+        match op {
+            Op::Start { attempt, at, .. } => {
+                if !self.status.is_finished() && *attempt > self.attempts {
+                    self.status = JobStatus::Running;
+                    self.attempts = *attempt;
+                    self.started_at = Some(*at);
+                }
+                Answer::None
+            }
+            Op::Release { attempt, .. } => {
+                if self.status == JobStatus::Running && self.attempts == *attempt {
+                    self.status = JobStatus::Queued;
+                    self.attempts = attempt.saturating_sub(1);
+                    self.started_at = None;
+                }
+                Answer::None
+            }
+            Op::Finish {
+                attempt,
+                outcome,
+                started_at,
+                at,
+                ..
+            } => Answer::Finish(match finish_rule(self.status, self.attempts, *attempt) {
+                Finished::Recorded => {
+                    self.status = outcome.status();
+                    self.finished_at = Some(*at);
+                    self.started_at = self.started_at.or(*started_at);
+                    if let Attempt::Of(a) = attempt {
+                        self.attempts = self.attempts.max(*a);
+                    }
+                    match outcome {
+                        Outcome::Done(r) => self.result = Some(r),
+                        Outcome::Failed(e) | Outcome::Cancelled(e) => self.error = Some(e),
+                    }
+                    Finished::Recorded
+                }
+                other => other,
+            }),
+            _ => Answer::None,
+        }
+    }
+}
+
+/// Whether an outcome of `attempt` may finish a job that stands at `status`, `attempts`.
+fn finish_rule(status: JobStatus, attempts: u32, attempt: Attempt) -> Finished {
+    match attempt {
+        Attempt::Of(a) if a < attempts => Finished::Stale,
+        _ if status.is_finished() => Finished::AlreadyFinished,
+        _ => Finished::Recorded,
+    }
 }
 
 /// Applies one batch in one IMMEDIATE transaction (the write lock is taken up front,
 /// waiting on the busy handler, rather than failing when a read upgrades to a write).
-/// State changes go to `changes`, an overlay on `unfinished` that the caller merges only
-/// once the commit succeeded, so a failed batch can be retried from the same start.
+/// What it changes goes to `out`, merged by the caller only once the commit succeeded.
 fn apply_batch(
     conn: &mut Connection,
     batch: &[Op],
     unfinished: &Unfinished,
-    changes: &mut Unfinished,
-    moved: &mut Moved,
-    finish_results: &mut Vec<bool>,
+    out: &mut Applied,
     blobs: &mut Blobs,
 ) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // A job that finished before its insert was committed is written once, already in
-    // its final state: one row instead of an insert and an update.
-    let mut finish_of: HashMap<JobId, usize> = HashMap::new();
+    // Ops about a job inserted in this batch are folded into its insert: the row is
+    // written once, in the state they leave it in (one row instead of an insert and
+    // updates). `folded_into[i]` is the insert op an op was folded into.
+    let mut inserted_at: HashMap<JobId, usize> = HashMap::new();
+    let mut folded_into: Vec<Option<usize>> = vec![None; batch.len()];
+    let mut has_folds = false;
     for (i, op) in batch.iter().enumerate() {
-        if let Op::Finish { id, .. } = op {
-            finish_of.entry(*id).or_insert(i);
+        match op {
+            Op::Insert { id, .. } => {
+                inserted_at.insert(*id, i);
+            }
+            Op::Start { id, .. } | Op::Release { id, .. } | Op::Finish { id, .. } => {
+                if let Some(&j) = inserted_at.get(id) {
+                    folded_into[i] = Some(j);
+                    has_folds = true;
+                }
+            }
+            _ => {}
         }
     }
-    let mut merged = vec![false; if finish_of.is_empty() { 0 } else { batch.len() }];
+    out.answers = vec![Answer::None; batch.len()];
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO jobs (id, kind, params, status, submitted_at) VALUES (?1, ?2, ?3, 0, ?4)",
-        )?;
-        let mut insert_finished = tx.prepare_cached(
             "INSERT INTO jobs (id, kind, params, status, submitted_at, started_at, finished_at, \
-             error, result_blob) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             error, result_blob, attempts) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
-        let mut running =
-            tx.prepare_cached("UPDATE jobs SET status = 1, started_at = ?2 WHERE id = ?1")?;
+        let mut start = tx.prepare_cached(
+            "UPDATE jobs SET status = 1, attempts = ?2, started_at = ?3 WHERE id = ?1",
+        )?;
+        let mut release = tx.prepare_cached(
+            "UPDATE jobs SET status = 0, attempts = ?2, started_at = NULL WHERE id = ?1",
+        )?;
         let mut finish = tx.prepare_cached(
             "UPDATE jobs SET status = ?2, finished_at = ?3, error = ?4, \
-             started_at = COALESCE(started_at, ?5), result_blob = ?6 WHERE id = ?1",
+             started_at = COALESCE(started_at, ?5), result_blob = ?6, \
+             attempts = MAX(attempts, ?7) WHERE id = ?1",
         )?;
+        let mut lookup = tx.prepare_cached("SELECT status, attempts FROM jobs WHERE id = ?1")?;
         let mut add_blob = tx.prepare_cached(
             "INSERT INTO blobs (hash, body) VALUES (?1, ?2) ON CONFLICT (hash) DO NOTHING",
         )?;
@@ -594,10 +1028,10 @@ fn apply_batch(
             blobs.stage(hash, id);
             Ok(id)
         };
-        let current = |changes: &Unfinished, id: i64| {
-            changes.get(&id).or_else(|| unfinished.get(&id)).copied()
-        };
         for (i, op) in batch.iter().enumerate() {
+            if folded_into[i].is_some() {
+                continue;
+            }
             match op {
                 Op::Insert {
                     id,
@@ -606,104 +1040,179 @@ fn apply_batch(
                     at,
                     ..
                 } => {
-                    let later = finish_of.get(id).copied().filter(|&j| j > i);
-                    if let Some(Op::Finish {
-                        outcome,
-                        started_at,
-                        at: finished_at,
-                        ..
-                    }) = later.map(|j| &batch[j])
-                    {
-                        let after = outcome.status();
-                        let (error, blob) = match outcome {
-                            Outcome::Done(r) => (None, Some(blob_id(r)?)),
-                            Outcome::Failed(e) | Outcome::Cancelled(e) => (Some(e.as_str()), None),
-                        };
-                        insert_finished.execute(params![
-                            id.0 as i64,
-                            kind,
-                            params,
-                            after.code(),
-                            at,
-                            started_at,
-                            finished_at,
-                            error,
-                            blob
-                        ])?;
-                        changes.insert(id.0 as i64, after);
-                        *moved.into.slot(after) += 1;
-                        if let Some(j) = later {
-                            merged[j] = true;
+                    let mut row = Folded {
+                        status: JobStatus::Queued,
+                        attempts: 0,
+                        started_at: None,
+                        finished_at: None,
+                        error: None,
+                        result: None,
+                    };
+                    if has_folds {
+                        for j in (i + 1)..batch.len() {
+                            if folded_into[j] == Some(i) {
+                                out.answers[j] = row.apply(&batch[j]);
+                            }
                         }
-                    } else {
-                        insert.execute(params![id.0 as i64, kind, params, at])?;
-                        changes.insert(id.0 as i64, JobStatus::Queued);
-                        moved.into.queued += 1;
+                    }
+                    let blob = row.result.map(&mut blob_id).transpose()?;
+                    insert.execute(params![
+                        id.0 as i64,
+                        kind,
+                        params,
+                        row.status.code(),
+                        at,
+                        row.started_at,
+                        row.finished_at,
+                        row.error,
+                        blob,
+                        row.attempts
+                    ])?;
+                    out.changes.insert(
+                        id.0 as i64,
+                        Live {
+                            status: row.status,
+                            attempts: row.attempts,
+                        },
+                    );
+                    out.moved(None, row.status);
+                }
+                Op::Start { id, attempt, at } => {
+                    let key = id.0 as i64;
+                    let cur = out
+                        .changes
+                        .get(&key)
+                        .or_else(|| unfinished.get(&key))
+                        .copied();
+                    // A newer attempt takes over a job whose last attempt was reclaimed.
+                    if let Some(live) =
+                        cur.filter(|l| !l.status.is_finished() && *attempt > l.attempts)
+                    {
+                        start.execute(params![key, attempt, at])?;
+                        out.changes.insert(
+                            key,
+                            Live {
+                                status: JobStatus::Running,
+                                attempts: *attempt,
+                            },
+                        );
+                        out.moved(Some(live.status), JobStatus::Running);
                     }
                 }
-                Op::MarkRunning { id, at } => {
-                    let id = id.0 as i64;
-                    if current(changes, id) == Some(JobStatus::Queued) {
-                        running.execute(params![id, at])?;
-                        changes.insert(id, JobStatus::Running);
-                        moved.out_of.queued += 1;
-                        moved.into.running += 1;
+                Op::Release { id, attempt, .. } => {
+                    let key = id.0 as i64;
+                    let cur = out
+                        .changes
+                        .get(&key)
+                        .or_else(|| unfinished.get(&key))
+                        .copied();
+                    if cur.is_some_and(|l| l.status == JobStatus::Running && l.attempts == *attempt)
+                    {
+                        let attempts = attempt.saturating_sub(1);
+                        release.execute(params![key, attempts])?;
+                        out.changes.insert(
+                            key,
+                            Live {
+                                status: JobStatus::Queued,
+                                attempts,
+                            },
+                        );
+                        out.moved(Some(JobStatus::Running), JobStatus::Queued);
                     }
-                }
-                Op::Finish { .. } if merged.get(i).copied().unwrap_or(false) => {
-                    finish_results.push(true);
                 }
                 Op::Finish {
                     id,
+                    attempt,
                     outcome,
                     started_at,
                     at,
                     ..
                 } => {
-                    let id = id.0 as i64;
-                    let changed = match current(changes, id) {
-                        Some(before) if !before.is_finished() => {
-                            let after = outcome.status();
-                            let (error, blob) = match outcome {
-                                Outcome::Done(r) => (None, Some(blob_id(r)?)),
-                                Outcome::Failed(e) | Outcome::Cancelled(e) => {
-                                    (Some(e.as_str()), None)
-                                }
-                            };
-                            finish.execute(params![
-                                id,
-                                after.code(),
-                                at,
-                                error,
-                                started_at,
-                                blob
-                            ])?;
-                            changes.insert(id, after);
-                            *moved.out_of.slot(before) += 1;
-                            *moved.into.slot(after) += 1;
-                            true
-                        }
-                        _ => false,
+                    let key = id.0 as i64;
+                    let cur = match out.changes.get(&key).or_else(|| unfinished.get(&key)) {
+                        Some(l) => Some(*l),
+                        // Not unfinished: finished or unknown. Rare (late outcomes,
+                        // cancels of finished jobs), so a read is fine.
+                        None => lookup
+                            .query_row([key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+                            .optional()?
+                            .map(|(code, attempts)| Live {
+                                status: JobStatus::from_code(code).unwrap_or(JobStatus::Failed),
+                                attempts: attempts.clamp(0, u32::MAX as i64) as u32,
+                            }),
                     };
-                    finish_results.push(changed);
+                    let answer = match cur {
+                        None => Finished::Unknown,
+                        Some(live) => match finish_rule(live.status, live.attempts, *attempt) {
+                            Finished::Recorded => {
+                                let after = outcome.status();
+                                let (error, blob) = match outcome {
+                                    Outcome::Done(r) => (None, Some(blob_id(r)?)),
+                                    Outcome::Failed(e) | Outcome::Cancelled(e) => {
+                                        (Some(e.as_str()), None)
+                                    }
+                                };
+                                let attempts = match attempt {
+                                    Attempt::Of(a) => live.attempts.max(*a),
+                                    Attempt::Any => live.attempts,
+                                };
+                                finish.execute(params![
+                                    key,
+                                    after.code(),
+                                    at,
+                                    error,
+                                    started_at,
+                                    blob,
+                                    attempts
+                                ])?;
+                                out.changes.insert(
+                                    key,
+                                    Live {
+                                        status: after,
+                                        attempts,
+                                    },
+                                );
+                                out.moved(Some(live.status), after);
+                                Finished::Recorded
+                            }
+                            other => other,
+                        },
+                    };
+                    out.answers[i] = Answer::Finish(answer);
                 }
-                Op::Flush { .. } => {}
-                Op::Requeue { .. } => {
+                Op::Requeue { id, .. } => {
+                    out.answers[i] = Answer::Requeue(requeue(&tx, *id, out)?);
+                }
+                Op::Probe => {
+                    tx.execute(
+                        "INSERT INTO meta (key, value) VALUES ('probe', ?1) \
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        [crate::now_ms()],
+                    )?;
+                }
+                Op::Flush { .. } | Op::Close { .. } => {}
+                Op::Recover { .. } => {
                     tx.execute(
                         "UPDATE jobs SET status = 0, started_at = NULL WHERE status = 1",
                         [],
                     )?;
-                    let running_ids: Vec<i64> = unfinished
+                    let running: Vec<(i64, u32)> = unfinished
                         .iter()
-                        .chain(changes.iter())
-                        .filter(|(_, s)| **s == JobStatus::Running)
-                        .map(|(id, _)| *id)
+                        .chain(out.changes.iter())
+                        .filter(|(_, l)| l.status == JobStatus::Running)
+                        .map(|(id, l)| (*id, l.attempts))
                         .collect();
-                    for id in running_ids {
-                        if current(changes, id) == Some(JobStatus::Running) {
-                            changes.insert(id, JobStatus::Queued);
-                            moved.out_of.running += 1;
-                            moved.into.queued += 1;
+                    for (id, attempts) in running {
+                        let cur = out.changes.get(&id).or_else(|| unfinished.get(&id));
+                        if cur.is_some_and(|l| l.status == JobStatus::Running) {
+                            out.changes.insert(
+                                id,
+                                Live {
+                                    status: JobStatus::Queued,
+                                    attempts,
+                                },
+                            );
+                            out.moved(Some(JobStatus::Running), JobStatus::Queued);
                         }
                     }
                 }
@@ -713,12 +1222,52 @@ fn apply_batch(
     tx.commit()
 }
 
-fn map_ack_err(r: Result<Result<(), String>, oneshot::error::RecvError>) -> Result<(), StoreError> {
-    match r {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(msg)) => Err(StoreError::Io(std::io::Error::other(msg))),
-        Err(_) => Err(StoreError::Closed),
+/// Failed or cancelled → queued, inside the batch's transaction.
+fn requeue(
+    tx: &rusqlite::Transaction<'_>,
+    id: JobId,
+    out: &mut Applied,
+) -> Result<Requeued, rusqlite::Error> {
+    let key = id.0 as i64;
+    let rec = tx
+        .prepare_cached(&format!("{SELECT_COLS} {RESULT_JOIN} WHERE j.id = ?1"))?
+        .query_row([key], row_to_record)
+        .optional()?;
+    let Some(mut rec) = rec else {
+        return Ok(Requeued::Unknown);
+    };
+    // This batch may have changed it already.
+    if let Some(l) = out.changes.get(&key) {
+        rec.status = l.status;
+        rec.attempts = l.attempts;
     }
+    match rec.status {
+        JobStatus::Queued | JobStatus::Running => return Ok(Requeued::NotFinished(rec.status)),
+        JobStatus::Done => return Ok(Requeued::Done),
+        JobStatus::Failed | JobStatus::Cancelled => {}
+    }
+    tx.prepare_cached(
+        "UPDATE jobs SET status = 0, started_at = NULL, finished_at = NULL, error = NULL, \
+         result_blob = NULL WHERE id = ?1",
+    )?
+    .execute([key])?;
+    // A result from a store before shared results must not come back with it.
+    tx.prepare_cached("DELETE FROM results WHERE id = ?1")?
+        .execute([key])?;
+    out.changes.insert(
+        key,
+        Live {
+            status: JobStatus::Queued,
+            attempts: rec.attempts,
+        },
+    );
+    out.moved(Some(rec.status), JobStatus::Queued);
+    rec.status = JobStatus::Queued;
+    rec.started_at = None;
+    rec.finished_at = None;
+    rec.error = None;
+    rec.result = None;
+    Ok(Requeued::Yes(rec))
 }
 
 #[async_trait]
@@ -745,7 +1294,10 @@ impl Store for SqliteStore {
             ack,
         })
         .await?;
-        Ok((id, Box::pin(async move { map_ack_err(rx.await) })))
+        Ok((
+            id,
+            Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? }),
+        ))
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
@@ -753,9 +1305,12 @@ impl Store for SqliteStore {
         // writer, so it runs inline rather than paying a hop to the blocking pool.
         let conn = self.reader()?;
         let out = (|| {
-            let mut stmt =
-                conn.prepare_cached(&format!("{SELECT_COLS} {RESULT_JOIN} WHERE j.id = ?1"))?;
-            Ok(stmt.query_row([id.0 as i64], row_to_record).optional()?)
+            let mut stmt = conn
+                .prepare_cached(&format!("{SELECT_COLS} {RESULT_JOIN} WHERE j.id = ?1"))
+                .map_err(read_error)?;
+            stmt.query_row([id.0 as i64], row_to_record)
+                .optional()
+                .map_err(read_error)
         })();
         self.give_back(conn);
         out
@@ -764,15 +1319,18 @@ impl Store for SqliteStore {
     async fn state(&self, id: JobId) -> Result<Option<JobState>, StoreError> {
         let conn = self.reader()?;
         let out = (|| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT j.status, COALESCE(b.body, r.result), j.error FROM jobs j \
-                 {RESULT_JOIN} WHERE j.id = ?1"
-            ))?;
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT j.status, COALESCE(b.body, r.result), j.error FROM jobs j \
+                     {RESULT_JOIN} WHERE j.id = ?1"
+                ))
+                .map_err(read_error)?;
             let row = stmt
                 .query_row([id.0 as i64], |r| {
                     Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?))
                 })
-                .optional()?;
+                .optional()
+                .map_err(read_error)?;
             match row {
                 None => Ok(None),
                 Some((code, result, error)) => {
@@ -792,76 +1350,117 @@ impl Store for SqliteStore {
         out
     }
 
-    async fn mark_running(&self, id: JobId, now_ms: i64) -> Result<bool, StoreError> {
-        self.send(Op::MarkRunning { id, at: now_ms }).await?;
-        Ok(true)
+    fn start(&self, id: JobId, attempt: u32, now_ms: i64) -> Result<(), StoreError> {
+        self.tx
+            .blocking_send(Op::Start {
+                id,
+                attempt,
+                at: now_ms,
+            })
+            .map_err(|_| StoreError::Closed)
+    }
+
+    async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError> {
+        let (ack, rx) = oneshot::channel();
+        self.send(Op::Release { id, attempt, ack }).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn finish(
         &self,
         id: JobId,
+        attempt: Attempt,
         outcome: Outcome,
         started_at: Option<i64>,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Finished, FinishFailed> {
         let (ack, rx) = oneshot::channel();
-        self.send(Op::Finish {
+        let op = Op::Finish {
             id,
+            attempt,
             outcome,
             started_at,
             at: now_ms,
-            ack: Some(ack),
-        })
-        .await?;
-        rx.await.map_err(|_| StoreError::Closed)
+            ack,
+        };
+        if let Err(mpsc::error::SendError(op)) = self.tx.send(op).await {
+            return Err(closed(op));
+        }
+        rx.await
+            .map_err(|_| FinishFailed::from(StoreError::Closed))?
     }
 
     fn finish_begin(
         &self,
         id: JobId,
+        attempt: Attempt,
         outcome: Outcome,
         started_at: Option<i64>,
         now_ms: i64,
-    ) -> super::Pending<bool> {
+    ) -> FinishPending {
         let (ack, rx) = oneshot::channel();
         let sent = self.tx.blocking_send(Op::Finish {
             id,
+            attempt,
             outcome,
             started_at,
             at: now_ms,
-            ack: Some(ack),
+            ack,
         });
         Box::pin(async move {
-            sent.map_err(|_| StoreError::Closed)?;
-            rx.await.map_err(|_| StoreError::Closed)
+            if let Err(mpsc::error::SendError(op)) = sent {
+                return Err(closed(op));
+            }
+            rx.await
+                .map_err(|_| FinishFailed::from(StoreError::Closed))?
         })
+    }
+
+    async fn requeue(&self, id: JobId, _now_ms: i64) -> Result<Requeued, StoreError> {
+        let (ack, rx) = oneshot::channel();
+        self.send(Op::Requeue { id, ack }).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError> {
         let f = filter.clone();
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "{SELECT_COLS} {RESULT_JOIN} WHERE j.id < ?1 AND (?2 IS NULL OR j.status = ?2) \
-                 AND (?3 IS NULL OR j.kind = ?3) ORDER BY j.id DESC LIMIT ?4"
-            ))?;
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "{SELECT_COLS} {RESULT_JOIN} WHERE j.id < ?1 AND (?2 IS NULL OR j.status = ?2) \
+                     AND (?3 IS NULL OR j.kind = ?3) ORDER BY j.id DESC LIMIT ?4"
+                ))
+                .map_err(read_error)?;
             let before = f.before.map(|b| b.0 as i64).unwrap_or(i64::MAX);
-            let rows = stmt.query_map(
-                params![before, f.status.map(|s| s.code()), f.kind, f.limit as i64],
-                row_to_record,
-            )?;
-            rows.collect::<Result<Vec<_>, _>>()
-                .map_err(StoreError::from)
+            let rows = stmt
+                .query_map(
+                    params![before, f.status.map(|s| s.code()), f.kind, f.limit as i64],
+                    row_to_record,
+                )
+                .map_err(read_error)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(read_error)
         })
         .await
     }
 
-    async fn statuses(&self) -> Result<Vec<(JobId, JobStatus)>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached("SELECT id, status FROM jobs ORDER BY id")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+    async fn statuses(
+        &self,
+        after: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<(JobId, JobStatus)>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT id, status FROM jobs WHERE id > ?1 ORDER BY id LIMIT ?2")
+                .map_err(read_error)?;
+            let from = after.map_or(0, |a| a.0 as i64);
+            let rows = stmt
+                .query_map(params![from, limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+                .map_err(read_error)?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, code) = row?;
+                let (id, code) = row.map_err(read_error)?;
                 let status = JobStatus::from_code(code).ok_or_else(|| StoreError::Corrupt {
                     id: id as u64,
                     what: format!("status code {code}"),
@@ -880,15 +1479,16 @@ impl Store for SqliteStore {
     async fn recover_unfinished(&self) -> Result<Vec<JobRecord>, StoreError> {
         // Through the writer, so the counts stay right and no second writer exists.
         let (ack, rx) = oneshot::channel();
-        self.send(Op::Requeue { ack }).await?;
-        map_ack_err(rx.await)?;
+        self.send(Op::Recover { ack }).await?;
+        rx.await.map_err(|_| StoreError::Closed)??;
         self.read(|c| {
-            let mut stmt = c.prepare(&format!(
-                "{SELECT_COLS} {RESULT_JOIN} WHERE j.status = 0 ORDER BY j.id"
-            ))?;
-            let rows = stmt.query_map([], row_to_record)?;
-            rows.collect::<Result<Vec<_>, _>>()
-                .map_err(StoreError::from)
+            let mut stmt = c
+                .prepare(&format!(
+                    "{SELECT_COLS} {RESULT_JOIN} WHERE j.status = 0 ORDER BY j.id"
+                ))
+                .map_err(read_error)?;
+            let rows = stmt.query_map([], row_to_record).map_err(read_error)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(read_error)
         })
         .await
     }
@@ -896,24 +1496,62 @@ impl Store for SqliteStore {
     async fn flush(&self) -> Result<(), StoreError> {
         let (ack, rx) = oneshot::channel();
         self.send(Op::Flush { ack }).await?;
-        map_ack_err(rx.await)
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        if self.lock.lock().is_none() {
+            return Ok(());
+        }
+        let (ack, rx) = oneshot::channel();
+        let res = match self.send(Op::Close { ack }).await {
+            Ok(()) => rx.await.unwrap_or(Err(StoreError::Closed)),
+            Err(e) => Err(e),
+        };
+        // The writer answered and is ending: the joins below wait for microseconds.
+        self.release_threads();
+        match res {
+            Err(StoreError::Closed) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.unhealthy.lock().as_ref() {
+            None => Ok(()),
+            Some(cause) => Err(format!("the sqlite store cannot write: {cause}")),
+        }
     }
 
     fn name(&self) -> &'static str {
-        "sqlite"
+        STORE
+    }
+}
+
+/// The answer to an outcome sent to a store that has stopped: the outcome goes back.
+fn closed(op: Op) -> FinishFailed {
+    FinishFailed {
+        error: StoreError::Closed,
+        outcome: match op {
+            Op::Finish { outcome, .. } => Some(outcome),
+            _ => None,
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
+    //! What only this store has: the file's lock, batches folded into one row, the log's
+    //! checkpoints, shared result bodies, migrations, disk failures. Everything every
+    //! store must do is in the conformance suite (tests/store_conformance.rs).
     use super::*;
     use serde_json::json;
 
     fn store(dir: &Path) -> SqliteStore {
-        store_with_delay(dir, std::time::Duration::ZERO)
+        store_with_delay(dir, Duration::ZERO)
     }
 
-    fn store_with_delay(dir: &Path, commit_delay: std::time::Duration) -> SqliteStore {
+    fn store_with_delay(dir: &Path, commit_delay: Duration) -> SqliteStore {
         SqliteStore::open(
             &dir.join("t.db"),
             SqliteOptions {
@@ -933,91 +1571,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_submitted_job_is_readable_at_once_and_survives_reopening() {
+    async fn a_second_store_on_the_same_file_is_refused_until_the_first_is_closed() {
         let dir = tempfile::tempdir().unwrap();
-        let id = {
-            let s = store(dir.path());
-            let id = s.submit(&job("k", json!({"a": 1})), 5).await.unwrap();
-            let r = s.get(id).await.unwrap().unwrap();
-            assert_eq!(r.status, JobStatus::Queued);
-            assert_eq!(r.params, json!({"a": 1}));
-            s.mark_running(id, 6).await.unwrap();
-            s.flush().await.unwrap();
-            id
+        let first = store(dir.path());
+        let open_second = || {
+            SqliteStore::open(
+                &dir.path().join("t.db"),
+                SqliteOptions::default(),
+                Arc::new(Metrics::new()),
+            )
         };
-        let s = store(dir.path());
-        assert_eq!(s.counts().await.unwrap().running, 1);
-        let again = s.recover_unfinished().await.unwrap();
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].id, id);
-        assert_eq!(again[0].status, JobStatus::Queued);
-        assert_eq!(s.counts().await.unwrap().queued, 1);
-        let next = s.submit(&job("k", json!({})), 7).await.unwrap();
-        assert!(next.0 > id.0, "ids are never reused after a restart");
-    }
-
-    #[tokio::test]
-    async fn a_second_store_on_the_same_file_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let _first = store(dir.path());
-        let second = SqliteStore::open(
-            &dir.path().join("t.db"),
-            SqliteOptions::default(),
-            Arc::new(Metrics::new()),
-        );
-        let err = second.err().expect("the file is taken").to_string();
+        let err = open_second().err().expect("the file is taken").to_string();
         assert!(err.contains("held by another tally process"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn finish_is_applied_once_and_listed_newest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(dir.path());
-        let mut ids = Vec::new();
-        for i in 0..5 {
-            let kind = if i % 2 == 0 { "even" } else { "odd" };
-            ids.push(s.submit(&job(kind, json!({})), i).await.unwrap());
-        }
-        assert!(s
-            .finish(ids[0], Outcome::Done("{\"x\":1}".into()), None, 9)
-            .await
-            .unwrap());
-        assert!(!s
-            .finish(ids[0], Outcome::Failed("late".into()), None, 10)
-            .await
-            .unwrap());
-        let r = s.get(ids[0]).await.unwrap().unwrap();
-        assert_eq!(r.result.as_deref(), Some("{\"x\":1}"));
-        assert_eq!(r.error, None);
-        let c = s.counts().await.unwrap();
-        assert_eq!((c.queued, c.done), (4, 1));
-
-        let page = s
-            .list(&ListFilter {
-                limit: 2,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            page.iter().map(|r| r.id).collect::<Vec<_>>(),
-            vec![ids[4], ids[3]]
-        );
-        let evens = s
-            .list(&ListFilter {
-                limit: 10,
-                kind: Some("even".into()),
-                status: Some(JobStatus::Queued),
-                before: Some(ids[4]),
-            })
-            .await
-            .unwrap();
-        assert_eq!(evens.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[2]]);
-        assert_eq!(s.statuses().await.unwrap().len(), 5);
+        first.close().await.unwrap();
+        let second = open_second().expect("a closed store lets go of its file");
+        drop(second);
+        open_second().expect("a dropped store lets go of its file");
+        assert!(matches!(
+            first.submit(&job("k", json!({})), 1).await,
+            Err(StoreError::Closed)
+        ));
     }
 
     #[test]
-    fn a_job_finished_before_its_insert_committed_is_written_once_in_its_final_state() {
+    fn a_job_started_and_finished_before_its_insert_committed_is_written_once_in_its_final_state() {
         let mut conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(SCHEMA).unwrap();
         let insert = |id: u64| {
@@ -1030,42 +1607,67 @@ mod tests {
                 ack,
             }
         };
-        let finish = |id: u64, outcome: Outcome| Op::Finish {
+        let start = |id: u64, attempt: u32| Op::Start {
             id: JobId(id),
+            attempt,
+            at: 11,
+        };
+        let finish = |id: u64, attempt: u32, outcome: Outcome| Op::Finish {
+            id: JobId(id),
+            attempt: Attempt::Of(attempt),
             outcome,
             started_at: Some(11),
             at: 12,
-            ack: None,
+            ack: oneshot::channel().0,
         };
         let batch = vec![
             insert(1),
             insert(2),
             insert(3),
-            finish(1, Outcome::Done("{\"x\":1}".into())),
-            finish(2, Outcome::Failed("boom".into())),
+            insert(4),
+            start(1, 1),
+            finish(1, 1, Outcome::Done("{\"x\":1}".into())),
+            finish(2, 1, Outcome::Failed("boom".into())),
             // A late outcome for a job finished earlier in the batch changes nothing.
-            finish(1, Outcome::Failed("late".into())),
+            finish(1, 1, Outcome::Failed("late".into())),
+            start(4, 1),
+            start(4, 2),
+            // Attempt 1's outcome after attempt 2 started: fenced.
+            finish(4, 1, Outcome::Done("1".into())),
         ];
-        let (unfinished, mut changes) = (Unfinished::new(), Unfinished::new());
-        let (mut moved, mut results) = (Moved::default(), Vec::new());
+        let mut out = Applied::default();
         let mut blobs = Blobs::default();
-        apply_batch(
-            &mut conn,
-            &batch,
-            &unfinished,
-            &mut changes,
-            &mut moved,
-            &mut results,
-            &mut blobs,
-        )
-        .unwrap();
-        assert_eq!(results, vec![true, true, false]);
-        let into = &moved.into;
-        assert_eq!((into.queued, into.done, into.failed), (1, 1, 1));
+        apply_batch(&mut conn, &batch, &Unfinished::new(), &mut out, &mut blobs).unwrap();
+        let finishes: Vec<Finished> = out
+            .answers
+            .iter()
+            .filter_map(|a| match a {
+                Answer::Finish(f) => Some(*f),
+                _ => None,
+            })
+            .collect();
         assert_eq!(
-            moved.out_of,
+            finishes,
+            vec![
+                Finished::Recorded,
+                Finished::Recorded,
+                Finished::AlreadyFinished,
+                Finished::Stale
+            ]
+        );
+        assert_eq!(
+            (
+                out.into.queued,
+                out.into.running,
+                out.into.done,
+                out.into.failed
+            ),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(
+            out.out_of,
             JobCounts::default(),
-            "nothing left queued to subtract"
+            "each job went straight to its state"
         );
         type Row = (
             i64,
@@ -1074,10 +1676,11 @@ mod tests {
             Option<i64>,
             Option<String>,
             Option<String>,
+            i64,
         );
         let rows: Vec<Row> = conn
             .prepare(
-                "SELECT j.id, j.status, j.started_at, j.finished_at, j.error, b.body \
+                "SELECT j.id, j.status, j.started_at, j.finished_at, j.error, b.body, j.attempts \
                  FROM jobs j LEFT JOIN blobs b ON b.id = j.result_blob ORDER BY j.id",
             )
             .unwrap()
@@ -1089,45 +1692,53 @@ mod tests {
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
+                    r.get(6)?,
                 ))
             })
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
+        let code = |s: JobStatus| s.code() as i64;
         assert_eq!(
             rows,
             vec![
                 (
                     1,
-                    JobStatus::Done.code() as i64,
+                    code(JobStatus::Done),
                     Some(11),
                     Some(12),
                     None,
-                    Some("{\"x\":1}".into())
+                    Some("{\"x\":1}".into()),
+                    1
                 ),
                 (
                     2,
-                    JobStatus::Failed.code() as i64,
+                    code(JobStatus::Failed),
                     Some(11),
                     Some(12),
                     Some("boom".into()),
-                    None
+                    None,
+                    1
                 ),
-                (3, JobStatus::Queued.code() as i64, None, None, None, None),
+                (3, code(JobStatus::Queued), None, None, None, None, 0),
+                (4, code(JobStatus::Running), Some(11), None, None, None, 2),
             ]
         );
-        assert_eq!(changes.get(&1), Some(&JobStatus::Done));
-        assert_eq!(changes.get(&3), Some(&JobStatus::Queued));
+        assert_eq!(out.changes.get(&1).map(|l| l.status), Some(JobStatus::Done));
+        assert_eq!(
+            out.changes.get(&4),
+            Some(&Live {
+                status: JobStatus::Running,
+                attempts: 2
+            })
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_write_ahead_log_starts_over_instead_of_growing_under_constant_writes() {
         let dir = tempfile::tempdir().unwrap();
         // With a commit delay, so that path is exercised too (batches here hold many writes).
-        let s = Arc::new(store_with_delay(
-            dir.path(),
-            std::time::Duration::from_micros(100),
-        ));
+        let s = Arc::new(store_with_delay(dir.path(), Duration::from_micros(100)));
         // About 16 MB of results, written while readers keep reading: the log must be
         // checkpointed and restarted, not grow with the data.
         // Distinct bodies, so that sharing equal results does not shrink the writes.
@@ -1149,10 +1760,11 @@ mod tests {
             }
             for (id, durable) in ids {
                 durable.await.unwrap();
-                assert!(s
-                    .finish(id, Outcome::Done(result(id)), Some(2), 3)
+                let done = s
+                    .finish(id, Attempt::Of(1), Outcome::Done(result(id)), Some(2), 3)
                     .await
-                    .unwrap());
+                    .unwrap();
+                assert_eq!(done, Finished::Recorded);
             }
         }
         reading.store(false, Ordering::Relaxed);
@@ -1176,7 +1788,11 @@ mod tests {
             let id = s.submit(&job("k", json!({ "i": i })), 1).await.unwrap();
             // Three distinct bodies, each finished twice (in separate batches too).
             let body = format!("{{\"answer\":{}}}", i % 3);
-            assert!(s.finish(id, Outcome::Done(body), None, 2).await.unwrap());
+            let done = s
+                .finish(id, Attempt::Of(1), Outcome::Done(body), None, 2)
+                .await
+                .unwrap();
+            assert_eq!(done, Finished::Recorded);
             ids.push(id);
         }
         for (i, id) in ids.iter().enumerate() {
@@ -1187,15 +1803,6 @@ mod tests {
             );
             assert_eq!(s.get(*id).await.unwrap().unwrap().result, Some(want));
         }
-        let listed = s
-            .list(&ListFilter {
-                limit: 10,
-                ..ListFilter::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(listed.len(), 6);
-        assert!(listed.iter().all(|r| r.result.is_some()));
         s.flush().await.unwrap();
         let c = Connection::open(dir.path().join("t.db")).unwrap();
         let stored: i64 = c
@@ -1205,10 +1812,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_store_from_before_shared_results_opens_and_keeps_its_results() {
+    async fn a_store_from_before_shared_results_and_attempts_opens_and_keeps_its_results() {
         let dir = tempfile::tempdir().unwrap();
         {
-            // The layout of earlier versions: no result_blob column, one result per job.
+            // The layout of earlier versions: no result_blob or attempts column, one
+            // result per job.
             let c = Connection::open(dir.path().join("t.db")).unwrap();
             c.execute_batch(
                 "CREATE TABLE jobs (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,
@@ -1217,28 +1825,65 @@ mod tests {
                      finished_at INTEGER, error TEXT);
                  CREATE TABLE results (id INTEGER PRIMARY KEY, result TEXT NOT NULL);
                  INSERT INTO jobs VALUES (1, 'k', '{}', 2, 1, 1, 2, NULL);
+                 INSERT INTO jobs VALUES (2, 'k', '{}', 3, 1, 1, 2, 'boom');
                  INSERT INTO results VALUES (1, '{\"old\":true}');",
             )
             .unwrap();
         }
         let s = store(dir.path());
+        let old = s.get(JobId(1)).await.unwrap().unwrap();
+        assert_eq!(old.result.as_deref(), Some("{\"old\":true}"));
         assert_eq!(
-            s.state(JobId(1)).await.unwrap().unwrap().result.as_deref(),
-            Some("{\"old\":true}")
+            old.attempts, 1,
+            "a job that ran before attempts were counted ran once"
         );
         let id = s.submit(&job("k", json!({})), 3).await.unwrap();
-        assert_eq!(id, JobId(2));
-        assert!(s
-            .finish(id, Outcome::Done("{\"new\":true}".into()), None, 4)
+        assert_eq!(id, JobId(3));
+        let done = s
+            .finish(
+                id,
+                Attempt::Of(1),
+                Outcome::Done("{\"new\":true}".into()),
+                None,
+                4,
+            )
             .await
-            .unwrap());
+            .unwrap();
+        assert_eq!(done, Finished::Recorded);
         assert_eq!(
             s.get(id).await.unwrap().unwrap().result.as_deref(),
             Some("{\"new\":true}")
         );
+        assert!(matches!(
+            s.requeue(JobId(2), 5).await.unwrap(),
+            Requeued::Yes(_)
+        ));
         assert_eq!(
-            s.get(JobId(1)).await.unwrap().unwrap().result.as_deref(),
-            Some("{\"old\":true}")
+            s.get(JobId(2)).await.unwrap().unwrap().status,
+            JobStatus::Queued
         );
+    }
+
+    #[test]
+    fn disk_failures_are_transient_and_name_their_cause() {
+        let failure =
+            |code: i32| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        let full = classify(&failure(rusqlite::ffi::SQLITE_FULL), 0);
+        assert!(full.transient);
+        assert_eq!(full.cause, "disk full");
+        let io = classify(&failure(rusqlite::ffi::SQLITE_IOERR_WRITE), libc::ENOSPC);
+        assert!(io.transient);
+        assert!(
+            io.cause
+                .starts_with("disk I/O error (No space left on device"),
+            "{}",
+            io.cause
+        );
+        let ro = classify(&failure(rusqlite::ffi::SQLITE_READONLY), 0);
+        assert!(ro.transient && ro.cause.contains("read-only"));
+        let big = classify(&failure(rusqlite::ffi::SQLITE_TOOBIG), 0);
+        assert!(!big.transient, "retrying a value too large cannot help");
+        assert!(matches!(full.error(), StoreError::Unavailable { .. }));
+        assert!(matches!(big.error(), StoreError::Rejected { .. }));
     }
 }

@@ -1,0 +1,175 @@
+//! Where jobs wait for a worker and who holds them while they run: the [`JobQueue`]
+//! trait, a queue whose claims are leases, and its in-process implementation
+//! ([`local::LocalQueue`], used with the SQLite and memory stores).
+//!
+//! The rules every implementation keeps (they are what lets a job survive a dead or
+//! stalled worker, in one process or across replicas):
+//! - A claim leases a job to one worker for a while and numbers the attempt (1, 2, ...):
+//!   the attempt is the fencing token.
+//! - The engine renews the leases of the jobs its workers are visibly working on; a
+//!   lease that is not renewed expires, and the job is reclaimed: queued again, for its
+//!   next attempt, or failed for good once it used up `--max-attempts` (a dead letter).
+//! - An outcome is recorded only for the attempt that holds the job; a stale attempt's
+//!   outcome is refused ([`Finished::Stale`]), counted and logged by the engine.
+//! - At shutdown, claims not yet started are handed back at once (`release`).
+//!
+//! Architecture Invariant: the engine knows no queue implementation; it sees this trait.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::jobs::model::{JobId, NewJob, Outcome};
+use crate::store::{Durable, FinishFailed, FinishPending, Finished, Requeued, StoreError};
+
+pub mod local;
+
+/// A claimed job: who it is, which attempt this is, and what to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub id: JobId,
+    /// 1 for the first run; the fencing token of this claim.
+    pub attempt: u32,
+    pub kind: String,
+    pub params: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("the queue is full ({capacity} jobs waiting); retry later")]
+    Full { capacity: usize },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The queue stopped handing out work (shutdown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the queue is closed")]
+pub struct Closed;
+
+/// What became of a lease the engine asked to renew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours, for another lease period.
+    Held,
+    /// Expired and reclaimed, or finished by someone else: stop; the outcome will be
+    /// refused.
+    Lost,
+    /// Cancelled by a request (possibly on another replica): stop.
+    Cancelled,
+}
+
+/// Leases that expired, as one reclaim pass found them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Queued again for their next attempt.
+    pub requeued: Vec<(JobId, u32)>,
+    /// Failed for good: they used up their attempts.
+    pub dead: Vec<(JobId, u32)>,
+}
+
+/// Called with the id of a job the moment the queue has it, before any worker can see
+/// it (the engine starts tracking the jobs it admits there).
+pub type Admitted<'a> = &'a (dyn Fn(JobId) + Send + Sync);
+
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    /// Admits a job: its record on its way to the store and the job on the queue. The
+    /// returned future resolves once the record is durable; the id may be handed out
+    /// only then.
+    async fn push(
+        &self,
+        job: &NewJob,
+        now_ms: i64,
+        admitted: Admitted<'_>,
+    ) -> Result<(JobId, Durable), PushError>;
+
+    /// For worker threads (blocking): waits up to `wait` for the next job and leases it
+    /// to the caller as its next attempt. `Ok(None)` when nothing came in time.
+    fn claim(&self, wait: Duration) -> Result<Option<Lease>, Closed>;
+
+    /// Extends the leases of the jobs the engine's workers are visibly working on, one
+    /// answer per lease, in order.
+    async fn renew(&self, held: &[(JobId, u32)], now_ms: i64) -> Result<Vec<Renewal>, StoreError>;
+
+    /// For worker threads: records `attempt`'s outcome unless the attempt no longer holds
+    /// the job. The write is on its way when this returns; the future says what became
+    /// of it (and hands the outcome back when it could not be written).
+    fn finish(
+        &self,
+        id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        now_ms: i64,
+    ) -> FinishPending;
+
+    /// `finish` from the async side (timeouts, retries of outcomes the store could not
+    /// take).
+    async fn finish_async(
+        &self,
+        id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        now_ms: i64,
+    ) -> Result<Finished, FinishFailed>;
+
+    /// Hands a claimed but unstarted job back (shutdown): queued again at once, this
+    /// attempt not counted.
+    async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError>;
+
+    /// Reclaims the jobs whose lease expired: queued again, or dead letters.
+    async fn reclaim_expired(&self, now_ms: i64) -> Result<Reclaimed, StoreError>;
+
+    /// Cancels a job wherever it is: its state is `cancelled` at once; a worker running
+    /// it learns at its next renewal (or directly, when it runs in this process).
+    async fn cancel(&self, id: JobId, now_ms: i64) -> Result<Finished, StoreError>;
+
+    /// Runs a failed or cancelled job again: same id, its next attempt.
+    async fn retry(
+        &self,
+        id: JobId,
+        now_ms: i64,
+        admitted: Admitted<'_>,
+    ) -> Result<Requeued, PushError>;
+
+    /// Queues again what an earlier run of this process left unfinished (for queues
+    /// that live in the process); returns how many jobs that is.
+    async fn recover(&self) -> Result<usize, StoreError>;
+
+    /// Stops handing out work: blocked and later claims answer [`Closed`].
+    fn close(&self);
+
+    /// Jobs waiting for a worker (as far as this process can tell cheaply).
+    fn waiting(&self) -> usize;
+
+    /// True when only this process's workers ever run the jobs it queues (the jobs
+    /// admitted here are then tracked from their admission).
+    fn is_local(&self) -> bool;
+}
+
+/// How long a worker's lease lasts without renewal (`--lease-ms`), how often the engine
+/// renews and reclaims, and how many attempts a job gets (`--max-attempts`).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseOptions {
+    pub lease: Duration,
+    pub max_attempts: u32,
+}
+
+impl LeaseOptions {
+    /// Renew well before expiry, and often enough that a cancel on another replica
+    /// reaches the worker within a second.
+    pub fn renew_every(&self) -> Duration {
+        (self.lease / 3).min(Duration::from_millis(500))
+    }
+}
+
+/// The error a dead letter ends with.
+pub fn gave_up(attempts: u32) -> String {
+    format!(
+        "gave up after {attempts} attempts: each one's lease expired before it finished \
+         (its worker died or stalled)"
+    )
+}
