@@ -431,6 +431,13 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static
 pub fn run_cli(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(cfg) => {
+            // A file size limit (RLIMIT_FSIZE) must fail the write, as a full disk does,
+            // not kill the process: the store then reports itself unavailable and
+            // recovers once writes succeed again.
+            // SAFETY: setting a signal's disposition to "ignore" has no preconditions.
+            unsafe {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            }
             let _log = telemetry::init(
                 &cfg.log_level,
                 cfg.log_file.as_deref(),

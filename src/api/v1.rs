@@ -128,10 +128,15 @@ pub async fn get(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job with id {raw:?}")))?;
     // A job that started here moments ago may not have its start in the store yet.
-    if rec.status == JobStatus::Queued {
+    if !rec.status.is_finished() {
         if let Some(t) = st.engine.started_at(id) {
-            rec.status = JobStatus::Running;
-            rec.started_at = Some(t);
+            if rec.status == JobStatus::Queued {
+                rec.status = JobStatus::Running;
+                rec.started_at = Some(t);
+            }
+            if let Some(a) = st.engine.attempt(id) {
+                rec.attempts = rec.attempts.max(a);
+            }
         }
     }
     let progress = (rec.status == JobStatus::Running)

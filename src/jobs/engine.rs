@@ -457,6 +457,16 @@ impl Engine {
             .filter(|t| *t > 0)
     }
 
+    /// The attempt of a job claimed in this process (the store may not have it yet).
+    pub fn attempt(&self, id: JobId) -> Option<u32> {
+        self.inner
+            .live
+            .lock()
+            .get(&id)
+            .map(|l| l.attempt.load(Ordering::SeqCst))
+            .filter(|a| *a > 0)
+    }
+
     /// Progress of a job running in this process, if it reports any.
     pub fn progress(&self, id: JobId) -> Option<(u64, u64)> {
         self.inner
@@ -682,6 +692,9 @@ async fn renew_and_reclaim(inner: &Inner, held: &[(JobId, Arc<Live>)], now: i64)
                 for ((id, live), answer) in alive.iter().zip(answers) {
                     match answer {
                         Renewal::Held => {}
+                        // An outcome on its way: the in-process queue let the lease go
+                        // when it took the outcome; the store decides.
+                        Renewal::Lost if live.outcome_pending.load(Ordering::SeqCst) => {}
                         Renewal::Lost => {
                             // Its outcome will be refused: no use going on.
                             live.ctx.cancel();

@@ -86,9 +86,11 @@ impl WriteFailure {
 /// surroundings (disk, permissions, locks) are transient: the same write succeeds once
 /// they are fixed. The rest (a value too large, a constraint) would fail again.
 fn classify(e: &rusqlite::Error, os_errno: i32) -> WriteFailure {
-    let os = (os_errno != 0)
-        .then(|| format!(" ({})", std::io::Error::from_raw_os_error(os_errno)))
-        .unwrap_or_default();
+    let os = if os_errno != 0 {
+        format!(" ({})", std::io::Error::from_raw_os_error(os_errno))
+    } else {
+        String::new()
+    };
     match e {
         rusqlite::Error::SqliteFailure(f, _) => {
             let (transient, what) = match f.code {
@@ -411,12 +413,14 @@ impl SqliteStore {
         let checkpointer_conn = open_conn(path, opts.sync)?;
         // A slot of one: commits while the checkpointer is busy or resting fold into it.
         let (committed, commits) = std::sync::mpsc::sync_channel::<()>(1);
-        let mut threads = Threads::default();
-        threads.checkpointer = Some(
-            thread::Builder::new()
-                .name("sqlite-checkpoint".into())
-                .spawn(move || checkpoint_loop(checkpointer_conn, commits))?,
-        );
+        let mut threads = Threads {
+            checkpointer: Some(
+                thread::Builder::new()
+                    .name("sqlite-checkpoint".into())
+                    .spawn(move || checkpoint_loop(checkpointer_conn, commits))?,
+            ),
+            ..Threads::default()
+        };
         let writer = Writer {
             commit_delay: opts.commit_delay,
             conn,
@@ -678,6 +682,7 @@ impl Writer {
         // A failed transaction rolls back entirely, so the batch can be tried again as a
         // whole; transient errors (a busy disk, a lock) must not lose accepted writes.
         let mut res = Err(rusqlite::Error::InvalidQuery);
+        let changes_before = self.conn.total_changes();
         for attempt in 0..COMMIT_ATTEMPTS {
             out = Applied::default();
             self.blobs.rolled_back();
@@ -704,7 +709,11 @@ impl Writer {
         match res {
             Ok(()) => {
                 self.blobs.committed();
-                if self.unhealthy.lock().take().is_some() {
+                // Only a commit that wrote proves the disk takes writes (one that
+                // changed nothing writes nothing, and succeeds on a full disk too).
+                if self.conn.total_changes() > changes_before
+                    && self.unhealthy.lock().take().is_some()
+                {
                     tracing::info!("the sqlite store takes writes again");
                 }
                 // Wakes the checkpointer unless a wake-up is already pending.

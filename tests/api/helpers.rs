@@ -204,17 +204,35 @@ pub struct Proc {
 impl Proc {
     /// Starts `tally serve --bind 127.0.0.1:0 <args>` in `cwd`, and waits for it to listen.
     pub fn start(cwd: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .arg("serve")
+        Proc::start_with(cwd, args, |_| {})
+    }
+
+    /// Changes the running process's largest file size (its soft `RLIMIT_FSIZE`;
+    /// `None`: unlimited). With a tiny limit every write to a file fails with EFBIG,
+    /// the way writes fail on a full disk.
+    pub fn set_max_file_size(&self, bytes: Option<u64>) {
+        let lim = libc::rlimit {
+            rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: prlimit(2) on our own child with a valid rlimit; no old value asked for.
+        let rc =
+            unsafe { libc::prlimit(self.pid(), libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit failed: {}", std::io::Error::last_os_error());
+    }
+
+    fn start_with(cwd: &Path, args: &[&str], customize: impl FnOnce(&mut Command)) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+        cmd.arg("serve")
             .args(["--bind", "127.0.0.1:0", "--enable-test-jobs"])
             .args(args)
             .current_dir(cwd)
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the tally binary starts");
+            .stderr(Stdio::inherit());
+        customize(&mut cmd);
+        let mut child = cmd.spawn().expect("the tally binary starts");
         let stdout = child.stdout.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();

@@ -1,0 +1,141 @@
+//! Leases, attempts and retries through the HTTP API: a stalled worker loses its job to
+//! another and its late outcome is refused; a failed or cancelled job runs again under
+//! its id.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{metric, TestApp};
+
+#[tokio::test]
+async fn a_stalled_worker_loses_its_job_and_its_late_outcome_is_refused() {
+    let app = TestApp::spawn_with(|c| {
+        c.lease_ms = 300;
+        c.workers = Some(2);
+    })
+    .await;
+    // Attempt 1 sleeps 2 s without a sign of life; attempt 2 answers at once.
+    let id = app
+        .submit("test.stall", json!({ "ms": 2000, "stall_attempts": 1 }))
+        .await;
+    let job = app.wait_job(&id).await;
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["result"], json!({ "attempt": 2 }), "{job}");
+    assert_eq!(job["attempts"], 2);
+
+    // The stalled attempt wakes up later; its outcome is refused and counted.
+    let until = std::time::Instant::now() + crate::helpers::PATIENCE;
+    while metric(&app.metrics().await, "tally_queue_fenced_total") != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < until,
+            "the stale outcome was never refused"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let m = app.metrics().await;
+    assert_eq!(metric(&m, "tally_queue_reclaims_total"), Some(1.0));
+    let (_, job) = app.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(
+        (
+            job["status"].clone(),
+            job["result"].clone(),
+            job["attempts"].clone()
+        ),
+        (json!("done"), json!({ "attempt": 2 }), json!(2)),
+        "the job ended once, with the newer attempt's result"
+    );
+    let (_, counts) = app.get("/v1/jobs/stats").await;
+    assert_eq!(counts["done"], 1);
+    assert_eq!(counts["in_progress"], 0);
+}
+
+#[tokio::test]
+async fn a_job_that_stalls_every_time_fails_for_good_after_max_attempts() {
+    let app = TestApp::spawn_with(|c| {
+        c.lease_ms = 200;
+        c.workers = Some(3);
+        c.max_attempts = 2;
+    })
+    .await;
+    let id = app
+        .submit("test.stall", json!({ "ms": 1500, "stall_attempts": 10 }))
+        .await;
+    let job = app.wait_job(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempts"], 2);
+    let err = job["error"].as_str().unwrap_or_default();
+    assert!(err.contains("gave up after 2 attempts"), "{err}");
+    assert_eq!(
+        metric(&app.metrics().await, "tally_queue_dead_letters_total"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_failed_or_cancelled_job_runs_again_under_its_id_with_its_next_attempt() {
+    let app = TestApp::spawn().await;
+    let failed = app
+        .submit("test.panic", json!({ "message": "first" }))
+        .await;
+    let job = app.wait_job(&failed).await;
+    assert_eq!(
+        (job["status"].clone(), job["attempts"].clone()),
+        (json!("failed"), json!(1))
+    );
+
+    let (status, body) = app
+        .post(&format!("/v1/jobs/{failed}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body, json!({ "id": failed, "status": "queued" }));
+    let job = app.wait_job(&failed).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["attempts"], 2, "{job}");
+
+    let slow = app.submit("test.sleep", json!({ "ms": 600_000 })).await;
+    app.wait_status(&slow, &["running"]).await;
+    let res = app
+        .client
+        .delete(app.url(&format!("/v1/jobs/{slow}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{slow}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let job = app.wait_status(&slow, &["running"]).await;
+    assert_eq!(job["attempts"], 2, "{job}");
+    assert_eq!(job["error"], json!(null), "the last run's error is cleared");
+
+    // Only failed and cancelled jobs run again.
+    let (status, body) = app
+        .post(&format!("/v1/jobs/{slow}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("is running"),
+        "{body}"
+    );
+    let done = app.submit("test.echo", json!({})).await;
+    app.wait_job(&done).await;
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{done}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = app.post("/v1/jobs/job_id_999999/retry", &json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app.post("/v1/jobs/nope/retry", &json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn retrying_needs_the_token_when_one_is_set() {
+    let app = TestApp::spawn_with(|c| {
+        c.auth_token = Some(tally::config::Secret("s3cret".into()));
+    })
+    .await;
+    let (status, _) = app.post("/v1/jobs/job_id_1/retry", &json!({})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
