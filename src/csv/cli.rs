@@ -40,6 +40,7 @@ pub fn run(args: &SumArgs) -> anyhow::Result<()> {
     });
     let result = outcome.map_err(|e| match e {
         ScanError::Io { source, .. } => anyhow::anyhow!("cannot read {shown}: {source}"),
+        ScanError::Changed { .. } => anyhow::anyhow!("{shown} {e}; run it again"),
         other => anyhow::anyhow!("{shown}: {other}"),
     })?;
     let mut out = std::io::stdout().lock();

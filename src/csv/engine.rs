@@ -19,6 +19,9 @@ use super::split::scan_block;
 /// `sel` value of a column that is not summed.
 pub(crate) const NONE: u32 = u32::MAX;
 
+/// Bytes of a bad cell kept for its error message: more than 80 characters of any text.
+const SHOWN_BYTES: usize = 1024;
+
 /// Which columns to sum, resolved against the header.
 pub(crate) struct Plan {
     /// Per column: accumulator slot, or `NONE`.
@@ -110,9 +113,12 @@ impl Sink for NumSink<'_> {
                 if self.pending.is_none() {
                     let kind = match e {
                         CellError::InvalidUtf8 => RawKind::InvalidUtf8,
-                        CellError::NotANumber => {
-                            RawKind::NotANumber(unescape(&data[start..end], escaped))
-                        }
+                        // The message shows 80 characters: copying a huge cell (say one
+                        // running into the zeros of a truncated file) would be a waste.
+                        CellError::NotANumber => RawKind::NotANumber(unescape(
+                            &data[start..end.min(start.saturating_add(SHOWN_BYTES))],
+                            escaped,
+                        )),
                     };
                     self.pending = Some(RawError {
                         kind,
@@ -232,6 +238,8 @@ fn parse_chunk_impl<C: Classify>(
 /// Why the body scan stopped.
 pub(crate) enum BodyError {
     Cancelled,
+    /// The mapped file shrank under the scan (`mapping`'s flag).
+    Changed,
     /// `data_rows_before`: data records before the chunk that failed.
     Raw {
         err: RawError,
@@ -247,11 +255,22 @@ pub(crate) struct Body<'a> {
     pub block_size: usize,
     pub progress: Option<&'a AtomicU64>,
     pub cancel: Option<&'a AtomicBool>,
+    /// Set when part of the mapped file was replaced by zeros (see `mapping`).
+    pub faulted: Option<&'a AtomicBool>,
+    /// Called before each wave with the offset it starts at (tests change the file there).
+    pub wave_hook: Option<&'a (dyn Fn(usize) + Sync)>,
 }
 
 impl Body<'_> {
-    fn cancelled(&self) -> bool {
-        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    /// Checked once per block per thread: the hot loop itself never looks.
+    fn stopped(&self) -> Option<BodyError> {
+        if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            Some(BodyError::Cancelled)
+        } else if self.faulted.is_some_and(|f| f.load(Ordering::Relaxed)) {
+            Some(BodyError::Changed)
+        } else {
+            None
+        }
     }
 
     fn map<T: Send>(&self, n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
@@ -277,8 +296,11 @@ impl Body<'_> {
         let mut rows = 0u64;
         let mut s = start;
         while s < len {
-            if self.cancelled() {
-                return Err(BodyError::Cancelled);
+            if let Some(hook) = self.wave_hook {
+                hook(s);
+            }
+            if let Some(e) = self.stopped() {
+                return Err(e);
             }
             let wend = s.saturating_add(wave_len).min(len);
             let nblocks = (wend - s).div_ceil(bs);
@@ -299,8 +321,8 @@ impl Body<'_> {
             }
             let n = starts.len();
             let outs = self.map(n, |i| {
-                if self.cancelled() {
-                    return Err(BodyError::Cancelled);
+                if let Some(e) = self.stopped() {
+                    return Err(e);
                 }
                 let end = starts.get(i + 1).copied().unwrap_or(wend);
                 let out =

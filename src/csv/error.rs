@@ -78,9 +78,22 @@ pub enum ScanError {
     UnterminatedQuote { at: Location },
     #[error("cancelled")]
     Cancelled,
+    /// The file shrank, or was rewritten in place, while it was scanned: the sums (or a
+    /// data error) would come from a mix of two versions, so there are none. Sizes in
+    /// bytes: when the scan began, and when the change was seen.
+    #[error("changed during the scan ({})", change(*.before, *.after))]
+    Changed { before: u64, after: u64 },
     #[error("cannot start worker threads: {0}")]
     ThreadPool(String),
     /// A broken internal invariant (chunk boundaries disagreeing); a bug.
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+fn change(before: u64, after: u64) -> String {
+    if before == after {
+        format!("modified in place, size {before} unchanged")
+    } else {
+        format!("size {before} -> {after}")
+    }
 }

@@ -133,6 +133,7 @@ pub fn result_json(r: &SumResult) -> Value {
 pub fn describe(dataset: &str, e: &ScanError) -> String {
     match e {
         ScanError::Io { source, .. } => format!("dataset {dataset:?}: cannot read: {source}"),
+        ScanError::Changed { .. } => format!("dataset {dataset:?} {e}; run the job again"),
         other => format!("dataset {dataset:?}: {other}"),
     }
 }

@@ -39,15 +39,20 @@
 //! runs of unselected fields by counting mask bits, and parses short decimals
 //! with an exact SWAR fast path (`number`).
 //!
-//! `unsafe` is limited to: the mmap (see `sum_file`), SIMD loads from
-//! `&[u8; 64]`, and calling the AVX2-compiled entry point after run-time
-//! feature detection.
+//! A file that shrinks or changes while it is scanned fails the scan with
+//! [`ScanError::Changed`] instead of ending the process with SIGBUS: see
+//! `mapping` for how, and why the scan keeps its mmap.
+//!
+//! `unsafe` is limited to: the mmap and its SIGBUS handler (`mapping`), SIMD
+//! loads from `&[u8; 64]`, and calling the AVX2-compiled entry point after
+//! run-time feature detection.
 
 pub mod cli;
 pub mod datasets;
 mod engine;
 mod error;
 pub mod job;
+mod mapping;
 mod number;
 mod record;
 mod split;
@@ -122,6 +127,8 @@ pub struct SumResult {
 ///
 /// `progress` is increased by bytes done; setting `cancel` makes the scan
 /// stop with [`ScanError::Cancelled`] (checked once per block per thread).
+/// A file that shrinks or is rewritten in place meanwhile gives
+/// [`ScanError::Changed`].
 pub fn sum_file(
     path: &Path,
     opts: &SumOptions,
@@ -144,24 +151,47 @@ pub fn sum_open_file(
     progress: Option<&AtomicU64>,
     cancel: Option<&AtomicBool>,
 ) -> Result<SumResult, ScanError> {
+    sum_mapped(file, path, opts, progress, cancel, None)
+}
+
+/// [`sum_open_file`], with a hook called before each wave (see `engine::Body`).
+pub(crate) fn sum_mapped(
+    file: &File,
+    path: &Path,
+    opts: &SumOptions,
+    progress: Option<&AtomicU64>,
+    cancel: Option<&AtomicBool>,
+    wave_hook: Option<&(dyn Fn(usize) + Sync)>,
+) -> Result<SumResult, ScanError> {
     let io = |source| ScanError::Io {
         path: path.to_path_buf(),
         source,
     };
-    if file.metadata().map_err(io)?.len() == 0 {
+    let before = mapping::Stamp::of(file).map_err(io)?;
+    if before.size == 0 {
         return sum_bytes(&[], opts, progress, cancel);
     }
-    // SAFETY: the mapping is only read. If another process truncates or
-    // rewrites the file while we scan, we may read garbage or get SIGBUS;
-    // that is the accepted trade-off for zero-copy scanning of large files
-    // (the pages are clean and evictable, so memory stays bounded).
-    let map = unsafe { memmap2::Mmap::map(file) }.map_err(io)?;
-    #[cfg(unix)]
-    {
-        // Only a hint; failure is harmless.
-        let _ = map.advise(memmap2::Advice::Sequential);
+    let map = mapping::ScanMap::new(file, before).map_err(io)?;
+    let outcome = scan(
+        map.bytes(),
+        opts,
+        progress,
+        cancel,
+        Some(map.faulted()),
+        wave_hook,
+    );
+    if matches!(outcome, Err(ScanError::Cancelled)) {
+        return outcome;
     }
-    sum_bytes(&map, opts, progress, cancel)
+    // Sums, or a data error, read from a file that changed meanwhile may mix two
+    // versions of it: neither is worth reporting.
+    if let Some(now) = map.changed(file).map_err(io)? {
+        return Err(ScanError::Changed {
+            before: before.size,
+            after: now.size,
+        });
+    }
+    outcome
 }
 
 /// Sums columns of CSV text held in memory. See the module docs for the
@@ -171,6 +201,19 @@ pub fn sum_bytes(
     opts: &SumOptions,
     progress: Option<&AtomicU64>,
     cancel: Option<&AtomicBool>,
+) -> Result<SumResult, ScanError> {
+    scan(data, opts, progress, cancel, None, None)
+}
+
+/// [`sum_bytes`], also stopping once `faulted` is set (the mapping behind `data` lost
+/// pages: see `mapping`).
+fn scan(
+    data: &[u8],
+    opts: &SumOptions,
+    progress: Option<&AtomicU64>,
+    cancel: Option<&AtomicBool>,
+    faulted: Option<&AtomicBool>,
+    wave_hook: Option<&(dyn Fn(usize) + Sync)>,
 ) -> Result<SumResult, ScanError> {
     if opts.every == 0 {
         return Err(ScanError::InvalidOptions(
@@ -241,6 +284,8 @@ pub fn sum_bytes(
         block_size: opts.block_size,
         progress,
         cancel,
+        faulted,
+        wave_hook,
     };
     let pool = if threads > 1 && rayon::current_num_threads() != threads {
         Some(
@@ -258,6 +303,11 @@ pub fn sum_bytes(
     };
     let (sums, rows) = outcome.map_err(|e| match e {
         BodyError::Cancelled => ScanError::Cancelled,
+        // The caller, which has the file, replaces this with the sizes it sees now.
+        BodyError::Changed => ScanError::Changed {
+            before: data.len() as u64,
+            after: data.len() as u64,
+        },
         BodyError::Internal(what) => ScanError::Internal(what),
         BodyError::Raw {
             err,

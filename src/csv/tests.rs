@@ -802,3 +802,148 @@ fn baseline_and_dispatched_hot_loops_agree() {
         }
     }
 }
+
+// ------------------------------------------- a file changed during the scan
+
+/// A file `a,b` with rows `i,2i` for i in 1..=rows, so that a = rows(rows+1)/2 and
+/// b = 2a; back-dated, so that any rewrite moves its mtime whatever the clock's
+/// granularity.
+fn numbered_file(rows: u64) -> (tempfile::NamedTempFile, u64) {
+    use std::io::Write;
+    let mut text = String::from("a,b\n");
+    for i in 1..=rows {
+        text.push_str(&format!("{i},{}\n", 2 * i));
+    }
+    let mut tmp = tempfile::NamedTempFile::new().unwrap();
+    tmp.write_all(text.as_bytes()).unwrap();
+    let past = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    tmp.as_file().set_modified(past).unwrap();
+    (tmp, text.len() as u64)
+}
+
+/// Scans `tmp` in 4 KiB blocks; `hook` runs once, before the wave at the 100th block,
+/// well inside the file.
+fn scan_changing(
+    tmp: &tempfile::NamedTempFile,
+    threads: usize,
+    hook: impl Fn() + Sync,
+) -> Result<SumResult, ScanError> {
+    let file = std::fs::File::open(tmp.path()).unwrap();
+    let done = AtomicBool::new(false);
+    let wave = |at: usize| {
+        if at >= 100 * 4096 && !done.swap(true, Ordering::Relaxed) {
+            hook();
+        }
+    };
+    let o = opts(1, 0, true, 4096, threads);
+    super::sum_mapped(&file, tmp.path(), &o, None, None, Some(&wave))
+}
+
+#[test]
+fn a_file_truncated_mid_scan_fails_with_its_sizes_and_an_untouched_one_sums() {
+    for threads in [1, 3] {
+        let (tmp, size) = numbered_file(200_000);
+        let r = scan_changing(&tmp, threads, || {});
+        let a = 200_000.0 * 200_001.0 / 2.0;
+        assert_eq!(
+            r.map(|r| r.columns).map_err(|e| e.to_string()),
+            Ok(vec![("a".into(), a), ("b".into(), 2.0 * a)])
+        );
+        // What `cp` does to the file it copies over: truncate, then write.
+        let r = scan_changing(&tmp, threads, || {
+            std::fs::write(tmp.path(), b"a,b\n1,2\n").unwrap();
+        });
+        assert!(
+            matches!(r, Err(ScanError::Changed { before, after: 8 }) if before == size),
+            "threads {threads}: {r:?}"
+        );
+        let msg = r.unwrap_err().to_string();
+        assert_eq!(msg, format!("changed during the scan (size {size} -> 8)"));
+    }
+}
+
+#[test]
+fn a_same_size_rewrite_in_place_mid_scan_fails_the_scan() {
+    use std::os::unix::fs::FileExt;
+    let (tmp, size) = numbered_file(200_000);
+    // Every digit 1 becomes 2, from the start: same size, parts already summed.
+    let text = std::fs::read(tmp.path()).unwrap();
+    let other: Vec<u8> = text
+        .iter()
+        .map(|&b| if b == b'1' { b'2' } else { b })
+        .collect();
+    let r = scan_changing(&tmp, 2, || {
+        tmp.as_file().write_all_at(&other, 0).unwrap();
+    });
+    assert!(
+        matches!(r, Err(ScanError::Changed { before, after }) if before == size && after == size),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.unwrap_err().to_string(),
+        format!("changed during the scan (modified in place, size {size} unchanged)")
+    );
+}
+
+#[test]
+fn concurrent_scans_of_a_truncated_file_both_fail_and_one_of_another_file_sums() {
+    use std::sync::Barrier;
+    let (shared, size) = numbered_file(200_000);
+    let (other, _) = numbered_file(1_000);
+    // All three wait, mid-scan, until the first one has truncated `shared`.
+    let (mapped, truncated) = (Barrier::new(3), Barrier::new(3));
+    let wait = || {
+        mapped.wait();
+        truncated.wait();
+    };
+    let (first, second, third) = std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            scan_changing(&shared, 1, || {
+                mapped.wait();
+                shared.as_file().set_len(100).unwrap();
+                truncated.wait();
+            })
+        });
+        let second = s.spawn(|| scan_changing(&shared, 2, wait));
+        let third = s.spawn(|| {
+            // `other` is smaller than 100 blocks: its hook runs at the first wave.
+            let file = std::fs::File::open(other.path()).unwrap();
+            let o = opts(1, 0, true, 64, 1);
+            let once = AtomicBool::new(false);
+            let hook = |_: usize| {
+                if !once.swap(true, Ordering::Relaxed) {
+                    wait();
+                }
+            };
+            super::sum_mapped(&file, other.path(), &o, None, None, Some(&hook))
+        });
+        (
+            first.join().unwrap(),
+            second.join().unwrap(),
+            third.join().unwrap(),
+        )
+    });
+    for r in [first, second] {
+        assert!(
+            matches!(r, Err(ScanError::Changed { before, after: 100 }) if before == size),
+            "{r:?}"
+        );
+    }
+    let a = 1_000.0 * 1_001.0 / 2.0;
+    assert_eq!(
+        third.map(|r| r.columns).map_err(|e| e.to_string()),
+        Ok(vec![("a".into(), a), ("b".into(), 2.0 * a)])
+    );
+}
+
+#[test]
+fn a_huge_bad_cell_is_reported_by_its_first_80_characters() {
+    let mut data = b"a\n1\n".to_vec();
+    data.extend(std::iter::repeat_n(b'x', 100_000));
+    data.push(b'\n');
+    let e = sum(&data, &opts(1, 0, true, 1 << 20, 1)).unwrap_err();
+    assert!(
+        e.ends_with(&format!(": not a number: \"{}...\"", "x".repeat(80))),
+        "{e}"
+    );
+}

@@ -1,7 +1,7 @@
 //! CSV column sums: `csv.column_sum` jobs checked against the `csv` crate and against
 //! Python's `math.fsum`, the dataset routes and their refusal of every path trick,
-//! precise data errors, progress and cancellation, the storage-service routes and
-//! `tally sum`.
+//! precise data errors, progress and cancellation, a dataset changed during its scan, the
+//! storage-service routes and `tally sum`.
 
 use std::path::Path;
 use std::time::Instant;
@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{fixture, TestApp, PATIENCE};
+use crate::helpers::{fixture, Proc, TestApp, PATIENCE};
 
 // ---------------------------------------------------------------- generation and oracle
 
@@ -173,6 +173,27 @@ async fn sum_ok(app: &TestApp, params: Value) -> Value {
 fn put_file(app: &TestApp, name: &str, data: &[u8]) {
     std::fs::create_dir_all(&app.data_dir).unwrap();
     std::fs::write(app.data_dir.join(name), data).unwrap();
+}
+
+/// Writes a CSV of about `mib` MiB (a header `c0..c19`, then rows of 20 numbers), fast:
+/// one 1 MiB block of rows written again and again. Returns its size.
+fn write_big_csv(path: &Path, mib: usize) -> u64 {
+    use std::io::Write;
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut block = String::new();
+    while block.len() < 1 << 20 {
+        let row: Vec<String> = (0..20).map(|_| number(&mut rng)).collect();
+        block.push_str(&row.join(","));
+        block.push('\n');
+    }
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let header: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+    writeln!(f, "{}", header.join(",")).unwrap();
+    for _ in 0..mib {
+        f.write_all(block.as_bytes()).unwrap();
+    }
+    f.flush().unwrap();
+    std::fs::metadata(path).unwrap().len()
 }
 
 /// One raw HTTP/1.1 request, so that paths reach the server exactly as written (an HTTP
@@ -410,27 +431,9 @@ async fn a_ragged_row_fails_the_job_with_its_row_number() {
 #[tokio::test]
 async fn a_long_scan_reports_progress_in_bytes_and_stops_when_cancelled() {
     let app = TestApp::spawn_with(|c| c.workers = Some(1)).await;
-    // ~200 MB of 20 numeric columns, written block by block.
-    let mut rng = StdRng::seed_from_u64(9);
-    let mut block = String::new();
-    while block.len() < 1 << 20 {
-        let row: Vec<String> = (0..20).map(|_| number(&mut rng)).collect();
-        block.push_str(&row.join(","));
-        block.push('\n');
-    }
     std::fs::create_dir_all(&app.data_dir).unwrap();
     let path = app.data_dir.join("big.csv");
-    {
-        use std::io::Write;
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-        let header: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
-        writeln!(f, "{}", header.join(",")).unwrap();
-        for _ in 0..200 {
-            f.write_all(block.as_bytes()).unwrap();
-        }
-        f.flush().unwrap();
-    }
-    let size = std::fs::metadata(&path).unwrap().len();
+    let size = write_big_csv(&path, 200);
     let id = app
         .submit(
             "csv.column_sum",
@@ -463,6 +466,122 @@ async fn a_long_scan_reports_progress_in_bytes_and_stops_when_cancelled() {
     let job = app.wait_job(&id).await;
     assert_eq!(job["status"], "cancelled", "{job}");
     app.stop().await;
+}
+
+// ---------------------------------------------------------------- a dataset changed during its scan
+
+/// What `cp small.csv big.csv` does to `big.csv`: open it with `O_TRUNC`, then write.
+const SMALL: &[u8] = b"x,y\n1.5,2\n-4,8.25\n";
+
+#[tokio::test]
+async fn a_dataset_truncated_during_its_scan_fails_that_job_and_the_service_keeps_serving() {
+    // The real binary: before the fix the truncation ended the whole process (SIGBUS).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let big = dir.path().join("data/big.csv");
+    let size = write_big_csv(&big, 150);
+    let mut server = Proc::start(
+        dir.path(),
+        &["--store", "memory", "--data-dir", "data", "--workers", "1"],
+    );
+    let api = server.client();
+    let id = api
+        .submit(
+            "csv.column_sum",
+            json!({ "dataset": "big.csv", "every": 1 }),
+        )
+        .await;
+    let path = format!("/v1/jobs/{id}");
+    api.wait_until("the scan to start", async |c| {
+        let (_, job) = c.get(&path).await;
+        assert_ne!(
+            job["status"], "done",
+            "the scan ended before the file changed"
+        );
+        job["progress"]["done"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+
+    std::fs::write(&big, SMALL).unwrap();
+
+    api.wait_until("the job to end", async |c| {
+        matches!(
+            c.status_of(&id).await.as_str(),
+            "done" | "failed" | "cancelled"
+        )
+    })
+    .await;
+    let (_, job) = api.get(&path).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("\"big.csv\" changed during the scan")
+            && error.contains(&format!("(size {size} -> "))
+            && error.ends_with("run the job again"),
+        "{error}"
+    );
+    assert!(server.is_running(), "the service must outlive the scan");
+    let (status, _) = api.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The same name now holds the small file; x: 1.5 - 4, y: 2 + 8.25.
+    let id = api
+        .submit(
+            "csv.column_sum",
+            json!({ "dataset": "big.csv", "every": 1 }),
+        )
+        .await;
+    api.wait_until("the second job to end", async |c| {
+        matches!(
+            c.status_of(&id).await.as_str(),
+            "done" | "failed" | "cancelled"
+        )
+    })
+    .await;
+    let (_, job) = api.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["result"], json!({ "x": -2.5, "y": 10.25 }));
+}
+
+#[test]
+fn tally_sum_on_a_file_truncated_during_the_scan_exits_1_naming_the_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.csv");
+    let size = write_big_csv(&big, 150);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["sum", "--every", "1", "--threads", "1"])
+        .arg(&big)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The scan has begun once the file is mapped into the process.
+    let maps = format!("/proc/{}/maps", child.id());
+    let shown = big.to_str().unwrap();
+    let until = Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(&maps)
+        .unwrap_or_default()
+        .contains(shown)
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "tally sum ended before its file was seen mapped"
+        );
+        assert!(Instant::now() < until, "tally sum never mapped {shown}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+
+    std::fs::write(&big, SMALL).unwrap();
+
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{:?}: {stderr}", out.status);
+    assert!(
+        stderr.contains(&format!("{shown} changed during the scan (size {size} -> "))
+            && stderr.trim_end().ends_with("run it again"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
 }
 
 // ---------------------------------------------------------------- datasets
