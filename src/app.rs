@@ -246,6 +246,7 @@ impl Application {
                 TcpOptions {
                     precision: cfg.line_precision,
                     max_connections: cfg.line_max_connections as usize,
+                    idle_timeout: Duration::from_millis(cfg.line_idle_timeout_ms),
                 },
                 series_stopped.clone(),
             ));
