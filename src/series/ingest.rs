@@ -207,6 +207,7 @@ async fn serve_connection(
     // True while skipping the rest of an over-long line.
     let mut skipping = false;
     let mut chunk = vec![0u8; 64 * 1024];
+    let mut idle = false;
     loop {
         let read = tokio::time::timeout(opts.idle_timeout, sock.read(&mut chunk)).await;
         let n = match read {
@@ -219,6 +220,7 @@ async fn serve_connection(
             Err(_) => {
                 tracing::debug!(%peer, "idle line-protocol connection closed");
                 metrics.series_line_idle_closed.inc();
+                idle = true;
                 break;
             }
         };
@@ -249,7 +251,12 @@ async fn serve_connection(
         }
     }
     if !buf.is_empty() && !skipping {
-        ingest_tcp(store, metrics, &buf, precision);
+        if idle {
+            // Cut off mid-line: the rest may never have been sent (`value=12` as `value=1`).
+            store.reject("invalid", 1);
+        } else {
+            ingest_tcp(store, metrics, &buf, precision);
+        }
     }
 }
 

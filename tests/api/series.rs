@@ -874,6 +874,8 @@ async fn idle_tcp_connections_are_closed_so_a_new_connection_is_served_after_the
     for _ in 0..2 {
         idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
+    // One stops mid-line: that unfinished line is dropped, not stored as `value=100`.
+    idle[0].write_all(b"m value=100").await.unwrap();
     // Every slot is taken by a silent client; this one waits in the backlog until the
     // server cuts them.
     let mut late = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -899,5 +901,12 @@ async fn idle_tcp_connections_are_closed_so_a_new_connection_is_served_after_the
         assert_eq!(n, 0);
     }
     wait_metric(&app, "tally_series_line_idle_closed_total", 2.0).await;
+    wait_metric(
+        &app,
+        "tally_series_points_rejected_total{reason=\"invalid\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(get_sum(&app.client, &app.addr).await, 7.0);
     app.stop().await;
 }
