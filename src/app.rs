@@ -348,6 +348,7 @@ impl SeriesTasks {
                 TcpOptions {
                     precision: cfg.line_precision,
                     max_connections: cfg.line_max_connections as usize,
+                    idle_timeout: Duration::from_millis(cfg.line_idle_timeout_ms),
                 },
                 stopped.clone(),
             ));

@@ -239,6 +239,9 @@ impl FromStr for Secret {
     }
 }
 
+/// Largest `--max-future-ms`: ten years of 365 days.
+pub const MAX_FUTURE_MS_LIMIT: u64 = 10 * 365 * 86_400_000;
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     /// Address to listen on. Loopback by default; use 0.0.0.0:5000 to expose it.
@@ -401,6 +404,21 @@ pub struct ServeConfig {
     #[arg(long, env = "TALLY_LINE_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub line_max_connections: u64,
 
+    /// Live series: a point stamped more than this many milliseconds ahead of the server
+    /// clock is refused (reason `future`) on every intake path.
+    #[arg(long, env = "TALLY_MAX_FUTURE_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(0..=MAX_FUTURE_MS_LIMIT))]
+    pub max_future_ms: u64,
+
+    /// Live series: series kept at most; a point of a new series past it is refused
+    /// (reason `series_limit`), existing series keep accepting.
+    #[arg(long, env = "TALLY_MAX_SERIES", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_series: u64,
+
+    /// A TCP line-protocol connection that sends nothing for this many milliseconds is
+    /// closed, so idle clients cannot hold every --line-max-connections slot.
+    #[arg(long, env = "TALLY_LINE_IDLE_TIMEOUT_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    pub line_idle_timeout_ms: u64,
+
     /// A second listener serving only `GET /getSum` and `/healthz`, like the original live
     /// sum service (e.g. 127.0.0.1:4567).
     #[arg(long, env = "TALLY_COMPAT_GET_SUM_BIND")]
@@ -458,6 +476,8 @@ impl ServeConfig {
             retention_ms: ms(self.retention.saturating_mul(1000)),
             max_points: self.max_points,
             window_ms: ms(self.rollup_window_ms),
+            max_future_ms: ms(self.max_future_ms),
+            max_series: self.max_series,
         }
     }
 
@@ -579,6 +599,34 @@ mod tests {
         assert!(c.line_listen.is_none() && c.compat_get_sum_bind.is_none());
         assert!(Cli::try_parse_from(["tally", "serve", "--line-precision", "h"]).is_err());
         assert!(Cli::try_parse_from(["tally", "serve", "--rollup-interval", "0"]).is_err());
+    }
+
+    #[test]
+    fn series_limits_have_the_documented_defaults_and_ranges() {
+        let c = ServeConfig::defaults();
+        assert_eq!(
+            (c.max_future_ms, c.max_series, c.line_idle_timeout_ms),
+            (600_000, 100_000, 60_000)
+        );
+        // (flag, value, accepted)
+        let cases: &[(&str, &str, bool)] = &[
+            ("--max-future-ms", "0", true),
+            ("--max-future-ms", "315360000000", true),
+            ("--max-future-ms", "315360000001", false),
+            ("--max-future-ms", "-1", false),
+            ("--max-series", "0", false),
+            ("--max-series", "1", true),
+            ("--max-series", "100000000", true),
+            ("--max-series", "100000001", false),
+            ("--line-idle-timeout-ms", "99", false),
+            ("--line-idle-timeout-ms", "100", true),
+            ("--line-idle-timeout-ms", "86400000", true),
+            ("--line-idle-timeout-ms", "86400001", false),
+        ];
+        for &(flag, value, ok) in cases {
+            let got = Cli::try_parse_from(["tally", "serve", flag, value]).is_ok();
+            assert_eq!(got, ok, "{flag} {value}");
+        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! acknowledged and how fast.
 //!
 //! `--mode write` gives each connection one series, `demo,host=h<conn> value=<v>`, with
-//! timestamps 1 ms apart from the moment the run starts, and sends `--batch-lines` lines
+//! timestamps 1 ms apart ending at the moment the run starts (so that none is in the
+//! future, which servers refuse past a limit), and sends `--batch-lines` lines
 //! per request to `/write?precision=ms` (the same route on tally, InfluxDB and
 //! VictoriaMetrics), so the summary's `lines_per_s` is samples per second.
 
@@ -159,7 +160,9 @@ fn plan(args: &LoadArgs) -> anyhow::Result<Plan> {
         token: args.auth_token.as_ref().map(|s| s.0.clone()),
         batch_lines: args.batch_lines,
         values: args.values,
-        start_ms: u64::try_from(crate::now_ms()).unwrap_or(0),
+        start_ms: u64::try_from(crate::now_ms())
+            .unwrap_or(0)
+            .saturating_sub(args.connection_value.saturating_mul(args.batch_lines)),
     })
 }
 

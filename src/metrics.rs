@@ -116,6 +116,7 @@ pub struct Metrics {
     pub series_bytes_per_point: Gauge<f64, AtomicU64>,
     pub series_evictions: Family<ReasonLabels, Counter>,
     pub series_rollup_duration: Histogram,
+    pub series_line_idle_closed: Counter,
     pub source_requests: Family<SourceOutcomeLabels, Counter>,
     pub source_state: Family<SourceStateLabels, Gauge>,
     pub source_restarts: Family<SourceLabels, Counter>,
@@ -165,6 +166,7 @@ impl Metrics {
             series_bytes_per_point: Gauge::default(),
             series_evictions: Family::default(),
             series_rollup_duration: seconds_histogram(),
+            series_line_idle_closed: Counter::default(),
             source_requests: Family::default(),
             source_state: Family::default(),
             source_restarts: Family::default(),
@@ -309,7 +311,7 @@ impl Metrics {
         );
         r.register(
             "series_points_rejected",
-            "Series points or lines refused, by reason (late, expired, invalid, non_numeric)",
+            "Series points or lines refused, by reason (late, expired, future, non_finite, overflow, series_limit, invalid, non_numeric)",
             m.series_points_rejected.clone(),
         );
         r.register("series", "Series in the store", m.series_count.clone());
@@ -332,6 +334,11 @@ impl Metrics {
             "series_rollup_duration_seconds",
             "Time to recompute and publish the rollup snapshot",
             m.series_rollup_duration.clone(),
+        );
+        r.register(
+            "series_line_idle_closed",
+            "TCP line-protocol connections closed after --line-idle-timeout-ms without data",
+            m.series_line_idle_closed.clone(),
         );
         r.register(
             "source_requests",

@@ -44,6 +44,15 @@ impl Neumaier {
         self.comp += other.comp;
     }
 
+    /// This sum times `k`; exact when `k` is a power of two and nothing overflows or
+    /// turns subnormal (used to sum totals whose plain sum would overflow).
+    pub fn scaled(&self, k: f64) -> Neumaier {
+        Neumaier {
+            sum: self.sum * k,
+            comp: self.comp * k,
+        }
+    }
+
     /// The compensated total. Once the running sum is infinite or NaN the compensation
     /// is meaningless (`inf - inf` is NaN), so the plain IEEE sum is returned; a zero
     /// compensation is not added, which keeps the sign of a `-0.0` sum.

@@ -40,16 +40,39 @@ pub fn compat_get_sum_router(state: AppState) -> Router {
 }
 
 /// `GET /getSum`: the sum of every point ever accepted, across all series, as plain text
-/// in the form `serde_json` prints an `f64` (`12345.0`, `0.5`, `1e+300`).
+/// in the form `serde_json` prints an `f64` (`12345.0`, `0.5`, `1e+300`); a sum beyond
+/// `f64` reads `inf` or `-inf`, as Python prints it.
 pub async fn get_sum(State(st): State<AppState>) -> Response {
-    let sum = st.series.total().sum();
-    let text = serde_json::to_string(&sum).unwrap_or_else(|_| "null".into());
+    let sum = st.series.total_sum();
+    let text = float_text(sum);
     let mut res = text.into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     res
+}
+
+/// An `f64` as `/getSum` prints it: `serde_json`'s form when finite, Python's otherwise.
+fn float_text(v: f64) -> String {
+    if v.is_nan() {
+        "nan".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "inf" } else { "-inf" }.into()
+    } else {
+        serde_json::to_string(&v).unwrap_or_else(|_| v.to_string())
+    }
+}
+
+/// `{"late": 2, "future": 1}`: the reasons points were refused for, only those that
+/// occurred.
+fn reasons_json(reasons: &[(&str, u64)]) -> Value {
+    Value::Object(
+        reasons
+            .iter()
+            .map(|&(k, n)| (k.to_string(), json!(n)))
+            .collect(),
+    )
 }
 
 /// Reusable body buffers for `/write`. Batches of line protocol are large (10,000 lines is
@@ -94,8 +117,10 @@ async fn read_pooled(mut body: axum::body::Body, limit: usize) -> Result<Vec<u8>
     Ok(buf)
 }
 
-/// `POST /write?precision=ns|us|ms|s`: Influx line protocol. 204 when every line parsed;
-/// 400 listing the first bad lines otherwise (the good lines are stored all the same).
+/// `POST /write?precision=ns|us|ms|s`: Influx line protocol. 204 when every point was
+/// stored; 200 `{"accepted", "rejected", "reasons"}` when every line parsed but some
+/// points were refused (late, future, ...); 400 listing the first bad lines otherwise,
+/// with the same counts (the good lines are stored all the same).
 pub async fn write(
     State(st): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
@@ -134,8 +159,18 @@ pub async fn write(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let reasons = r.rejections();
+    let rejected: u64 = reasons.iter().map(|r| r.1).sum();
     if r.parse.is_clean() && r.bad_names == 0 {
-        return Ok(StatusCode::NO_CONTENT.into_response());
+        if rejected == 0 {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        return Ok(Json(json!({
+            "accepted": r.store.accepted,
+            "rejected": rejected,
+            "reasons": reasons_json(&reasons),
+        }))
+        .into_response());
     }
     let errors: Vec<Value> = r
         .parse
@@ -163,6 +198,9 @@ pub async fn write(
         "detail": detail,
         "errors": errors,
         "accepted_points": r.store.accepted,
+        "accepted": r.store.accepted,
+        "rejected": rejected,
+        "reasons": reasons_json(&reasons),
     });
     let mut res = (StatusCode::BAD_REQUEST, body.to_string()).into_response();
     res.headers_mut().insert(
@@ -225,22 +263,60 @@ pub async fn post_points(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(json!({
-        "accepted": r.accepted,
-        "rejected_late": r.late,
-        "rejected_expired": r.expired,
-    })))
+    let mut body = json!({ "accepted": r.accepted });
+    for (reason, n) in r.reasons() {
+        body[format!("rejected_{reason}")] = json!(n);
+    }
+    Ok(Json(body))
 }
 
-/// `GET /v1/series`.
-pub async fn list(State(st): State<AppState>) -> Json<Value> {
-    let series: Vec<Value> = st
-        .series
-        .list()
+/// Series per page of `GET /v1/series`: default and largest.
+const SERIES_PAGE: usize = 1000;
+const SERIES_MAX_PAGE: usize = 10_000;
+
+/// `GET /v1/series?limit=&cursor=`: a page of series in name order (bytewise), after the
+/// name `cursor`; `next_cursor` (the page's last name) is null on the last page.
+pub async fn list(
+    State(st): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let mut limit = SERIES_PAGE;
+    let mut cursor: Option<String> = None;
+    for (k, v) in params {
+        match k.as_str() {
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=SERIES_MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "limit must be an integer from 1 to {SERIES_MAX_PAGE}; got {v:?}"
+                        ))
+                    })?
+            }
+            "cursor" => cursor = Some(v),
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {other:?}; use limit, cursor"
+                )))
+            }
+        }
+    }
+    let store = st.series.clone();
+    let (page, more) = tokio::task::spawn_blocking(move || {
+        store.list_page(cursor.as_deref().filter(|c| !c.is_empty()), limit)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let next = more
+        .then(|| page.last().map(|s| s.name.to_string()))
+        .flatten();
+    let series: Vec<Value> = page
         .into_iter()
         .map(|s| json!({ "name": &*s.name, "points": s.points, "first": s.first, "last": s.last }))
         .collect();
-    Json(json!({ "series": series }))
+    Ok(Json(json!({ "series": series, "next_cursor": next })))
 }
 
 fn int_param(

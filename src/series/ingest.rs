@@ -1,10 +1,12 @@
 //! Ingest of line protocol into the series store, shared by `POST /write` and the TCP
 //! listener (`--line-listen`): parse, group points by series, insert, count. The TCP
-//! listener itself (bounded lines, bounded connections, bad lines counted) lives here too.
+//! listener itself (bounded lines, bounded connections, idle connections closed, bad
+//! lines counted) lives here too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -26,6 +28,20 @@ pub struct LineIngest {
     pub store: IngestReport,
     /// Points refused because their series key is not a valid series name.
     pub bad_names: u64,
+}
+
+impl LineIngest {
+    /// Points of parsed lines that were not stored, by reason (bad series names count as
+    /// `invalid`, like in `/metrics`); reasons with no point are left out. String fields
+    /// are not points and do not count.
+    pub fn rejections(&self) -> Vec<(&'static str, u64)> {
+        self.store
+            .reasons()
+            .into_iter()
+            .chain([("invalid", self.bad_names)])
+            .filter(|r| r.1 > 0)
+            .collect()
+    }
 }
 
 /// The series of the previous point, as its parts, with buffers reused between points.
@@ -134,6 +150,8 @@ pub fn ingest_lines(
 pub struct TcpOptions {
     pub precision: Precision,
     pub max_connections: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 /// Accepts connections on `listener` until `stop` turns true. Each connection streams
@@ -164,7 +182,7 @@ pub fn spawn_tcp_listener(
                     conns.spawn(async move {
                         let _permit = permit;
                         tokio::select! {
-                            _ = serve_connection(sock, peer, &store, &metrics, opts.precision) => {}
+                            _ = serve_connection(sock, peer, &store, &metrics, opts) => {}
                             _ = stopped(&mut stop) => {}
                         }
                     });
@@ -182,18 +200,27 @@ async fn serve_connection(
     peer: SocketAddr,
     store: &SeriesStore,
     metrics: &Metrics,
-    precision: Precision,
+    opts: TcpOptions,
 ) {
+    let precision = opts.precision;
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     // True while skipping the rest of an over-long line.
     let mut skipping = false;
     let mut chunk = vec![0u8; 64 * 1024];
+    let mut idle = false;
     loop {
-        let n = match sock.read(&mut chunk).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => {
+        let read = tokio::time::timeout(opts.idle_timeout, sock.read(&mut chunk)).await;
+        let n = match read {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "line-protocol connection failed");
+                break;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "idle line-protocol connection closed");
+                metrics.series_line_idle_closed.inc();
+                idle = true;
                 break;
             }
         };
@@ -224,7 +251,12 @@ async fn serve_connection(
         }
     }
     if !buf.is_empty() && !skipping {
-        ingest_tcp(store, metrics, &buf, precision);
+        if idle {
+            // Cut off mid-line: the rest may never have been sent (`value=12` as `value=1`).
+            store.reject("invalid", 1);
+        } else {
+            ingest_tcp(store, metrics, &buf, precision);
+        }
     }
 }
 
@@ -262,7 +294,7 @@ mod tests {
         );
         let names: Vec<String> = store.list().iter().map(|s| s.name.to_string()).collect();
         assert_eq!(names, ["a,h=1:x", "a,h=1:y"]);
-        assert_eq!(store.total().sum(), 6.0);
+        assert_eq!(store.total_sum(), 6.0);
     }
 
     #[test]
@@ -295,6 +327,6 @@ mod tests {
         );
         let points: Vec<f64> = got.iter().map(|(_, n)| *n).collect();
         assert_eq!(points, [2.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
-        assert_eq!(store.total().sum(), 127.0);
+        assert_eq!(store.total_sum(), 127.0);
     }
 }

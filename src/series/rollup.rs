@@ -52,8 +52,14 @@ impl Agg {
     /// Adds one point.
     #[inline]
     pub fn push(&mut self, ts: i64, v: f64) {
-        self.count += 1;
         self.sum.add(v);
+        self.note(ts, v);
+    }
+
+    /// Everything of [`Agg::push`] but the sum.
+    #[inline]
+    fn note(&mut self, ts: i64, v: f64) {
+        self.count += 1;
         if !v.is_nan() {
             if self.min.is_nan() || v < self.min {
                 self.min = v;
@@ -66,6 +72,25 @@ impl Agg {
             self.last = v;
             self.last_ts = ts;
         }
+    }
+
+    /// Adds one point unless it would make the sum non-finite (then nothing changes and
+    /// `false` is returned): a series' all-time total stays a number.
+    #[inline]
+    pub fn try_push(&mut self, ts: i64, v: f64) -> bool {
+        let mut sum = self.sum;
+        sum.add(v);
+        if !sum.value().is_finite() {
+            return false;
+        }
+        self.sum = sum;
+        self.note(ts, v);
+        true
+    }
+
+    /// The running sum itself, for totals summed across series.
+    pub fn neumaier(&self) -> Neumaier {
+        self.sum
     }
 
     /// Folds another aggregate in (as if its points had been pushed after ours).

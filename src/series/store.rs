@@ -1,15 +1,18 @@
 //! The in-memory series store: per series an open, sorted head of recent points (late
-//! points accepted within `--ooo-window-ms` of the series' newest timestamp), sealed into
-//! Gorilla blocks once `--block-points` points are older than that window; retention by age
-//! (`--retention`) and a global limit on retained points (`--max-points`, oldest blocks
-//! evicted first); running all-time totals and incrementally merged window rollups.
+//! points accepted within `--ooo-window-ms` of the series' newest timestamp, or of the
+//! clock when that is in the future), sealed into Gorilla blocks once `--block-points`
+//! points are older than that window; retention by age (`--retention`), a global limit on
+//! retained points (`--max-points`, oldest blocks evicted first) and on series
+//! (`--max-series`, new series refused); points too far ahead of the clock
+//! (`--max-future-ms`), not finite, or that would overflow their series' total, refused;
+//! running all-time totals and incrementally merged window rollups.
 //!
 //! Concurrency: a map of series behind a `parking_lot::RwLock`, each series behind its own
 //! `Mutex`. A series emptied by retention or eviction is removed from the map and its
-//! all-time total folded into `dropped_total`, so `/getSum` never loses a point; a writer
+//! all-time total folded into `dropped`, so `/getSum` never loses a point; a writer
 //! that raced with the removal sees `removed` and retries on a fresh series.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -19,6 +22,7 @@ use thiserror::Error;
 use super::gorilla::{BlockEncoder, SealedBlock};
 use super::rollup::{Agg, AggFn, SeriesRollup};
 use crate::metrics::{Metrics, ReasonLabels};
+use crate::neumaier::Neumaier;
 
 /// Largest series name, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -39,6 +43,10 @@ pub struct StoreOptions {
     pub max_points: u64,
     /// Width of the rollup windows.
     pub window_ms: i64,
+    /// Points stamped more than this many ms ahead of the clock are refused.
+    pub max_future_ms: i64,
+    /// Series kept at most; points of a new series past it are refused.
+    pub max_series: u64,
 }
 
 impl Default for StoreOptions {
@@ -49,11 +57,15 @@ impl Default for StoreOptions {
             retention_ms: 86_400_000,
             max_points: 10_000_000,
             window_ms: 60_000,
+            max_future_ms: 600_000,
+            max_series: 100_000,
         }
     }
 }
 
-/// What happened to a batch of points.
+/// What happened to a batch of points. Each refused point counts once, for the first
+/// rule it breaks, in this order: `series_limit` (a new series), `non_finite`, `future`,
+/// `expired`, `late`, `overflow`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IngestReport {
     pub accepted: u64,
@@ -61,6 +73,14 @@ pub struct IngestReport {
     pub late: u64,
     /// Already older than the retention when they arrived.
     pub expired: u64,
+    /// More than `--max-future-ms` ahead of the clock.
+    pub future: u64,
+    /// NaN or infinite values.
+    pub non_finite: u64,
+    /// Would have made their series' all-time total overflow `f64`.
+    pub overflow: u64,
+    /// Of a new series while `--max-series` series exist.
+    pub series_limit: u64,
 }
 
 impl IngestReport {
@@ -68,6 +88,27 @@ impl IngestReport {
         self.accepted += o.accepted;
         self.late += o.late;
         self.expired += o.expired;
+        self.future += o.future;
+        self.non_finite += o.non_finite;
+        self.overflow += o.overflow;
+        self.series_limit += o.series_limit;
+    }
+
+    /// Refused points by reason, as counted in `tally_series_points_rejected_total`.
+    pub fn reasons(&self) -> [(&'static str, u64); 6] {
+        [
+            ("late", self.late),
+            ("expired", self.expired),
+            ("future", self.future),
+            ("non_finite", self.non_finite),
+            ("overflow", self.overflow),
+            ("series_limit", self.series_limit),
+        ]
+    }
+
+    /// Points refused, for any reason.
+    pub fn rejected(&self) -> u64 {
+        self.reasons().iter().map(|r| r.1).sum()
     }
 }
 
@@ -184,6 +225,51 @@ impl Series {
     }
 }
 
+/// `2^-1000`: [`WideSum::hi`] counts units of `2^1000`.
+const WIDE_UNIT_INV: f64 = f64::from_bits((1023 - 1000) << 52);
+/// `2^-64` and `2^64`: the scale of the fallback sum of [`SeriesStore::total_sum`], room
+/// for 2^64 totals of up to `f64::MAX` each.
+const SCALE_DOWN: f64 = f64::from_bits((1023 - 64) << 52);
+const SCALE_UP: f64 = f64::from_bits((1023 + 64) << 52);
+/// `2^936`: a `hi` unit in the scaled domain (`2^1000 · 2^-64`).
+const WIDE_UNIT_SCALED: f64 = f64::from_bits((1023 + 936) << 52);
+
+/// A sum of finite totals that never overflows: `lo + hi · 2^1000`. Series totals are
+/// finite, but the totals of removed series, added up forever, need not be; this keeps
+/// them exact enough that `/getSum` comes back to a number when live totals offset them.
+#[derive(Debug, Clone, Copy, Default)]
+struct WideSum {
+    lo: Neumaier,
+    hi: Neumaier,
+}
+
+impl WideSum {
+    fn add(&mut self, t: Neumaier) {
+        let mut lo = self.lo;
+        lo.merge(&t);
+        if lo.value().is_finite() {
+            self.lo = lo;
+            return;
+        }
+        // |lo + t| > f64::MAX, so the larger of the two is at least f64::MAX / 2: moving
+        // it into `hi` (a power-of-two scaling) loses nothing.
+        let (big, small) = if t.value().abs() >= self.lo.value().abs() {
+            (t, self.lo)
+        } else {
+            (self.lo, t)
+        };
+        self.hi.merge(&big.scaled(WIDE_UNIT_INV));
+        self.lo = small;
+    }
+}
+
+/// Totals of the series removed after retention or eviction emptied them.
+#[derive(Debug, Default)]
+struct Dropped {
+    count: u64,
+    sum: WideSum,
+}
+
 /// The store. Cheap to share behind an `Arc`.
 pub struct SeriesStore {
     opts: StoreOptions,
@@ -192,7 +278,7 @@ pub struct SeriesStore {
     /// several times faster than SipHash on short keys, which showed in ingest profiles.
     series: RwLock<HashMap<Arc<str>, Arc<Mutex<Series>>, foldhash::fast::RandomState>>,
     /// All-time totals of series removed after retention or eviction emptied them.
-    dropped_total: Mutex<Agg>,
+    dropped: Mutex<Dropped>,
     retained: AtomicU64,
     sealed_bytes: AtomicU64,
     sealed_points: AtomicU64,
@@ -211,7 +297,7 @@ impl SeriesStore {
             opts,
             metrics,
             series: RwLock::new(HashMap::default()),
-            dropped_total: Mutex::new(Agg::EMPTY),
+            dropped: Mutex::new(Dropped::default()),
             retained: AtomicU64::new(0),
             sealed_bytes: AtomicU64::new(0),
             sealed_points: AtomicU64::new(0),
@@ -242,14 +328,47 @@ impl SeriesStore {
         self.series.read().len()
     }
 
-    fn get_or_create(&self, name: &str) -> Arc<Mutex<Series>> {
+    /// The series `name`, created if there is room for one more (`None` otherwise). The
+    /// count is checked under the map's write lock, so the limit is exact.
+    fn get_or_create(&self, name: &str) -> Option<Arc<Mutex<Series>>> {
         if let Some(s) = self.series.read().get(name) {
-            return s.clone();
+            return Some(s.clone());
         }
         let mut map = self.series.write();
-        map.entry(Arc::from(name))
-            .or_insert_with(|| Arc::new(Mutex::new(Series::default())))
-            .clone()
+        if let Some(s) = map.get(name) {
+            return Some(s.clone());
+        }
+        if map.len() as u64 >= self.opts.max_series {
+            return None;
+        }
+        let s = Arc::new(Mutex::new(Series::default()));
+        map.insert(Arc::from(name), s.clone());
+        Some(s)
+    }
+
+    /// Removes `name` if it is still `arc` and holds no point: a series whose every point
+    /// was refused must not hold a `--max-series` slot.
+    fn remove_if_empty(&self, name: &str, arc: &Arc<Mutex<Series>>) {
+        let mut map = self.series.write();
+        if !map.get(name).is_some_and(|cur| Arc::ptr_eq(cur, arc)) {
+            return;
+        }
+        let mut s = arc.lock();
+        if s.points() == 0 {
+            s.removed = true;
+            self.fold_dropped(&s.total);
+            drop(s);
+            map.remove(name);
+        }
+    }
+
+    fn fold_dropped(&self, total: &Agg) {
+        if total.count == 0 {
+            return;
+        }
+        let mut d = self.dropped.lock();
+        d.count += total.count;
+        d.sum.add(total.neumaier());
     }
 
     fn get(&self, name: &str) -> Option<Arc<Mutex<Series>>> {
@@ -260,7 +379,12 @@ impl SeriesStore {
     /// must have passed [`validate_name`].
     pub fn insert(&self, name: &str, points: &[(i64, f64)], now_ms: i64) -> IngestReport {
         let report = loop {
-            let arc = self.get_or_create(name);
+            let Some(arc) = self.get_or_create(name) else {
+                break IngestReport {
+                    series_limit: points.len() as u64,
+                    ..IngestReport::default()
+                };
+            };
             let mut s = arc.lock();
             if s.removed {
                 continue;
@@ -269,13 +393,17 @@ impl SeriesStore {
             // Counted under the series lock, so an eviction of these points (which needs
             // the lock) can never subtract them first.
             self.retained.fetch_add(r.accepted, Ordering::Relaxed);
+            let empty = s.points() == 0;
+            drop(s);
+            if empty {
+                self.remove_if_empty(name, &arc);
+            }
             break r;
         };
-        if report.late > 0 {
-            self.reject("late", report.late);
-        }
-        if report.expired > 0 {
-            self.reject("expired", report.expired);
+        for (reason, n) in report.reasons() {
+            if n > 0 {
+                self.reject(reason, n);
+            }
         }
         self.enforce_memory();
         self.publish_gauges();
@@ -295,19 +423,35 @@ impl SeriesStore {
     fn insert_locked(&self, s: &mut Series, points: &[(i64, f64)], now_ms: i64) -> IngestReport {
         let mut r = IngestReport::default();
         let expiry = now_ms.saturating_sub(self.opts.retention_ms);
+        let horizon = now_ms.saturating_add(self.opts.max_future_ms);
         for &(ts, v) in points {
+            if !v.is_finite() {
+                r.non_finite += 1;
+                continue;
+            }
+            if ts > horizon {
+                r.future += 1;
+                continue;
+            }
             if ts < expiry {
                 r.expired += 1;
                 continue;
             }
-            let mut floor = s
-                .newest
-                .map_or(i64::MIN, |n| n.saturating_sub(self.opts.ooo_window_ms));
+            // Late relative to the newest point, or to the clock when the newest point is
+            // ahead of it, so that an accepted future point does not make current ones
+            // late; never older than the newest sealed point (blocks are immutable).
+            let mut floor = s.newest.map_or(i64::MIN, |n| {
+                n.min(now_ms).saturating_sub(self.opts.ooo_window_ms)
+            });
             if let Some(b) = s.blocks.back() {
                 floor = floor.max(b.last_ts);
             }
             if ts < floor {
                 r.late += 1;
+                continue;
+            }
+            if !s.total.try_push(ts, v) {
+                r.overflow += 1;
                 continue;
             }
             if s.head.last().is_none_or(|p| p.0 <= ts) {
@@ -317,17 +461,17 @@ impl SeriesStore {
                 s.head.insert(at, (ts, v));
             }
             s.newest = Some(s.newest.map_or(ts, |n| n.max(ts)));
-            s.total.push(ts, v);
             r.accepted += 1;
         }
-        self.seal(s);
+        self.seal(s, now_ms);
         r
     }
 
-    /// Seals full blocks out of the part of the head older than the out-of-order window.
-    fn seal(&self, s: &mut Series) {
+    /// Seals full blocks out of the part of the head older than the out-of-order window
+    /// (measured from the same reference as lateness, so sealing never overtakes it).
+    fn seal(&self, s: &mut Series, now_ms: i64) {
         let Some(newest) = s.newest else { return };
-        let limit = newest.saturating_sub(self.opts.ooo_window_ms);
+        let limit = newest.min(now_ms).saturating_sub(self.opts.ooo_window_ms);
         let bp = self.opts.block_points;
         while s.head.partition_point(|p| p.0 < limit) >= bp {
             let pts: Vec<(i64, f64)> = s.head.drain(..bp).collect();
@@ -444,7 +588,7 @@ impl SeriesStore {
             let mut s = arc.lock();
             if s.points() == 0 {
                 s.removed = true;
-                self.dropped_total.lock().merge(&s.total);
+                self.fold_dropped(&s.total);
                 false
             } else {
                 true
@@ -459,15 +603,22 @@ impl SeriesStore {
         m.series_bytes_per_point.set(self.bytes_per_point());
     }
 
-    /// The all-time aggregate of every accepted point of every series (what `/getSum`
-    /// answers), including series since removed.
-    pub fn total(&self) -> Agg {
-        let mut t = *self.dropped_total.lock();
+    /// The sum of every accepted point of every series, including series since removed
+    /// (what `/getSum` answers), computed now from the totals. Every series total is
+    /// finite; their sum is `±inf` only while it really exceeds `f64`, and a number again
+    /// once the totals come back (no partial sum is kept).
+    pub fn total_sum(&self) -> f64 {
+        let dropped = self.dropped.lock().sum;
         let all: Vec<_> = self.series.read().values().cloned().collect();
-        for arc in all {
-            t.merge(&arc.lock().total);
-        }
-        t
+        let live: Vec<Neumaier> = all.iter().map(|a| a.lock().total.neumaier()).collect();
+        sum_totals(&dropped, &live)
+    }
+
+    /// How many points were ever accepted, across all series, removed ones included.
+    pub fn total_count(&self) -> u64 {
+        let dropped = self.dropped.lock().count;
+        let all: Vec<_> = self.series.read().values().cloned().collect();
+        dropped + all.iter().map(|a| a.lock().total.count).sum::<u64>()
     }
 
     /// The series map's entries at this moment, taken so that no caller holds the map's
@@ -482,9 +633,37 @@ impl SeriesStore {
 
     /// Every series, sorted by name.
     pub fn list(&self) -> Vec<SeriesInfo> {
-        let all = self.snapshot();
-        let mut out: Vec<SeriesInfo> = all
+        self.list_page(None, usize::MAX).0
+    }
+
+    /// At most `limit` series whose names sort (bytewise) after `after`, in name order,
+    /// and whether more follow. One pass over the map keeping the `limit + 1` smallest
+    /// names in a heap: memory follows the page, not the number of series.
+    pub fn list_page(&self, after: Option<&str>, limit: usize) -> (Vec<SeriesInfo>, bool) {
+        let keep = limit.max(1).saturating_add(1);
+        let picked: Vec<(Arc<str>, Arc<Mutex<Series>>)> = {
+            let map = self.series.read();
+            let mut heap: BinaryHeap<&Arc<str>> = BinaryHeap::new();
+            for name in map.keys() {
+                if after.is_some_and(|a| &**name <= a) {
+                    continue;
+                }
+                if heap.len() < keep {
+                    heap.push(name);
+                } else if heap.peek().is_some_and(|top| name < *top) {
+                    heap.pop();
+                    heap.push(name);
+                }
+            }
+            heap.into_sorted_vec()
+                .into_iter()
+                .filter_map(|n| map.get(n).map(|s| (n.clone(), s.clone())))
+                .collect()
+        };
+        let more = picked.len() > limit.max(1);
+        let out = picked
             .into_iter()
+            .take(limit.max(1))
             .map(|(name, arc)| {
                 let s = arc.lock();
                 let (first, last) = s.first_last();
@@ -496,8 +675,7 @@ impl SeriesStore {
                 }
             })
             .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        (out, more)
     }
 
     fn rollup_locked(&self, s: &mut Series) -> SeriesRollup {
@@ -629,6 +807,34 @@ impl SeriesStore {
     }
 }
 
+/// `dropped + Σ live`, as `f64`: the plain compensated sum when no partial sum
+/// overflows, else the same sum scaled by `2^-64` (exact for totals of normal size) and
+/// scaled back, which overflows only if the result itself does.
+fn sum_totals(dropped: &WideSum, live: &[Neumaier]) -> f64 {
+    let hi = dropped.hi.value();
+    if hi == 0.0 {
+        let mut n = dropped.lo;
+        for t in live {
+            n.merge(t);
+        }
+        let v = n.value();
+        if v.is_finite() {
+            return v;
+        }
+    }
+    // Live totals and `lo` add up to at most (2^27 + 1) · 2^1024 (--max-series is at most
+    // 10^8 < 2^27): a `hi` part of 2^80 units (2^1080) or more decides the result alone.
+    if hi.abs() >= f64::from_bits((1023 + 80) << 52) {
+        return f64::INFINITY.copysign(hi);
+    }
+    let mut n = dropped.lo.scaled(SCALE_DOWN);
+    for t in live {
+        n.merge(&t.scaled(SCALE_DOWN));
+    }
+    n.merge(&dropped.hi.scaled(WIDE_UNIT_SCALED));
+    n.value() * SCALE_UP
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -704,7 +910,7 @@ mod tests {
         assert!(st.retained_points() <= 50);
         let got = raw(&st, "a");
         assert_eq!(got.last().map(|p| p.0), Some(NOW - 1000 + 199));
-        assert_eq!(st.total().sum(), 200.0);
+        assert_eq!(st.total_sum(), 200.0);
     }
 
     #[test]
@@ -720,7 +926,7 @@ mod tests {
         st.enforce_retention(NOW + 2000);
         assert_eq!(st.retained_points(), 0);
         assert_eq!(st.series_count(), 0);
-        assert_eq!(st.total().sum(), 43.0);
+        assert_eq!(st.total_sum(), 43.0);
         // Too old to be kept at all: refused as expired.
         let r = st.insert("a", &[(NOW - 5000, 1.0)], NOW);
         assert_eq!(r.expired, 1);
@@ -798,8 +1004,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let t = st.total();
-        assert_eq!(t.count, 1000 - late_points(&st));
+        assert_eq!(st.total_count(), 1000 - late_points(&st));
         assert!(st.retained_points() <= 500);
         let listed: u64 = st.list().iter().map(|s| s.points).sum();
         assert_eq!(listed, st.retained_points());
@@ -810,6 +1015,206 @@ mod tests {
         page.lines()
             .find_map(|l| l.strip_prefix("tally_series_points_rejected_total{reason=\"late\"} "))
             .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
+    #[test]
+    fn points_too_far_ahead_are_refused_and_lateness_is_measured_from_the_clock_when_the_series_is_ahead(
+    ) {
+        // (points in arrival order as offsets from NOW, expected accepted, late, future);
+        // window 10 s, --max-future-ms 10 min.
+        let cases: &[(&[i64], u64, u64, u64)] = &[
+            (&[600_000, 600_001], 1, 0, 1),
+            // The year 2255.
+            (&[8_994_000_000_000 - NOW], 0, 0, 1),
+            // A point 5 min ahead, then current points: not late.
+            (&[300_000, -1_000, 0], 3, 0, 0),
+            // ...but older than the window before the clock still is.
+            (&[300_000, -10_001], 1, 1, 0),
+            // A series in the past keeps measuring from its newest point.
+            (&[-60_000, -70_001, -69_000], 2, 1, 0),
+        ];
+        for (i, &(offsets, acc, late, future)) in cases.iter().enumerate() {
+            let st = store(|o| o.max_future_ms = 600_000);
+            let mut r = IngestReport::default();
+            for &d in offsets {
+                r.add(st.insert("s", &[(NOW + d, 1.0)], NOW));
+            }
+            assert_eq!(
+                (r.accepted, r.late, r.future),
+                (acc, late, future),
+                "case {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_point_older_than_the_newest_sealed_point_is_late_even_with_the_series_ahead_of_the_clock()
+    {
+        let st = store(|o| {
+            o.block_points = 4;
+            o.ooo_window_ms = 1_000;
+        });
+        // Eight points sealed into two blocks (the newest sealed at NOW - 1993) once a
+        // point ahead of the clock moves the window up to the clock.
+        let pts: Vec<(i64, f64)> = (0..8).map(|i| (NOW - 2_000 + i, 1.0)).collect();
+        st.insert("s", &pts, NOW);
+        st.insert("s", &[(NOW + 60_000, 1.0)], NOW);
+        // A batch stamped with an earlier clock (it waited) would allow NOW - 2500, but
+        // the sealed block does not take points before its last one.
+        let r = st.insert("s", &[(NOW - 1_998, 1.0), (NOW - 1_990, 1.0)], NOW - 1_500);
+        assert_eq!((r.accepted, r.late), (1, 1));
+        let got = raw(&st, "s");
+        assert!(got.windows(2).all(|w| w[0].0 <= w[1].0), "{got:?}");
+        assert_eq!(got.len(), 10);
+    }
+
+    #[test]
+    fn non_finite_points_and_points_that_would_overflow_the_series_total_are_refused() {
+        let st = store(|_| {});
+        let big = 1.7e308;
+        let r = st.insert(
+            "s",
+            &[
+                (NOW, f64::NAN),
+                (NOW, f64::INFINITY),
+                (NOW, f64::NEG_INFINITY),
+                (NOW, big),
+                (NOW + 1, big),
+                (NOW + 2, -big),
+                (NOW + 3, big),
+            ],
+            NOW,
+        );
+        assert_eq!((r.accepted, r.non_finite, r.overflow), (3, 3, 1));
+        assert_eq!(st.total_sum(), big);
+        assert_eq!(st.rollup("s").unwrap().total.count, 3);
+    }
+
+    #[test]
+    fn the_global_sum_reads_inf_while_the_totals_exceed_f64_and_comes_back_after() {
+        let st = store(|o| o.retention_ms = 1_000);
+        let big = 1.7e308;
+        // Three removed series of 1.7e308 each: their totals add up past f64::MAX.
+        for name in ["a", "b", "c"] {
+            st.insert(name, &[(NOW, big)], NOW);
+        }
+        assert_eq!(st.total_sum(), f64::INFINITY);
+        st.enforce_retention(NOW + 10_000);
+        assert_eq!(st.series_count(), 0);
+        assert_eq!(st.total_sum(), f64::INFINITY);
+        // Two live series of -1.7e308: 3 - 2 = 1 times 1.7e308.
+        st.insert("d", &[(NOW + 10_000, -big)], NOW + 10_000);
+        assert_eq!(st.total_sum(), f64::INFINITY);
+        st.insert("e", &[(NOW + 10_000, -big)], NOW + 10_000);
+        assert_eq!(st.total_sum(), big);
+        st.insert("f", &[(NOW + 10_000, -big)], NOW + 10_000);
+        st.insert("g", &[(NOW + 10_000, -big)], NOW + 10_000);
+        st.insert("h", &[(NOW + 10_000, -big)], NOW + 10_000);
+        assert_eq!(st.total_sum(), f64::NEG_INFINITY);
+        assert_eq!(st.total_count(), 8);
+    }
+
+    #[test]
+    fn summing_totals_matches_exact_arithmetic_in_and_out_of_range() {
+        let max = f64::MAX;
+        let n = |v: &[f64]| {
+            let mut x = Neumaier::default();
+            v.iter().for_each(|&v| x.add(v));
+            x
+        };
+        // (dropped totals in order, live totals, expected)
+        let cases: &[(&[f64], &[f64], f64)] = &[
+            (&[], &[], 0.0),
+            (&[1.5, 2.0], &[0.25], 3.75),
+            (&[max, max], &[-max], max),
+            (&[max, max, max], &[-max, -max], max),
+            (&[max], &[max], f64::INFINITY),
+            (&[-max], &[-max, 1.0], f64::NEG_INFINITY),
+            (&[max, -max, max], &[], max),
+            (&[1e300, max, max, -max], &[-max, 0.5e300], 1.5e300),
+        ];
+        for (i, &(dropped, live, expect)) in cases.iter().enumerate() {
+            let mut w = WideSum::default();
+            dropped.iter().for_each(|&d| w.add(n(&[d])));
+            let live: Vec<Neumaier> = live.iter().map(|&v| n(&[v])).collect();
+            assert_eq!(sum_totals(&w, &live), expect, "case {i}");
+        }
+    }
+
+    #[test]
+    fn the_series_limit_is_exact_under_concurrent_writers_and_freed_by_removal() {
+        let st = Arc::new(store(|o| {
+            o.max_series = 50;
+            o.retention_ms = 1_000;
+        }));
+        let threads: Vec<_> = (0..4)
+            .map(|k| {
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let mut r = IngestReport::default();
+                    for i in 0..40 {
+                        r.add(st.insert(&format!("s{k}-{i}"), &[(NOW, 1.0)], NOW));
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut r = IngestReport::default();
+        for t in threads {
+            r.add(t.join().unwrap());
+        }
+        assert_eq!((r.accepted, r.series_limit), (50, 110));
+        assert_eq!(st.series_count(), 50);
+        // Existing series keep accepting; a new one is refused.
+        let listed = st.list();
+        assert_eq!(
+            st.insert(&listed[0].name, &[(NOW + 1, 1.0)], NOW).accepted,
+            1
+        );
+        assert_eq!(st.insert("new", &[(NOW, 1.0)], NOW).series_limit, 1);
+        // Emptied by retention, the series free their slots.
+        st.enforce_retention(NOW + 10_000);
+        assert_eq!(
+            st.insert("new", &[(NOW + 10_000, 1.0)], NOW + 10_000)
+                .accepted,
+            1
+        );
+    }
+
+    #[test]
+    fn a_new_series_whose_points_are_all_refused_holds_no_slot() {
+        let st = store(|o| o.max_series = 1);
+        let r = st.insert("a", &[(NOW + 3_600_000, 1.0), (NOW, f64::NAN)], NOW);
+        assert_eq!((r.accepted, r.future, r.non_finite), (0, 1, 1));
+        assert_eq!(st.series_count(), 0);
+        assert_eq!(st.insert("b", &[(NOW, 1.0)], NOW).accepted, 1);
+    }
+
+    #[test]
+    fn pages_list_every_series_once_in_name_order() {
+        let st = store(|_| {});
+        let mut names: Vec<String> = (0..57).map(|i| format!("s{}", (i * 31) % 57)).collect();
+        for n in &names {
+            st.insert(n, &[(NOW, 1.0)], NOW);
+        }
+        names.sort();
+        for limit in [1, 7, 56, 57, 100] {
+            let (mut got, mut after) = (Vec::new(), None::<String>);
+            loop {
+                let (page, more) = st.list_page(after.as_deref(), limit);
+                assert!(page.len() <= limit);
+                got.extend(page.iter().map(|s| s.name.to_string()));
+                if !more {
+                    break;
+                }
+                after = page.last().map(|s| s.name.to_string());
+            }
+            assert_eq!(got, names, "limit {limit}");
+        }
+        // A cursor need not be a series name.
+        let (page, _) = st.list_page(Some("s5"), 2);
+        let got: Vec<&str> = page.iter().map(|s| &*s.name).collect();
+        assert_eq!(got, ["s50", "s51"]);
     }
 
     #[test]

@@ -570,3 +570,343 @@ async fn the_memory_store_keeps_live_series_off_the_disk_and_stops_cleanly() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(left.is_empty(), "files written: {left:?}");
 }
+
+async fn get_sum_text(app: &TestApp) -> String {
+    let res = app.client.get(app.url("/getSum")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.text().await.unwrap()
+}
+
+/// Polls `/metrics` until `name` reads `want`.
+async fn wait_metric(app: &TestApp, name: &str, want: f64) {
+    let until = Instant::now() + PATIENCE;
+    loop {
+        let got = metric(&app.metrics().await, name);
+        if got == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < until, "{name} is {got:?}, expected {want}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_point_stamped_in_2255_is_refused_as_future_and_current_points_keep_being_stored() {
+    let app = spawn_series(|c| c.line_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    // 2255-01-01T00:00:00Z, in ms (285 years of 365 days plus 69 leap days).
+    let y2255: i64 = (285 * 365 + 69) * 86_400_000;
+    let now = now_ms();
+    let (status, res) = write(
+        &app,
+        "?precision=ms",
+        format!("m value=100 {y2255}\nm value=1 {now}\n"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{res}");
+    assert_eq!(
+        res,
+        json!({ "accepted": 1, "rejected": 1, "reasons": { "future": 1 } })
+    );
+    // The series is not poisoned: current points are still on time.
+    let (status, res) = write(&app, "?precision=ms", format!("m value=2 {}\n", now + 1)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{res}");
+
+    // The JSON route and the TCP listener refuse it the same way.
+    let (status, res) = app
+        .post(
+            "/v1/series/j/points",
+            &json!([{ "t": y2255, "v": 100.0 }, { "t": now, "v": 4.0 }]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{res}");
+    assert_eq!(
+        (res["accepted"].as_u64(), res["rejected_future"].as_u64()),
+        (Some(1), Some(1)),
+        "{res}"
+    );
+    assert_eq!(res["rejected_late"], 0);
+    let mut sock = tokio::net::TcpStream::connect(app.line_addr.unwrap())
+        .await
+        .unwrap();
+    sock.write_all(format!("t value=100 {y2255}\nt value=8 {now}\n").as_bytes())
+        .await
+        .unwrap();
+    sock.shutdown().await.unwrap();
+    wait_metric(
+        &app,
+        "tally_series_points_rejected_total{reason=\"future\"}",
+        3.0,
+    )
+    .await;
+    wait_metric(
+        &app,
+        "tally_series_points_accepted_total{source=\"tcp\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(get_sum(&app.client, &app.addr).await, 15.0);
+    assert_eq!(
+        metric(
+            &app.metrics().await,
+            "tally_series_points_rejected_total{reason=\"late\"}"
+        ),
+        None
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_point_a_few_minutes_ahead_is_accepted_and_does_not_make_current_points_late() {
+    let app = spawn_series(|c| c.ooo_window_ms = 10_000).await;
+    let now = now_ms();
+    let (status, res) = app
+        .post(
+            "/v1/series/ahead/points",
+            &json!([{ "t": now + 300_000, "v": 1.0 }, { "t": now - 1_000, "v": 2.0 }]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{res}");
+    assert_eq!(
+        (res["accepted"].as_u64(), res["rejected_late"].as_u64()),
+        (Some(2), Some(0)),
+        "{res}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn get_sum_never_sticks_at_null_it_reads_inf_while_the_totals_overflow_and_comes_back() {
+    let app = spawn_series(|_| {}).await;
+    let t = now_ms();
+    // A point that would push series a's total past f64::MAX is refused and reported.
+    let (status, res) = write(
+        &app,
+        "?precision=ms",
+        format!("a value=1.7e308 {t}\na value=1.7e308 {}\n", t + 1),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{res}");
+    assert_eq!(
+        res,
+        json!({ "accepted": 1, "rejected": 1, "reasons": { "overflow": 1 } })
+    );
+    assert_eq!(get_sum_text(&app).await, "1.7e+308");
+    // Two series of 1.7e308 each: 3.4e308 is beyond f64, printed as Python prints it.
+    let (status, _) = write(&app, "?precision=ms", format!("b value=1.7e308 {t}\n")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(get_sum_text(&app).await, "inf");
+    // A negative point brings the total back to a number.
+    let (status, _) = write(
+        &app,
+        "?precision=ms",
+        format!("a value=-1.7e308 {}\n", t + 2),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(get_sum_text(&app).await, "1.7e+308");
+    let (status, _) = write(&app, "?precision=ms", format!("a value=-2e308 {}\n", t + 3)).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "an infinite literal is a bad line"
+    );
+    let (_, res) = app
+        .post("/v1/series/c/points", &json!([{ "t": t, "v": -1.7e308 }]))
+        .await;
+    assert_eq!(res["accepted"], 1, "{res}");
+    assert_eq!(get_sum_text(&app).await, "0.0");
+    let page = app.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            "tally_series_points_rejected_total{reason=\"overflow\"}"
+        ),
+        Some(1.0)
+    );
+
+    // A window whose points overflow while the series total does not reads null.
+    let (status, _) = write(
+        &app,
+        "?precision=ms",
+        format!(
+            "w value=1.7e308 {t}\nw value=-1.7e308 {}\nw value=1.7e308 {}\n",
+            t + 2,
+            t + 1
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, r) = app.get("/v1/series/w:value/rollups").await;
+    assert_eq!(r["total"]["sum"].as_f64(), Some(1.7e308), "{r}");
+    let sums: Vec<&Value> = r["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| &w["sum"])
+        .collect();
+    assert!(sums.contains(&&Value::Null), "{r}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn new_series_past_the_limit_are_refused_and_counted_and_removed_series_free_their_slots() {
+    let app = spawn_series(|c| {
+        c.max_series = 3;
+        c.retention = 1;
+    })
+    .await;
+    let t = now_ms();
+    let body: String = (0..5).map(|i| format!("s{i} value=1 {t}\n")).collect();
+    let (status, res) = write(&app, "?precision=ms", body).await;
+    assert_eq!(status, StatusCode::OK, "{res}");
+    assert_eq!(
+        res,
+        json!({ "accepted": 3, "rejected": 2, "reasons": { "series_limit": 2 } })
+    );
+    // Existing series keep accepting; a new one is refused on every route.
+    let (status, _) = write(&app, "?precision=ms", format!("s0 value=1 {}\n", t + 1)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, res) = app
+        .post("/v1/series/other/points", &json!([{ "t": t, "v": 1.0 }]))
+        .await;
+    assert_eq!(
+        (
+            res["accepted"].as_u64(),
+            res["rejected_series_limit"].as_u64()
+        ),
+        (Some(0), Some(1)),
+        "{res}"
+    );
+    let page = app.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            "tally_series_points_rejected_total{reason=\"series_limit\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(metric(&page, "tally_series"), Some(3.0));
+
+    // Once retention empties them, their slots take new series again.
+    let until = Instant::now() + PATIENCE;
+    loop {
+        refresh(&app).await;
+        let (_, list) = app.get("/v1/series").await;
+        if list["series"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < until, "never expired: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = now_ms();
+    let body: String = (5..8).map(|i| format!("s{i} value=1 {t}\n")).collect();
+    let (status, res) = write(&app, "?precision=ms", body).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{res}");
+    // s0..s2, s0 again, then s5..s7.
+    assert_eq!(get_sum(&app.client, &app.addr).await, 7.0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_series_list_is_paged_in_name_order_with_a_cursor_and_bad_parameters_are_named() {
+    let app = spawn_series(|_| {}).await;
+    let t = now_ms();
+    let names = ["b", "a", "d", "e", "c"];
+    let body: String = names.iter().map(|n| format!("{n} value=1 {t}\n")).collect();
+    let (status, _) = write(&app, "?precision=ms", body).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let mut pages: Vec<Vec<String>> = Vec::new();
+    let mut query = "/v1/series?limit=2".to_string();
+    loop {
+        let (status, res) = app.get(&query).await;
+        assert_eq!(status, StatusCode::OK, "{res}");
+        let page: Vec<String> = res["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(res["series"][0]["points"], 1, "{res}");
+        pages.push(page);
+        match res["next_cursor"].as_str() {
+            Some(c) => query = format!("/v1/series?limit=2&cursor={c}"),
+            None => break,
+        }
+        assert!(pages.len() < 10, "{pages:?}");
+    }
+    assert_eq!(
+        pages,
+        [
+            vec!["a:value", "b:value"],
+            vec!["c:value", "d:value"],
+            vec!["e:value"]
+        ]
+    );
+    let (_, all) = app.get("/v1/series").await;
+    assert_eq!(all["series"].as_array().unwrap().len(), 5);
+    assert_eq!(all["next_cursor"], Value::Null);
+
+    for (query, param) in [
+        ("limit=0", "limit"),
+        ("limit=10001", "limit"),
+        ("limit=ten", "limit"),
+        ("color=red", "color"),
+    ] {
+        let (status, res) = app.get(&format!("/v1/series?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {res}");
+        let detail = res["detail"].as_str().unwrap();
+        assert!(detail.contains(param), "{query}: {detail}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idle_tcp_connections_are_closed_so_a_new_connection_is_served_after_them() {
+    let app = spawn_series(|c| {
+        c.line_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.line_max_connections = 2;
+        c.line_idle_timeout_ms = 200;
+    })
+    .await;
+    let addr = app.line_addr.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // One stops mid-line: that unfinished line is dropped, not stored as `value=100`.
+    idle[0].write_all(b"m value=100").await.unwrap();
+    // Every slot is taken by a silent client; this one waits in the backlog until the
+    // server cuts them.
+    let mut late = tokio::net::TcpStream::connect(addr).await.unwrap();
+    late.write_all(format!("m value=7 {}\n", now_ms()).as_bytes())
+        .await
+        .unwrap();
+    late.shutdown().await.unwrap();
+    let until = Instant::now() + PATIENCE;
+    while get_sum(&app.client, &app.addr).await != 7.0 {
+        assert!(
+            Instant::now() < until,
+            "the new connection was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The idle ones were closed by the server (EOF) and counted.
+    for mut sock in idle {
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(PATIENCE, tokio::io::AsyncReadExt::read(&mut sock, &mut buf))
+            .await
+            .expect("the server closes an idle connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    wait_metric(&app, "tally_series_line_idle_closed_total", 2.0).await;
+    wait_metric(
+        &app,
+        "tally_series_points_rejected_total{reason=\"invalid\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(get_sum(&app.client, &app.addr).await, 7.0);
+    app.stop().await;
+}
