@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use async_trait::async_trait;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppContext, AppState, RouterOptions};
@@ -322,10 +321,9 @@ impl Application {
 }
 
 /// The live series' background tasks: the rollup scheduler, one supervisor per source,
-/// the TCP line listener and the `/getSum` listener.
+/// the TCP line listener and the `/getSum` listener, under one [`Tasks`].
 struct SeriesTasks {
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl SeriesTasks {
@@ -335,13 +333,18 @@ impl SeriesTasks {
         line_listener: Option<TcpListener>,
         compat_listener: Option<TcpListener>,
     ) -> SeriesTasks {
-        let (stop, stopped) = watch::channel(false);
-        let mut tasks = vec![state
-            .rollups
-            .spawn_scheduler(Duration::from_secs(cfg.rollup_interval), stopped.clone())];
-        tasks.extend(state.sources.spawn(stopped.clone()));
+        let tasks = Tasks::new();
+        let stop = tasks.token();
+        tasks.spawn(
+            state
+                .rollups
+                .scheduler(Duration::from_secs(cfg.rollup_interval), stop.clone()),
+        );
+        for supervisor in state.sources.supervisors(&stop) {
+            tasks.spawn(supervisor);
+        }
         if let Some(l) = line_listener {
-            tasks.push(ingest::spawn_tcp_listener(
+            tasks.spawn(ingest::serve_tcp(
                 l,
                 state.series.clone(),
                 state.metrics.clone(),
@@ -350,24 +353,21 @@ impl SeriesTasks {
                     max_connections: cfg.line_max_connections as usize,
                     idle_timeout: Duration::from_millis(cfg.line_idle_timeout_ms),
                 },
-                stopped.clone(),
+                stop.clone(),
             ));
         }
         if let Some(l) = compat_listener {
-            let mut stopped = stopped.clone();
             let router = api::series::compat_get_sum_router(state.clone());
-            tasks.push(tokio::spawn(async move {
+            tasks.spawn(async move {
                 let served = axum::serve(l, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.wait_for(|v| *v).await;
-                    })
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
                     .await;
                 if let Err(e) = served {
                     tracing::warn!(error = %e, "the /getSum listener ended with an error");
                 }
-            }));
+            });
         }
-        SeriesTasks { stop, tasks }
+        SeriesTasks { tasks }
     }
 }
 
@@ -378,16 +378,8 @@ impl Component for SeriesTasks {
     }
 
     async fn shutdown(&self, deadline: Instant) {
-        self.stop.send_replace(true);
-        for t in &self.tasks {
-            while !t.is_finished() {
-                if Instant::now() >= deadline {
-                    tracing::warn!("a series task did not stop in time; aborting it");
-                    t.abort();
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+        if !self.tasks.stop(deadline).await {
+            tracing::warn!("the series tasks did not stop in time");
         }
     }
 }

@@ -42,6 +42,10 @@ pub(crate) struct AcceptedWriter {
     pub next_seq: u64,
     pub journal: Sender<JournalMsg>,
     pub runtime: tokio::runtime::Handle,
+    /// The processing delays in progress, stopped and awaited by `Pipeline::close`
+    /// (a record cut off there stays in the accepted log for the next start).
+    pub tasks: tokio_util::task::TaskTracker,
+    pub stop: tokio_util::sync::CancellationToken,
     pub delay_max_ms: u64,
     pub metrics: Arc<Metrics>,
     /// Published by the journal writer: every seq up to it is durable in the journal.
@@ -168,10 +172,16 @@ impl AcceptedWriter {
         if delay == 0 {
             finish();
         } else {
-            self.runtime.spawn(async move {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                finish();
-            });
+            let stop = self.stop.clone();
+            self.tasks.spawn_on(
+                async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(delay)) => finish(),
+                        _ = stop.cancelled() => {}
+                    }
+                },
+                &self.runtime,
+            );
         }
     }
 }
@@ -216,6 +226,8 @@ mod tests {
             next_seq: 1,
             journal: jtx,
             runtime: tokio::runtime::Handle::current(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            stop: tokio_util::sync::CancellationToken::new(),
             delay_max_ms: 0,
             metrics: Arc::new(Metrics::new()),
             durable_upto: Arc::new(AtomicU64::new(0)),

@@ -98,6 +98,9 @@ struct Inner {
     metrics: Arc<Metrics>,
     threads: Mutex<Option<Writers>>,
     journal: Option<PathBuf>,
+    /// Records in their processing delay (tasks on the runtime), stopped at `close`.
+    processing: tokio_util::task::TaskTracker,
+    stop_processing: tokio_util::sync::CancellationToken,
 }
 
 impl Pipeline {
@@ -141,6 +144,8 @@ impl Pipeline {
         let durable_upto = Arc::new(AtomicU64::new(next_seq - 1));
         let (accept_tx, accept_rx) = crossbeam_channel::unbounded();
         let (journal_tx, journal_rx) = crossbeam_channel::unbounded();
+        let processing = tokio_util::task::TaskTracker::new();
+        let stop_processing = tokio_util::sync::CancellationToken::new();
         let jw = JournalWriter {
             rx: journal_rx,
             sink: journal_sink,
@@ -154,6 +159,8 @@ impl Pipeline {
             next_seq,
             journal: journal_tx.clone(),
             runtime: tokio::runtime::Handle::current(),
+            tasks: processing.clone(),
+            stop: stop_processing.clone(),
             delay_max_ms: opts.process_delay_max_ms,
             metrics: metrics.clone(),
             durable_upto,
@@ -179,6 +186,8 @@ impl Pipeline {
                 draining: AtomicBool::new(false),
                 metrics,
                 threads: Mutex::new(Some(Writers { accepted, journal })),
+                processing,
+                stop_processing,
                 journal: opts.journal,
             }),
         })
@@ -255,6 +264,10 @@ impl Pipeline {
         let Some(writers) = self.inner.threads.lock().take() else {
             return;
         };
+        // Records still in their processing delay stay in the accepted log.
+        self.inner.stop_processing.cancel();
+        self.inner.processing.close();
+        self.inner.processing.wait().await;
         let inner = self.inner.clone();
         // The accepted writer first: what it accepted last reaches the journal's channel
         // before the journal's Stop does.

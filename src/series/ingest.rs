@@ -10,11 +10,10 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::line_protocol::{parse_lines, ParseSummary, Point, Precision};
-use super::rollup::stopped;
 use super::store::{validate_name, IngestReport, SeriesStore};
 use crate::metrics::{Metrics, SourceLabels};
 
@@ -154,36 +153,37 @@ pub struct TcpOptions {
     pub idle_timeout: Duration,
 }
 
-/// Accepts connections on `listener` until `stop` turns true. Each connection streams
-/// newline-delimited line protocol; complete lines are ingested as they arrive.
-pub fn spawn_tcp_listener(
+/// Accepts connections on `listener` until `stop` is cancelled (then closes them all
+/// and returns). Each connection streams newline-delimited line protocol; complete lines
+/// are ingested as they arrive.
+pub async fn serve_tcp(
     listener: TcpListener,
     store: Arc<SeriesStore>,
     metrics: Arc<Metrics>,
     opts: TcpOptions,
-    mut stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
+    stop: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
-    tokio::spawn(async move {
+    {
         let mut conns = tokio::task::JoinSet::new();
         loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = stopped(&mut stop) => break,
+                _ = stop.cancelled() => break,
             };
             let accepted = tokio::select! {
                 a = listener.accept() => a,
-                _ = stopped(&mut stop) => break,
+                _ = stop.cancelled() => break,
             };
             match accepted {
                 Ok((sock, peer)) => {
                     let (store, metrics) = (store.clone(), metrics.clone());
-                    let mut stop = stop.clone();
+                    let stop = stop.clone();
                     conns.spawn(async move {
                         let _permit = permit;
                         tokio::select! {
                             _ = serve_connection(sock, peer, &store, &metrics, opts) => {}
-                            _ = stopped(&mut stop) => {}
+                            _ = stop.cancelled() => {}
                         }
                     });
                 }
@@ -192,7 +192,7 @@ pub fn spawn_tcp_listener(
             while conns.try_join_next().is_some() {}
         }
         conns.shutdown().await;
-    })
+    }
 }
 
 async fn serve_connection(

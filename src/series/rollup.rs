@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use serde::Serialize;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::store::SeriesStore;
 use crate::metrics::Metrics;
@@ -271,30 +270,27 @@ impl Rollups {
         }
     }
 
-    /// Refreshes every `interval` until `stop` turns true.
-    pub fn spawn_scheduler(
+    /// The scheduler: refreshes every `interval` until `stop` is cancelled.
+    pub fn scheduler(
         self: &Arc<Self>,
         interval: Duration,
-        mut stop: watch::Receiver<bool>,
-    ) -> JoinHandle<()> {
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let me = self.clone();
-        tokio::spawn(async move {
+        async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => { me.refresh_async().await; }
-                    _ = stopped(&mut stop) => break,
+                    _ = stop.cancelled() => break,
                 }
             }
-        })
+        }
     }
 }
 
 /// Resolves once `stop` is true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|v| *v).await;
-}
 
 #[cfg(test)]
 mod tests {

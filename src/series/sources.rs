@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Deserialize;
-use tokio::sync::{watch, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
-use super::rollup::stopped;
 use super::store::{validate_name, SeriesStore};
 use crate::metrics::{Metrics, SourceLabels, SourceOutcomeLabels, SourceStateLabels};
 
@@ -507,8 +507,12 @@ impl Sources {
             .collect()
     }
 
-    /// Starts one supervisor per source; they stop when `stop` turns true.
-    pub fn spawn(&self, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    /// One supervisor per source, to be spawned by the caller; they end once `stop` is
+    /// cancelled.
+    pub fn supervisors(
+        &self,
+        stop: &CancellationToken,
+    ) -> Vec<impl std::future::Future<Output = ()> + Send + 'static> {
         self.entries
             .iter()
             .map(|entry| {
@@ -528,7 +532,7 @@ impl Sources {
                 let _ = self.metrics.source_restarts.get_or_create(&SourceLabels {
                     source: entry.spec.name.clone(),
                 });
-                tokio::spawn(supervise(shared, stop.clone()))
+                supervise(shared, stop.clone())
             })
             .collect()
     }
@@ -556,10 +560,10 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     }
 }
 
-async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
     let mut backoff: Option<Duration> = None;
     loop {
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             return;
         }
         shared.set_state(SourceState::Running);
@@ -567,7 +571,7 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let mut run = tokio::spawn(poll_loop(shared.clone(), stop.clone()));
         let ended = tokio::select! {
             r = &mut run => r,
-            _ = stopped(&mut stop) => {
+            _ = stop.cancelled() => {
                 // The loop sees the same signal; give it a moment, then cut it off.
                 if tokio::time::timeout(Duration::from_secs(1), &mut run).await.is_err() {
                     run.abort();
@@ -606,17 +610,14 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stopped(&mut stop) => return,
+            _ = stop.cancelled() => return,
         }
     }
 }
 
-/// One run: a request every interval, at most `concurrency` in flight. Returns `Ok` when
-/// `stop` turns true. In-flight requests are aborted when the run ends.
-async fn poll_loop(
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), SourceError> {
+/// One run: a request every interval, at most `concurrency` in flight. Returns `Ok` once
+/// `stop` is cancelled. In-flight requests are aborted when the run ends.
+async fn poll_loop(shared: Arc<Shared>, stop: CancellationToken) -> Result<(), SourceError> {
     let spec = &shared.entry.spec;
     let client = reqwest::Client::builder()
         .timeout(spec.timeout)
@@ -630,7 +631,7 @@ async fn poll_loop(
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = stopped(&mut stop) => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
         }
         while inflight.try_join_next().is_some() {}
         let permit = tokio::select! {
@@ -638,7 +639,7 @@ async fn poll_loop(
                 Ok(p) => p,
                 Err(_) => return Ok(()),
             },
-            _ = stopped(&mut stop) => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
         };
         polls += 1;
         if spec.panic_after.is_some_and(|n| polls > n) {
