@@ -290,8 +290,6 @@ impl Rollups {
     }
 }
 
-/// Resolves once `stop` is true (or its sender is gone).
-
 #[cfg(test)]
 mod tests {
     use super::*;
