@@ -28,6 +28,7 @@ use crate::series::sources::{self, FlagDefaults, Sources};
 use crate::series::store::SeriesStore;
 use crate::stats::{self, Dataset};
 use crate::store::memory::MemoryStore;
+use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::Store;
 use crate::telemetry;
@@ -41,6 +42,10 @@ pub struct Application {
     state: AppState,
     cfg: ServeConfig,
 }
+
+/// How long a Redis command may take before the store counts as unavailable (a
+/// submission then answers 503 instead of hanging).
+const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the service stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,30 +91,51 @@ impl Application {
         let series = Arc::new(SeriesStore::new(cfg.series_options(), metrics.clone()));
         let sources = Arc::new(Sources::new(source_specs, series.clone(), metrics.clone()));
         let rollups = Rollups::new(series.clone(), metrics.clone());
-        let store: Arc<dyn Store> = match &cfg.store {
-            StoreSpec::Memory => Arc::new(MemoryStore::new(cfg.memory_max_results)),
-            StoreSpec::Sqlite(path) => Arc::new(
-                SqliteStore::open(
-                    path,
-                    SqliteOptions {
-                        sync: cfg.sqlite_sync,
-                        commit_delay: Duration::from_micros(cfg.sqlite_commit_delay_us),
-                    },
-                    metrics.clone(),
-                )
-                .with_context(|| format!("opening the store {}", cfg.store))?,
-            ),
-        };
         let lease = LeaseOptions {
             lease: Duration::from_millis(cfg.lease_ms),
             max_attempts: cfg.max_attempts,
         };
-        let queue: Arc<dyn JobQueue> = Arc::new(LocalQueue::new(
-            store.clone(),
-            cfg.queue_capacity as usize,
-            lease,
-            metrics.clone(),
-        ));
+        let (store, queue): (Arc<dyn Store>, Arc<dyn JobQueue>) = match &cfg.store {
+            StoreSpec::Redis(url) => {
+                let redis = RedisStore::open(
+                    RedisOptions {
+                        url: url.expose().to_string(),
+                        capacity: cfg.queue_capacity as usize,
+                        result_ttl: Duration::from_secs(cfg.result_ttl),
+                        lease,
+                        workers: cfg.worker_count(),
+                        response_timeout: REDIS_RESPONSE_TIMEOUT,
+                    },
+                    metrics.clone(),
+                )
+                .await
+                .with_context(|| format!("connecting to the store {}", cfg.store))?;
+                (Arc::new(redis.clone()), Arc::new(redis))
+            }
+            local => {
+                let store: Arc<dyn Store> = match local {
+                    StoreSpec::Sqlite(path) => Arc::new(
+                        SqliteStore::open(
+                            path,
+                            SqliteOptions {
+                                sync: cfg.sqlite_sync,
+                                commit_delay: Duration::from_micros(cfg.sqlite_commit_delay_us),
+                            },
+                            metrics.clone(),
+                        )
+                        .with_context(|| format!("opening the store {}", cfg.store))?,
+                    ),
+                    _ => Arc::new(MemoryStore::new(cfg.memory_max_results)),
+                };
+                let queue: Arc<dyn JobQueue> = Arc::new(LocalQueue::new(
+                    store.clone(),
+                    cfg.queue_capacity as usize,
+                    lease,
+                    metrics.clone(),
+                ));
+                (store, queue)
+            }
+        };
         let dataset = match &cfg.stats_dataset {
             Some(path) => {
                 let path = path.clone();

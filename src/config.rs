@@ -184,6 +184,67 @@ pub enum StoreSpec {
     Memory,
     /// SQLite file in WAL mode with group commits (the default).
     Sqlite(PathBuf),
+    /// A Redis server every replica shares (`redis://[[USER]:PASSWORD@]HOST:PORT[/DB]`).
+    Redis(RedisUrl),
+}
+
+/// A Redis URL, checked at parse time; its password never shows in logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL as given, password included: for the client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn parse(s: &str) -> Result<RedisUrl, String> {
+        let rest = s
+            .strip_prefix("redis://")
+            .ok_or_else(|| format!("{s:?} is not a redis:// URL"))?;
+        let (authority, db) = match rest.split_once('/') {
+            Some((a, d)) => (a, Some(d)),
+            None => (rest, None),
+        };
+        let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        };
+        if host.is_empty() {
+            return Err("the redis URL needs a host, e.g. redis://127.0.0.1:6379/0".into());
+        }
+        if let Some(p) = port {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("bad port {p:?} in the redis URL"))?;
+        }
+        if let Some(d) = db.filter(|d| !d.is_empty()) {
+            d.parse::<u32>()
+                .map_err(|_| format!("bad database number {d:?} in the redis URL"))?;
+        }
+        Ok(RedisUrl(s.to_string()))
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self
+            .0
+            .strip_prefix("redis://")
+            .and_then(|r| r.rsplit_once('@'))
+        {
+            Some((_, rest)) => write!(f, "redis://***@{rest}"),
+            None => f.write_str(&self.0),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({self})")
+    }
 }
 
 impl FromStr for StoreSpec {
@@ -200,7 +261,7 @@ impl FromStr for StoreSpec {
             return Ok(StoreSpec::Sqlite(PathBuf::from(path)));
         }
         if s.starts_with("redis://") {
-            return Err("the Redis store is not built yet; use memory or sqlite:PATH".into());
+            return RedisUrl::parse(s).map(StoreSpec::Redis);
         }
         Err(format!(
             "unknown store '{s}': expected memory, sqlite:PATH or redis://HOST:PORT[/DB]"
@@ -213,6 +274,7 @@ impl fmt::Display for StoreSpec {
         match self {
             StoreSpec::Memory => f.write_str("memory"),
             StoreSpec::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            StoreSpec::Redis(u) => write!(f, "{u}"),
         }
     }
 }
@@ -323,6 +385,10 @@ pub struct ServeConfig {
     /// checkpoint or progress) before another worker may run it again.
     #[arg(long, env = "TALLY_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub lease_ms: u64,
+
+    /// How long finished jobs and their results are kept (Redis store), in seconds.
+    #[arg(long, env = "TALLY_RESULT_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=365 * 86_400))]
+    pub result_ttl: u64,
 
     /// Runs of a job whose lease expired before it is failed for good (a dead letter).
     #[arg(long, env = "TALLY_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -482,11 +548,13 @@ impl ServeConfig {
     }
 
     /// Where the pipeline's journal goes: `--journal`, else `journal.jsonl` next to the
-    /// SQLite file; `None` (memory only) with `--store memory` and no `--journal`.
+    /// SQLite file; `None` (memory only) with `--store memory` and no `--journal`, and
+    /// with Redis and no `--journal` (replicas must not share one journal file; a
+    /// cluster-wide journal is not built yet).
     pub fn journal_path(&self) -> Option<PathBuf> {
         match (&self.journal, &self.store) {
             (Some(p), _) => Some(p.clone()),
-            (None, StoreSpec::Memory) => None,
+            (None, StoreSpec::Memory | StoreSpec::Redis(_)) => None,
             (None, StoreSpec::Sqlite(db)) => Some(db.parent().map_or_else(
                 || PathBuf::from("journal.jsonl"),
                 |d| d.join("journal.jsonl"),
@@ -535,7 +603,10 @@ mod tests {
                 Ok(StoreSpec::Sqlite("/tmp/x.db".into())),
             ),
             ("sqlite:", Err("needs a path")),
-            ("redis://127.0.0.1:6379", Err("not built yet")),
+            ("redis://", Err("needs a host")),
+            ("redis://h:0", Err("bad port")),
+            ("redis://h:99999", Err("bad port")),
+            ("redis://h:6379/x", Err("bad database")),
             ("postgres://x", Err("unknown store")),
         ];
         for (input, expect) in cases {
@@ -546,6 +617,26 @@ mod tests {
                 (g, e) => panic!("{input}: got {g:?}, expected {e:?}"),
             }
         }
+        for ok in [
+            "redis://127.0.0.1:6379",
+            "redis://h:1/3",
+            "redis://:pw@h:6379/0",
+            "redis://h",
+        ] {
+            assert!(
+                matches!(ok.parse::<StoreSpec>(), Ok(StoreSpec::Redis(_))),
+                "{ok}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_redis_password_never_shows_when_the_store_is_printed() {
+        let s: StoreSpec = "redis://user:s3cret@db.local:6379/2".parse().unwrap();
+        assert_eq!(s.to_string(), "redis://***@db.local:6379/2");
+        assert!(!format!("{s:?}").contains("s3cret"));
+        let StoreSpec::Redis(u) = s else { panic!() };
+        assert!(u.expose().contains("s3cret"), "the client still gets it");
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub struct Metrics {
     pub queue_fenced: Counter,
     pub queue_dead_letters: Counter,
     pub store_outcome_retries: Counter,
+    pub store_expirations: Counter,
     pub busy_workers: Gauge,
     pub workers: Gauge,
     pub worker_restarts: Counter,
@@ -143,6 +144,7 @@ impl Metrics {
             queue_fenced: Counter::default(),
             queue_dead_letters: Counter::default(),
             store_outcome_retries: Counter::default(),
+            store_expirations: Counter::default(),
             busy_workers: Gauge::default(),
             workers: Gauge::default(),
             worker_restarts: Counter::default(),
@@ -227,6 +229,11 @@ impl Metrics {
             "store_outcome_retries",
             "Job outcomes written again after the store could not take them",
             m.store_outcome_retries.clone(),
+        );
+        r.register(
+            "store_expirations",
+            "Finished jobs deleted from the store after --result-ttl",
+            m.store_expirations.clone(),
         );
         r.register(
             "busy_workers",

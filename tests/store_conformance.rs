@@ -17,6 +17,7 @@ use tally::metrics::Metrics;
 use tally::queue::local::LocalQueue;
 use tally::queue::{JobQueue, Lease, LeaseOptions, PushError, Renewal};
 use tally::store::memory::MemoryStore;
+use tally::store::redis::{RedisOptions, RedisStore};
 use tally::store::sqlite::{SqliteOptions, SqliteStore, SqliteSync};
 use tally::store::{Finished, Requeued, Store};
 
@@ -120,6 +121,48 @@ async fn crash_and_restart(s: Subject) -> Subject {
     .await
 }
 
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+/// A replica on a private Redis; a "crash" drops it (no close) and opens a new one on
+/// the same server.
+fn redis_on(server: Arc<redis_server::RedisServer>) -> BoxFuture<Subject> {
+    Box::pin(redis_on_inner(server))
+}
+
+async fn redis_on_inner(server: Arc<redis_server::RedisServer>) -> Subject {
+    let store = RedisStore::open(
+        RedisOptions {
+            url: server.url(),
+            capacity: CAPACITY,
+            result_ttl: Duration::from_secs(3600),
+            lease: lease_options(),
+            workers: 2,
+            response_timeout: Duration::from_secs(2),
+        },
+        Arc::new(Metrics::new()),
+    )
+    .await
+    .expect("the redis store opens");
+    let (again, this) = (server.clone(), store.clone());
+    Subject {
+        store: Arc::new(store.clone()),
+        queue: Arc::new(store),
+        restart: Box::new(move |old: Subject| {
+            Box::pin(async move {
+                this.halt();
+                drop(old);
+                redis_on(again).await
+            })
+        }),
+        guard: Box::new(server),
+    }
+}
+
+async fn redis_subject() -> Subject {
+    redis_on(Arc::new(redis_server::RedisServer::start())).await
+}
+
 fn job(kind: &str, n: i64) -> NewJob {
     NewJob {
         kind: kind.into(),
@@ -211,7 +254,10 @@ pub async fn a_job_is_readable_at_once_runs_and_keeps_its_result(s: Subject) {
     assert_eq!(st.status, JobStatus::Done);
     assert_eq!(st.result.as_deref(), Some("{\"x\":1}"));
     let r = s.store.get(id).await.unwrap().unwrap();
-    assert_eq!((r.attempts, r.finished_at), (1, Some(3_000)));
+    assert_eq!(r.attempts, 1);
+    // Stores keep times by their own clock (a shared server's, say): only their order.
+    let (sub, fin) = (r.submitted_at, r.finished_at.expect("a finish time"));
+    assert!(fin >= sub, "finished {fin} before submitted {sub}");
     assert_eq!(s.store.counts().await.unwrap(), counts(0, 0, 1, 0, 0));
     assert!(s.store.get(JobId(999_999)).await.unwrap().is_none());
 }
@@ -381,15 +427,30 @@ pub async fn unfinished_jobs_survive_a_crash_and_run_again(s: Subject, durable: 
         assert!(s.store.get(ran).await.unwrap().is_none());
         return;
     }
-    assert_eq!(recovered, 2, "the running and the waiting job");
     let r = s.store.get(ran).await.unwrap().unwrap();
     assert_eq!(
         r.result.as_deref(),
         Some("{\"first\":true}"),
         "results survive"
     );
-    assert_eq!(s.store.counts().await.unwrap(), counts(2, 0, 1, 0, 0));
-    let mut again = [claim_now(&s).await, claim_now(&s).await];
+    // Both unfinished jobs run again: an in-process queue requeues them at start, a
+    // shared one once the dead process's lease expires.
+    let mut again = Vec::new();
+    let until = Instant::now() + PATIENCE;
+    while again.len() < 2 {
+        assert!(Instant::now() < until, "only {again:?} ran again");
+        // What runs again is alive: its lease is renewed while we wait for the other.
+        let held: Vec<(JobId, u32)> = again.iter().map(|l: &Lease| (l.id, l.attempt)).collect();
+        if !held.is_empty() {
+            s.queue.renew(&held, 5_000).await.unwrap();
+        }
+        s.queue.reclaim_expired(5_000).await.unwrap();
+        if let Some(l) = claim(&s, Duration::from_millis(20)).await {
+            again.push(l);
+        }
+    }
+    s.store.flush().await.unwrap();
+    assert_eq!(s.store.counts().await.unwrap(), counts(0, 2, 1, 0, 0));
     again.sort_by_key(|l| l.id);
     assert_eq!(
         again.iter().map(|l| (l.id, l.attempt)).collect::<Vec<_>>(),
@@ -500,15 +561,10 @@ pub async fn writes_about_one_job_apply_in_the_order_they_were_sent(s: Subject) 
     );
     let rec = s.store.get(id).await.unwrap().unwrap();
     assert_eq!(
-        (
-            rec.status,
-            rec.attempts,
-            rec.finished_at,
-            rec.result.as_deref()
-        ),
-        (JobStatus::Done, 1, Some(2_500), Some("\"ordered\""))
+        (rec.status, rec.attempts, rec.result.as_deref()),
+        (JobStatus::Done, 1, Some("\"ordered\""))
     );
-    assert!(rec.started_at.is_some());
+    assert!(rec.started_at.is_some() && rec.finished_at.is_some());
     // A start that comes after the outcome changes nothing.
     let store = s.store.clone();
     tokio::task::spawn_blocking(move || store.start(id, 2, 3_000))
@@ -653,3 +709,4 @@ macro_rules! conformance {
 
 conformance!(memory, memory_subject, false);
 conformance!(sqlite, sqlite_subject, true);
+conformance!(redis, redis_subject, true);

@@ -789,6 +789,7 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
         let Lease {
             id,
             attempt,
+            retry_base,
             kind,
             params,
         } = lease;
@@ -812,8 +813,10 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
             continue;
         }
         live.started_at.store(now_ms(), Ordering::SeqCst);
-        if attempt > inner.opts.lease.max_attempts {
-            let msg = gave_up(attempt - 1);
+        // A job that took the process down with it every time (crash loop): its starts
+        // were counted, and it stops here.
+        if attempt - retry_base > inner.opts.lease.max_attempts {
+            let msg = gave_up(attempt - 1 - retry_base);
             inner.metrics.queue_dead_letters.inc();
             complete(
                 inner,

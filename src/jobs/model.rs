@@ -138,6 +138,9 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// How many times a worker claimed it (0 while it waits for its first run).
     pub attempts: u32,
+    /// `attempts` when it was last queued again by a retry: its budget of attempts
+    /// (`--max-attempts`) counts from there.
+    pub retry_base: u32,
 }
 
 /// Where a job stands and how it ended: what a poll needs, without params or times.

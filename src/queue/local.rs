@@ -41,6 +41,8 @@ struct Waiting {
     params: Value,
     /// Attempts already used (the claim is the next one).
     attempts: u32,
+    /// Attempts used before its last retry.
+    retry_base: u32,
     /// The queue slot, given back when a worker takes the job. Recovered and reclaimed
     /// jobs take one when one is free.
     _slot: Option<OwnedSemaphorePermit>,
@@ -48,6 +50,7 @@ struct Waiting {
 
 struct Held {
     attempt: u32,
+    retry_base: u32,
     expires: Instant,
 }
 
@@ -149,6 +152,7 @@ impl JobQueue for LocalQueue {
             kind: job.kind.clone(),
             params: job.params.clone(),
             attempts: 0,
+            retry_base: 0,
             _slot: Some(slot),
         });
         Ok((id, durable))
@@ -178,6 +182,7 @@ impl JobQueue for LocalQueue {
                 w.id,
                 Held {
                     attempt,
+                    retry_base: w.retry_base,
                     expires: Instant::now() + self.opts.lease,
                 },
             );
@@ -190,6 +195,7 @@ impl JobQueue for LocalQueue {
             return Ok(Some(Lease {
                 id: w.id,
                 attempt,
+                retry_base: w.retry_base,
                 kind: w.kind,
                 params: w.params,
             }));
@@ -253,28 +259,28 @@ impl JobQueue for LocalQueue {
 
     async fn reclaim_expired(&self, now_ms: i64) -> Result<Reclaimed, StoreError> {
         let now = Instant::now();
-        let expired: Vec<(JobId, u32)> = {
+        let expired: Vec<(JobId, u32, u32)> = {
             let mut leases = self.leases.lock();
-            let ids: Vec<(JobId, u32)> = leases
+            let ids: Vec<(JobId, u32, u32)> = leases
                 .iter()
                 .filter(|(_, h)| h.expires <= now)
-                .map(|(id, h)| (*id, h.attempt))
+                .map(|(id, h)| (*id, h.attempt, h.retry_base))
                 .collect();
-            for (id, _) in &ids {
+            for (id, _, _) in &ids {
                 leases.remove(id);
                 self.metrics.queue_leased.dec();
             }
             ids
         };
         let mut out = Reclaimed::default();
-        for (id, attempt) in expired {
-            if attempt >= self.opts.max_attempts {
+        for (id, attempt, retry_base) in expired {
+            if attempt - retry_base >= self.opts.max_attempts {
                 let answer = self
                     .store
                     .finish(
                         id,
                         Attempt::Of(attempt),
-                        Outcome::Failed(gave_up(attempt)),
+                        Outcome::Failed(gave_up(attempt - retry_base)),
                         None,
                         now_ms,
                     )
@@ -297,6 +303,7 @@ impl JobQueue for LocalQueue {
                 kind: rec.kind,
                 params: rec.params,
                 attempts: attempt,
+                retry_base,
                 _slot: self.slots.clone().try_acquire_owned().ok(),
             });
             out.requeued.push((id, attempt));
@@ -348,6 +355,7 @@ impl JobQueue for LocalQueue {
                 kind: rec.kind.clone(),
                 params: rec.params.clone(),
                 attempts: rec.attempts,
+                retry_base: rec.retry_base,
                 _slot: self.slots.clone().try_acquire_owned().ok(),
             });
         }
@@ -387,6 +395,7 @@ impl JobQueue for LocalQueue {
                     kind: rec.kind,
                     params: rec.params,
                     attempts: rec.attempts,
+                    retry_base: rec.retry_base,
                     _slot: Some(slot),
                 }));
             }
@@ -405,6 +414,13 @@ impl JobQueue for LocalQueue {
 
     fn waiting(&self) -> usize {
         self.rx.len()
+    }
+
+    async fn stats(&self) -> Result<super::QueueStats, StoreError> {
+        Ok(super::QueueStats {
+            waiting: self.rx.len() as u64,
+            leased: self.leases.lock().len() as u64,
+        })
     }
 
     fn is_local(&self) -> bool {

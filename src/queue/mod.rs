@@ -31,6 +31,9 @@ pub struct Lease {
     pub id: JobId,
     /// 1 for the first run; the fencing token of this claim.
     pub attempt: u32,
+    /// Attempts used before the job was last queued again by a retry: this run's budget
+    /// of attempts starts after them.
+    pub retry_base: u32,
     pub kind: String,
     pub params: Value,
 }
@@ -58,6 +61,13 @@ pub enum Renewal {
     Lost,
     /// Cancelled by a request (possibly on another replica): stop.
     Cancelled,
+}
+
+/// The size of a queue, for `/metrics` and the dashboard.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    pub waiting: u64,
+    pub leased: u64,
 }
 
 /// Leases that expired, as one reclaim pass found them.
@@ -145,6 +155,9 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Jobs waiting for a worker (as far as this process can tell cheaply).
     fn waiting(&self) -> usize;
 
+    /// The queue as a whole: jobs waiting and jobs leased (on every replica).
+    async fn stats(&self) -> Result<QueueStats, StoreError>;
+
     /// True when only this process's workers ever run the jobs it queues (the jobs
     /// admitted here are then tracked from their admission).
     fn is_local(&self) -> bool;
@@ -166,8 +179,9 @@ impl LeaseOptions {
     }
 }
 
-/// The error a dead letter ends with.
-pub fn gave_up(attempts: u32) -> String {
+/// The error a dead letter ends with (`attempts` is a number, or a placeholder for a
+/// queue that formats it elsewhere).
+pub fn gave_up(attempts: impl std::fmt::Display) -> String {
     format!(
         "gave up after {attempts} attempts: each one's lease expired before it finished \
          (its worker died or stalled)"

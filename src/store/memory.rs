@@ -130,6 +130,7 @@ impl Store for MemoryStore {
                 result: None,
                 error: None,
                 attempts: 0,
+                retry_base: 0,
             },
         );
         g.counts.queued += 1;
@@ -199,11 +200,12 @@ impl Store for MemoryStore {
         rec.finished_at = None;
         rec.error = None;
         rec.result = None;
+        rec.retry_base = rec.attempts;
         let out = rec.clone();
         *g.counts.slot(before) -= 1;
         g.counts.queued += 1;
         // It stays in `finished` (eviction order); eviction skips unfinished records.
-        Ok(Requeued::Yes(out))
+        Ok(Requeued::Yes(Box::new(out)))
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError> {

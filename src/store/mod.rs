@@ -16,6 +16,7 @@ use crate::jobs::model::{
 };
 
 pub mod memory;
+pub mod redis;
 pub mod sqlite;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +102,7 @@ pub type FinishPending =
 pub enum Requeued {
     /// Queued again; the record as it now stands (its `attempts` unchanged: the next
     /// claim is the next attempt).
-    Yes(JobRecord),
+    Yes(Box<JobRecord>),
     /// Only failed and cancelled jobs run again.
     NotFinished(JobStatus),
     Done,

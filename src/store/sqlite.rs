@@ -264,7 +264,8 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS jobs (
         finished_at INTEGER,
         error TEXT,
         result_blob INTEGER,
-        attempts INTEGER NOT NULL DEFAULT 0
+        attempts INTEGER NOT NULL DEFAULT 0,
+        retry_base INTEGER NOT NULL DEFAULT 0
     );
     CREATE TABLE IF NOT EXISTS results (
         id INTEGER PRIMARY KEY,
@@ -295,6 +296,9 @@ fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
             "ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
              UPDATE jobs SET attempts = 1 WHERE started_at IS NOT NULL;",
         )?;
+    }
+    if !has_column("retry_base")? {
+        conn.execute_batch("ALTER TABLE jobs ADD COLUMN retry_base INTEGER NOT NULL DEFAULT 0")?;
     }
     Ok(())
 }
@@ -548,13 +552,15 @@ const RESULT_JOIN: &str = "LEFT JOIN blobs b ON b.id = j.result_blob \
      LEFT JOIN results r ON j.result_blob IS NULL AND r.id = j.id";
 
 const SELECT_COLS: &str = "SELECT j.id, j.kind, j.params, j.status, j.submitted_at, \
-     j.started_at, j.finished_at, COALESCE(b.body, r.result), j.error, j.attempts FROM jobs j";
+     j.started_at, j.finished_at, COALESCE(b.body, r.result), j.error, j.attempts, \
+     j.retry_base FROM jobs j";
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> Result<JobRecord, rusqlite::Error> {
     let id: i64 = r.get(0)?;
     let params: String = r.get(2)?;
     let code: i64 = r.get(3)?;
     let attempts: i64 = r.get(9)?;
+    let retry_base: i64 = r.get(10)?;
     Ok(JobRecord {
         id: JobId(id as u64),
         kind: r.get(1)?,
@@ -566,6 +572,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<JobRecord, rusqlite::Error> {
         result: r.get(7)?,
         error: r.get(8)?,
         attempts: attempts.clamp(0, u32::MAX as i64) as u32,
+        retry_base: retry_base.clamp(0, u32::MAX as i64) as u32,
     })
 }
 
@@ -1257,7 +1264,7 @@ fn requeue(
     }
     tx.prepare_cached(
         "UPDATE jobs SET status = 0, started_at = NULL, finished_at = NULL, error = NULL, \
-         result_blob = NULL WHERE id = ?1",
+         result_blob = NULL, retry_base = attempts WHERE id = ?1",
     )?
     .execute([key])?;
     // A result from a store before shared results must not come back with it.
@@ -1276,7 +1283,8 @@ fn requeue(
     rec.finished_at = None;
     rec.error = None;
     rec.result = None;
-    Ok(Requeued::Yes(rec))
+    rec.retry_base = rec.attempts;
+    Ok(Requeued::Yes(Box::new(rec)))
 }
 
 #[async_trait]

@@ -1,0 +1,19 @@
+-- Records an outcome. ARGV: id, attempt (-1 = any: a cancel), status, body (the result
+-- when done, else the error), started_at (ms, 0 = unknown), ttl_ms.
+-- Returns 1 recorded, 2 already finished, 3 stale (a newer attempt holds the job), 0 unknown.
+local id, attempt, status, body = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local started, ttl_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
+local r = load(id)
+if not r then return 0 end
+if attempt >= 0 and attempt < (r.a or 0) then return 3 end
+if finished(r.s) then return 2 end
+if attempt >= 0 and attempt > (r.a or 0) then r.a = attempt end
+if not r.st and started > 0 then r.st = started end
+if status == 'done' then
+  redis.call('HSET', K_RESULT, id, body)
+else
+  r.e = body
+end
+if r.s == 'queued' then redis.call('LREM', K_WAIT, 1, id) end
+finish(id, r, status, now_ms(), ttl_ms)
+return 1

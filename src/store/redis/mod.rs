@@ -1,0 +1,1118 @@
+//! The Redis store (`--store redis://HOST:PORT[/DB]`): job records, results, counters,
+//! ids and the queue live in Redis, so any number of `tally serve` processes share one
+//! view and one queue. It implements both [`Store`] and [`JobQueue`].
+//!
+//! Why lists and Lua scripts (in the manner of BullMQ) rather than Streams with a
+//! consumer group: a job's state, its lease, its attempt number, the per-state counters
+//! and the status indexes must change together, and a script changes them in one atomic
+//! step; a stream's pending-entries list would be a second, separate record of who holds
+//! what (XCLAIM/XAUTOCLAIM reclaim by idle time, not by our fenced attempts), and
+//! cancelling or retrying an entry in the middle of a stream is awkward. With a plain
+//! list the queue is just ids, and every rule lives in the scripts next to each other
+//! (`src/store/redis/*.lua`).
+//!
+//! Layout: every key shares the `{tally}` hash tag and every key a script touches is in
+//! its KEYS, so the scripts run on Redis Cluster too (one slot). `rec` is a hash of small
+//! JSON records, `params` and `result` hashes hold the rest; `wait` is the queue,
+//! `leases` a sorted set of lease expiries, `counts` the exact counters, `st:*` and
+//! `all` sorted sets index jobs by id for listings, `expiry` orders finished jobs by the
+//! time they expire (`--result-ttl`). Leases and expiries use Redis's clock (`TIME`), so
+//! replicas' clocks do not matter.
+//!
+//! Claims: a fetcher task takes work only for idle workers. It runs the claim script
+//! (pop + lease, atomic, one round trip); when the queue is empty it blocks in `BLMOVE`
+//! on a connection of its own, moving the next id into this consumer's in-flight list
+//! (so a replica that dies between the move and the lease does not lose the job: a
+//! janitor moves a dead consumer's in-flight ids back). Each process start is a consumer
+//! with a unique name (host, pid and random bits: replicas restart under the same host
+//! name), with a heartbeat in `replicas`.
+//!
+//! Failures: every command has a short response timeout; errors of the connection are
+//! [`StoreError::Unavailable`] (503 to clients, outcomes retried by the engine), a
+//! background ping drives `/readyz`, the connection manager reconnects with backoff, and
+//! after a reconnect this replica waits one lease period before reclaiming leases (their
+//! holders get a chance to renew them first).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Attempt, Durable, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
+use crate::jobs::model::{
+    JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome,
+};
+use crate::metrics::Metrics;
+use crate::queue::{
+    Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Reclaimed, Renewal,
+};
+
+const STORE: &str = "redis";
+const PREFIX: &str = "{tally}:";
+
+/// Keys in the order every script expects them (see `prelude.lua`).
+const KEY_NAMES: [&str; 14] = [
+    "next_id",
+    "rec",
+    "params",
+    "result",
+    "wait",
+    "leases",
+    "counts",
+    "all",
+    "expiry",
+    "st:queued",
+    "st:running",
+    "st:done",
+    "st:failed",
+    "st:cancelled",
+];
+
+fn key(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+fn inflight_key(consumer: &str) -> String {
+    format!("{PREFIX}inflight:{consumer}")
+}
+
+fn replica_key(consumer: &str) -> String {
+    format!("{PREFIX}replica:{consumer}")
+}
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("prelude.lua"),
+            "\n",
+            include_str!($file)
+        ))
+    };
+}
+
+struct Scripts {
+    submit: Script,
+    claim: Script,
+    renew: Script,
+    finish: Script,
+    release: Script,
+    reclaim: Script,
+    retry: Script,
+    expire: Script,
+    recover_inflight: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            submit: script!("submit.lua"),
+            claim: script!("claim.lua"),
+            renew: script!("renew.lua"),
+            finish: script!("finish.lua"),
+            release: script!("release.lua"),
+            reclaim: script!("reclaim.lua"),
+            retry: script!("retry.lua"),
+            expire: script!("expire.lua"),
+            recover_inflight: script!("recover_inflight.lua"),
+        }
+    }
+}
+
+/// How the Redis store behaves (flags `--queue-capacity`, `--result-ttl`, `--lease-ms`,
+/// `--max-attempts`, `--workers`).
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub url: String,
+    pub capacity: usize,
+    pub result_ttl: Duration,
+    pub lease: LeaseOptions,
+    /// Jobs this process runs at once: the fetcher claims only for idle workers.
+    pub workers: usize,
+    /// How long a command may take before it is an error (Redis unreachable).
+    pub response_timeout: Duration,
+}
+
+/// A record as `rec` holds it (see `prelude.lua`).
+#[derive(Debug, Deserialize)]
+struct Rec {
+    k: String,
+    s: String,
+    sub: Option<f64>,
+    st: Option<f64>,
+    fin: Option<f64>,
+    a: Option<f64>,
+    b: Option<f64>,
+    e: Option<String>,
+}
+
+fn parse_status(s: &str) -> Option<JobStatus> {
+    s.parse().ok()
+}
+
+fn ms(v: Option<f64>) -> Option<i64> {
+    v.map(|x| x as i64)
+}
+
+fn count(v: Option<f64>) -> u32 {
+    v.map_or(0, |x| x.clamp(0.0, u32::MAX as f64) as u32)
+}
+
+/// What the process knows of its connection to Redis, for `/readyz` and the reclaim
+/// grace period.
+struct Link {
+    /// Why the last command or ping failed, while it does.
+    down: Mutex<Option<String>>,
+    /// When the connection last came back (reclaims wait a lease period after it).
+    up_since: Mutex<Instant>,
+}
+
+impl Link {
+    fn failed(&self, cause: &str) {
+        let mut d = self.down.lock();
+        if d.is_none() {
+            tracing::warn!(cause, "lost the connection to redis; retrying with backoff");
+        }
+        *d = Some(cause.to_string());
+    }
+
+    fn ok(&self) {
+        let mut d = self.down.lock();
+        if d.take().is_some() {
+            *self.up_since.lock() = Instant::now();
+            tracing::info!("connected to redis again");
+        }
+    }
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    client: redis::Client,
+    scripts: Scripts,
+    keys: Vec<String>,
+    opts: RedisOptions,
+    consumer: String,
+    metrics: Arc<Metrics>,
+    link: Link,
+    /// Claimed jobs handed to worker threads.
+    ready_tx: crossbeam_channel::Sender<Lease>,
+    ready_rx: crossbeam_channel::Receiver<Lease>,
+    /// Worker threads waiting in `claim`: the fetcher claims only while more of them
+    /// wait than there are leases ready for them (no hoarding of jobs).
+    wanting: std::sync::atomic::AtomicUsize,
+    /// Wakes the fetcher when a worker starts waiting.
+    want: tokio::sync::Notify,
+    closed: AtomicBool,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    expired: AtomicU64,
+    runtime: tokio::runtime::Handle,
+    /// Outcomes sent from worker threads and not yet answered: `flush` waits for them.
+    in_flight: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+/// The Redis store and queue. Cheap to clone (shared inside).
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+fn classify(e: &redis::RedisError) -> StoreError {
+    if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+    {
+        StoreError::Unavailable {
+            store: STORE,
+            cause: e.to_string(),
+        }
+    } else {
+        StoreError::Rejected {
+            store: STORE,
+            cause: e.to_string(),
+        }
+    }
+}
+
+impl RedisStore {
+    /// Connects (failing at once when Redis cannot be reached: the service does not
+    /// start on a store it cannot see), registers this process as a consumer and starts
+    /// its fetcher, heartbeat and janitor. Must be called inside a tokio runtime.
+    pub async fn open(opts: RedisOptions, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let client = redis::Client::open(opts.url.as_str()).map_err(|e| StoreError::Rejected {
+            store: STORE,
+            cause: format!("bad --store URL: {e}"),
+        })?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(opts.response_timeout))
+            .set_connection_timeout(Some(opts.response_timeout))
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(2))
+            .set_number_of_retries(3);
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(|e| classify(&e))?;
+        let consumer = format!(
+            "{}-{}-{:08x}",
+            hostname(),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+        let me = RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                client,
+                scripts: Scripts::new(),
+                keys: KEY_NAMES.iter().map(|k| key(k)).collect(),
+                consumer,
+                metrics,
+                link: Link {
+                    down: Mutex::new(None),
+                    up_since: Mutex::new(Instant::now()),
+                },
+                ready_tx,
+                ready_rx,
+                wanting: std::sync::atomic::AtomicUsize::new(0),
+                want: tokio::sync::Notify::new(),
+                closed: AtomicBool::new(false),
+                stop: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                expired: AtomicU64::new(0),
+                runtime: tokio::runtime::Handle::current(),
+                in_flight: std::sync::atomic::AtomicUsize::new(0),
+                settled: tokio::sync::Notify::new(),
+                opts,
+            }),
+        };
+        me.heartbeat().await.map_err(|e| classify(&e))?;
+        tracing::info!(consumer = %me.inner.consumer, "joined the redis queue");
+        me.inner.tasks.spawn(me.clone().fetch());
+        me.inner.tasks.spawn(me.clone().housekeeping());
+        Ok(me)
+    }
+
+    /// Stops this replica's background work (fetcher, heartbeat, janitor) without handing
+    /// anything back: what a crash leaves behind. For tests of recovery.
+    pub fn halt(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.stop.cancel();
+    }
+
+    /// This process's consumer name.
+    pub fn consumer(&self) -> &str {
+        &self.inner.consumer
+    }
+
+    /// Finished jobs deleted after `--result-ttl` by this process.
+    pub fn expirations(&self) -> u64 {
+        self.inner.expired.load(Ordering::Relaxed)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    /// Notes the outcome of a command for `/readyz` and maps its error.
+    fn seen<T>(&self, r: redis::RedisResult<T>) -> Result<T, StoreError> {
+        match r {
+            Ok(v) => {
+                self.inner.link.ok();
+                Ok(v)
+            }
+            Err(e) => {
+                let err = classify(&e);
+                if matches!(err, StoreError::Unavailable { .. }) {
+                    self.inner.link.failed(&e.to_string());
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn invocation<'a>(&'a self, script: &'a Script) -> redis::ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        for k in &self.inner.keys {
+            inv.key(k);
+        }
+        inv
+    }
+
+    async fn heartbeat(&self) -> redis::RedisResult<()> {
+        let mut c = self.conn();
+        let now = crate::now_ms();
+        let lease_ms = self.inner.opts.lease.lease.as_millis() as u64;
+        let waiting = self.inner.wanting.load(Ordering::Relaxed);
+        let busy = self.inner.opts.workers.saturating_sub(waiting);
+        redis::pipe()
+            .zadd(key("replicas"), &self.inner.consumer, now)
+            .hset_multiple(
+                replica_key(&self.inner.consumer),
+                &[
+                    ("host", hostname()),
+                    ("pid", std::process::id().to_string()),
+                    ("workers", self.inner.opts.workers.to_string()),
+                    ("busy", busy.to_string()),
+                    ("seen_ms", now.to_string()),
+                ],
+            )
+            .pexpire(
+                replica_key(&self.inner.consumer),
+                (lease_ms * 3).max(10_000) as i64,
+            )
+            .query_async::<()>(&mut c)
+            .await
+    }
+
+    /// The fetcher: claims a job whenever a worker waits for one, and hands it over.
+    async fn fetch(self) {
+        let inner = &self.inner;
+        // Blocking moves wait on a connection of their own, so they never hold up other
+        // commands.
+        let mut blocking: Option<redis::aio::MultiplexedConnection> = None;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            while inner.wanting.load(Ordering::SeqCst) <= inner.ready_rx.len() {
+                tokio::select! {
+                    _ = inner.want.notified() => {}
+                    _ = inner.stop.cancelled() => return,
+                    // A safety net for a wake-up that raced with the check.
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+            if inner.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            let claimed = tokio::select! {
+                c = self.claim_one(&mut blocking) => c,
+                _ = inner.stop.cancelled() => return,
+            };
+            match claimed {
+                Ok(Some(lease)) => {
+                    backoff = Duration::from_millis(50);
+                    if inner.closed.load(Ordering::SeqCst) {
+                        // Closed meanwhile: straight back to the queue.
+                        let _ = self.release_lease(lease.id, lease.attempt).await;
+                        return;
+                    }
+                    let _ = inner.ready_tx.send(lease);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    blocking = None;
+                    tracing::debug!(error = %e, "claim failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = inner.stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// One claim: the oldest waiting job at once, else the next one to arrive within a
+    /// second (`Ok(None)` when none did).
+    async fn claim_one(
+        &self,
+        blocking: &mut Option<redis::aio::MultiplexedConnection>,
+    ) -> Result<Option<Lease>, StoreError> {
+        if let Some(l) = self.claim_script("").await? {
+            return Ok(Some(l));
+        }
+        if blocking.is_none() {
+            let cfg = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.inner.opts.response_timeout))
+                .set_response_timeout(Some(
+                    self.inner.opts.response_timeout + Duration::from_secs(1),
+                ));
+            let c = self
+                .inner
+                .client
+                .get_multiplexed_async_connection_with_config(&cfg)
+                .await;
+            *blocking = Some(self.seen(c)?);
+        }
+        let Some(c) = blocking.as_mut() else {
+            return Ok(None);
+        };
+        let moved: Option<String> = self.seen(
+            redis::cmd("BLMOVE")
+                .arg(key("wait"))
+                .arg(inflight_key(&self.inner.consumer))
+                .arg("RIGHT")
+                .arg("LEFT")
+                .arg(1.0)
+                .query_async(c)
+                .await,
+        )?;
+        match moved {
+            Some(id) => self.claim_script(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn claim_script(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        let mut inv = self.invocation(&self.inner.scripts.claim);
+        inv.key(inflight_key(&self.inner.consumer))
+            .arg(&self.inner.consumer)
+            .arg(self.inner.opts.lease.lease.as_millis() as u64)
+            .arg(id);
+        let raw: Vec<redis::Value> = self.seen(inv.invoke_async(&mut self.conn()).await)?;
+        if raw.len() < 5 {
+            return Ok(None);
+        }
+        let int = |v: &redis::Value| -> u64 {
+            match v {
+                redis::Value::Int(n) => (*n).max(0) as u64,
+                _ => 0,
+            }
+        };
+        let text = |v: &redis::Value| -> String {
+            match v {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                redis::Value::SimpleString(s) => s.clone(),
+                _ => String::new(),
+            }
+        };
+        let params = serde_json::from_str(&text(&raw[3])).unwrap_or(serde_json::Value::Null);
+        Ok(Some(Lease {
+            id: JobId(int(&raw[0])),
+            attempt: int(&raw[1]) as u32,
+            kind: text(&raw[2]),
+            params,
+            retry_base: int(&raw[4]) as u32,
+        }))
+    }
+
+    /// Heartbeat, expiry of finished jobs, and recovery of dead consumers' in-flight ids:
+    /// every second on every replica.
+    async fn housekeeping(self) {
+        let inner = &self.inner;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = inner.stop.cancelled() => return,
+            }
+            match self.heartbeat().await {
+                Ok(()) => inner.link.ok(),
+                Err(e) => {
+                    inner.link.failed(&e.to_string());
+                    continue;
+                }
+            }
+            loop {
+                let mut inv = self.invocation(&inner.scripts.expire);
+                inv.arg(1000);
+                match inv.invoke_async::<u64>(&mut self.conn()).await {
+                    Ok(n) => {
+                        inner.expired.fetch_add(n, Ordering::Relaxed);
+                        inner.metrics.store_expirations.inc_by(n);
+                        if n < 1000 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "expiring finished jobs failed");
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = self.recover_dead_consumers().await {
+                tracing::debug!(error = %e, "recovering dead consumers failed");
+            }
+        }
+    }
+
+    /// Consumers whose heartbeat stopped: what they had taken off the queue but not yet
+    /// leased goes back; their leases expire on their own and are reclaimed.
+    async fn recover_dead_consumers(&self) -> redis::RedisResult<()> {
+        let mut c = self.conn();
+        let lease_ms = self.inner.opts.lease.lease.as_millis() as i64;
+        let silent_for = (lease_ms * 3).max(10_000);
+        let cutoff = crate::now_ms() - silent_for;
+        let dead: Vec<String> = c.zrangebyscore(key("replicas"), "-inf", cutoff).await?;
+        for consumer in dead {
+            if consumer == self.inner.consumer {
+                continue;
+            }
+            let mut inv = self.invocation(&self.inner.scripts.recover_inflight);
+            inv.key(inflight_key(&consumer));
+            let n: u64 = inv.invoke_async(&mut c).await?;
+            if n > 0 {
+                tracing::warn!(%consumer, jobs = n, "queued again what a dead replica had taken");
+            }
+            redis::pipe()
+                .zrem(key("replicas"), &consumer)
+                .del(replica_key(&consumer))
+                .query_async::<()>(&mut c)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn release_lease(&self, id: JobId, attempt: u32) -> Result<bool, StoreError> {
+        let mut inv = self.invocation(&self.inner.scripts.release);
+        inv.arg(id.0).arg(attempt);
+        let n: i64 = self.seen(inv.invoke_async(&mut self.conn()).await)?;
+        Ok(n == 1)
+    }
+
+    async fn finish_script(
+        &self,
+        id: JobId,
+        attempt: Attempt,
+        outcome: Outcome,
+        started_at: Option<i64>,
+    ) -> Result<Finished, FinishFailed> {
+        let attempt_arg: i64 = match attempt {
+            Attempt::Of(a) => i64::from(a),
+            Attempt::Any => -1,
+        };
+        let (status, body) = match &outcome {
+            Outcome::Done(r) => ("done", r.as_str()),
+            Outcome::Failed(e) => ("failed", e.as_str()),
+            Outcome::Cancelled(e) => ("cancelled", e.as_str()),
+        };
+        let mut inv = self.invocation(&self.inner.scripts.finish);
+        inv.arg(id.0)
+            .arg(attempt_arg)
+            .arg(status)
+            .arg(body)
+            .arg(started_at.unwrap_or(0))
+            .arg(self.inner.opts.result_ttl.as_millis() as u64);
+        match inv.invoke_async::<i64>(&mut self.conn()).await {
+            Ok(code) => {
+                self.inner.link.ok();
+                let answer = match code {
+                    1 => Finished::Recorded,
+                    2 => Finished::AlreadyFinished,
+                    3 => Finished::Stale,
+                    _ => Finished::Unknown,
+                };
+                Ok(answer)
+            }
+            Err(e) => {
+                let error = self.seen::<()>(Err(e)).unwrap_err();
+                Err(FinishFailed {
+                    error,
+                    outcome: Some(outcome),
+                })
+            }
+        }
+    }
+
+    async fn get_record(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        let mut c = self.conn();
+        let (rec, params, result): (Option<String>, Option<String>, Option<String>) = self.seen(
+            redis::pipe()
+                .hget(key("rec"), id.0)
+                .hget(key("params"), id.0)
+                .hget(key("result"), id.0)
+                .query_async(&mut c)
+                .await,
+        )?;
+        let Some(rec) = rec else { return Ok(None) };
+        Ok(Some(to_record(id, &rec, params.as_deref(), result)?))
+    }
+
+    /// Records of `ids` (missing ones skipped), in the same order.
+    async fn records(&self, ids: &[u64], with_params: bool) -> Result<Vec<JobRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn();
+        let mut p = redis::pipe();
+        p.cmd("HMGET").arg(key("rec")).arg(ids);
+        if with_params {
+            p.cmd("HMGET").arg(key("params")).arg(ids);
+            p.cmd("HMGET").arg(key("result")).arg(ids);
+        }
+        let out: Vec<Vec<Option<String>>> = self.seen(p.query_async(&mut c).await)?;
+        let mut recs = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            let Some(Some(rec)) = out.first().and_then(|v| v.get(i)) else {
+                continue;
+            };
+            let params = out.get(1).and_then(|v| v.get(i)).cloned().flatten();
+            let result = out.get(2).and_then(|v| v.get(i)).cloned().flatten();
+            recs.push(to_record(JobId(*id), rec, params.as_deref(), result)?);
+        }
+        Ok(recs)
+    }
+}
+
+fn to_record(
+    id: JobId,
+    rec: &str,
+    params: Option<&str>,
+    result: Option<String>,
+) -> Result<JobRecord, StoreError> {
+    let r: Rec = serde_json::from_str(rec).map_err(|e| StoreError::Corrupt {
+        id: id.0,
+        what: e.to_string(),
+    })?;
+    let status = parse_status(&r.s).ok_or_else(|| StoreError::Corrupt {
+        id: id.0,
+        what: format!("status {:?}", r.s),
+    })?;
+    Ok(JobRecord {
+        id,
+        kind: r.k,
+        params: params
+            .and_then(|p| serde_json::from_str(p).ok())
+            .unwrap_or(serde_json::Value::Null),
+        status,
+        submitted_at: ms(r.sub).unwrap_or(0),
+        started_at: ms(r.st),
+        finished_at: ms(r.fin),
+        result: if status == JobStatus::Done {
+            result
+        } else {
+            None
+        },
+        error: r.e,
+        attempts: count(r.a),
+        retry_base: count(r.b),
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "tally".into())
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn submit(&self, job: &NewJob, _now_ms: i64) -> Result<JobId, StoreError> {
+        let mut inv = self.invocation(&self.inner.scripts.submit);
+        inv.arg(&job.kind).arg(job.params.to_string()).arg(0);
+        let id: u64 = self.seen(inv.invoke_async(&mut self.conn()).await)?;
+        Ok(JobId(id))
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.get_record(id).await
+    }
+
+    async fn state(&self, id: JobId) -> Result<Option<JobState>, StoreError> {
+        let mut c = self.conn();
+        let (rec, result): (Option<String>, Option<String>) = self.seen(
+            redis::pipe()
+                .hget(key("rec"), id.0)
+                .hget(key("result"), id.0)
+                .query_async(&mut c)
+                .await,
+        )?;
+        let Some(rec) = rec else { return Ok(None) };
+        let r = to_record(id, &rec, None, result)?;
+        Ok(Some(JobState {
+            status: r.status,
+            result: r.result,
+            error: r.error,
+        }))
+    }
+
+    fn start(&self, _id: JobId, _attempt: u32, _now_ms: i64) -> Result<(), StoreError> {
+        // The claim script records the start.
+        Ok(())
+    }
+
+    async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError> {
+        self.release_lease(id, attempt).await.map(|_| ())
+    }
+
+    async fn finish(
+        &self,
+        id: JobId,
+        attempt: Attempt,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        _now_ms: i64,
+    ) -> Result<Finished, FinishFailed> {
+        self.finish_script(id, attempt, outcome, started_at).await
+    }
+
+    fn finish_begin(
+        &self,
+        id: JobId,
+        attempt: Attempt,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        _now_ms: i64,
+    ) -> FinishPending {
+        // Sent now, from the runtime, whether or not anyone polls the answer.
+        let me = self.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.inner.runtime.spawn(async move {
+            let answer = me.finish_script(id, attempt, outcome, started_at).await;
+            me.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+            me.inner.settled.notify_waiters();
+            let _ = tx.send(answer);
+        });
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(FinishFailed::from(StoreError::Closed)))
+        })
+    }
+
+    async fn requeue(&self, id: JobId, _now_ms: i64) -> Result<Requeued, StoreError> {
+        let mut inv = self.invocation(&self.inner.scripts.retry);
+        inv.arg(id.0);
+        let raw: Vec<redis::Value> = self.seen(inv.invoke_async(&mut self.conn()).await)?;
+        match raw.first() {
+            Some(redis::Value::Int(1)) => match self.get_record(id).await? {
+                Some(rec) => Ok(Requeued::Yes(Box::new(rec))),
+                None => Ok(Requeued::Unknown),
+            },
+            Some(redis::Value::Int(2)) => {
+                let status = match raw.get(1) {
+                    Some(redis::Value::BulkString(b)) => {
+                        parse_status(&String::from_utf8_lossy(b)).unwrap_or(JobStatus::Done)
+                    }
+                    _ => JobStatus::Done,
+                };
+                Ok(if status == JobStatus::Done {
+                    Requeued::Done
+                } else {
+                    Requeued::NotFinished(status)
+                })
+            }
+            _ => Ok(Requeued::Unknown),
+        }
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError> {
+        let index = match filter.status {
+            Some(s) => key(&format!("st:{}", s.as_str())),
+            None => key("all"),
+        };
+        let mut upper = filter.before.map_or(u64::MAX, |b| b.0.saturating_sub(1));
+        let mut out = Vec::with_capacity(filter.limit);
+        let chunk = (filter.limit * 4).clamp(16, 2000);
+        loop {
+            let mut c = self.conn();
+            let max = if upper == u64::MAX {
+                "+inf".to_string()
+            } else {
+                upper.to_string()
+            };
+            let ids: Vec<u64> = self.seen(
+                redis::cmd("ZRANGE")
+                    .arg(&index)
+                    .arg(&max)
+                    .arg("-inf")
+                    .arg("BYSCORE")
+                    .arg("REV")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(chunk)
+                    .query_async(&mut c)
+                    .await,
+            )?;
+            if ids.is_empty() {
+                return Ok(out);
+            }
+            upper = ids.last().map_or(0, |l| l.saturating_sub(1));
+            for rec in self.records(&ids, true).await? {
+                if filter.kind.as_deref().is_some_and(|k| rec.kind != k) {
+                    continue;
+                }
+                out.push(rec);
+                if out.len() == filter.limit {
+                    return Ok(out);
+                }
+            }
+            if ids.len() < chunk || upper == 0 {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn statuses(
+        &self,
+        after: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<(JobId, JobStatus)>, StoreError> {
+        let mut c = self.conn();
+        let from = format!("({}", after.map_or(0, |a| a.0));
+        let ids: Vec<u64> = self.seen(
+            redis::cmd("ZRANGE")
+                .arg(key("all"))
+                .arg(&from)
+                .arg("+inf")
+                .arg("BYSCORE")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut c)
+                .await,
+        )?;
+        Ok(self
+            .records(&ids, false)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r.status))
+            .collect())
+    }
+
+    async fn counts(&self) -> Result<JobCounts, StoreError> {
+        let mut c = self.conn();
+        let raw: std::collections::HashMap<String, i64> =
+            self.seen(c.hgetall(key("counts")).await)?;
+        let mut out = JobCounts::default();
+        for s in JobStatus::ALL {
+            *out.slot(s) = raw.get(s.as_str()).copied().unwrap_or(0).max(0) as u64;
+        }
+        Ok(out)
+    }
+
+    async fn recover_unfinished(&self) -> Result<Vec<JobRecord>, StoreError> {
+        // Nothing lives in the process: leases of a dead replica expire and are reclaimed.
+        Ok(Vec::new())
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        // Writes made from the runtime were answered when they returned; those sent from
+        // worker threads are waited for.
+        loop {
+            let settled = self.inner.settled.notified();
+            if self.inner.in_flight.load(Ordering::SeqCst) == 0 {
+                return Ok(());
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), settled).await;
+        }
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        JobQueue::close(self);
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        // A blocking move cut short may have left an id in our in-flight list: back to
+        // the queue with it. Then leave the replicas list at once rather than when the
+        // heartbeat goes stale.
+        let mut c = self.conn();
+        let mut inv = self.invocation(&self.inner.scripts.recover_inflight);
+        inv.key(inflight_key(&self.inner.consumer));
+        let back: redis::RedisResult<u64> = inv.invoke_async(&mut c).await;
+        let left: redis::RedisResult<()> = redis::pipe()
+            .zrem(key("replicas"), &self.inner.consumer)
+            .del(replica_key(&self.inner.consumer))
+            .query_async(&mut c)
+            .await;
+        self.seen(back.and(left))
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.inner.link.down.lock().as_ref() {
+            None => Ok(()),
+            Some(cause) => Err(format!("the redis store is unavailable: {cause}")),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        STORE
+    }
+}
+
+#[async_trait]
+impl JobQueue for RedisStore {
+    async fn push(
+        &self,
+        job: &NewJob,
+        _now_ms: i64,
+        admitted: Admitted<'_>,
+    ) -> Result<(JobId, Durable), PushError> {
+        let mut inv = self.invocation(&self.inner.scripts.submit);
+        inv.arg(&job.kind)
+            .arg(job.params.to_string())
+            .arg(self.inner.opts.capacity);
+        let id: u64 = self.seen(inv.invoke_async(&mut self.conn()).await)?;
+        if id == 0 {
+            self.inner.metrics.queue_rejections.inc();
+            return Err(PushError::Full {
+                capacity: self.inner.opts.capacity,
+            });
+        }
+        admitted(JobId(id));
+        // Acknowledged by Redis: as durable as its persistence settings make it.
+        Ok((JobId(id), Box::pin(std::future::ready(Ok(())))))
+    }
+
+    fn claim(&self, wait: Duration) -> Result<Option<Lease>, Closed> {
+        if let Ok(lease) = self.inner.ready_rx.try_recv() {
+            return Ok(Some(lease));
+        }
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Closed);
+        }
+        self.inner.wanting.fetch_add(1, Ordering::SeqCst);
+        self.inner.want.notify_one();
+        let got = self.inner.ready_rx.recv_timeout(wait);
+        self.inner.wanting.fetch_sub(1, Ordering::SeqCst);
+        match got {
+            Ok(lease) => Ok(Some(lease)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if self.inner.closed.load(Ordering::SeqCst) {
+                    Err(Closed)
+                } else {
+                    Ok(None)
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Closed),
+        }
+    }
+
+    async fn renew(&self, held: &[(JobId, u32)], _now_ms: i64) -> Result<Vec<Renewal>, StoreError> {
+        let mut inv = self.invocation(&self.inner.scripts.renew);
+        inv.arg(&self.inner.consumer)
+            .arg(self.inner.opts.lease.lease.as_millis() as u64);
+        for (id, attempt) in held {
+            inv.arg(id.0).arg(*attempt);
+        }
+        let codes: Vec<i64> = self.seen(inv.invoke_async(&mut self.conn()).await)?;
+        Ok(codes
+            .into_iter()
+            .map(|c| match c {
+                1 => Renewal::Held,
+                2 => Renewal::Cancelled,
+                _ => Renewal::Lost,
+            })
+            .collect())
+    }
+
+    fn finish(
+        &self,
+        id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        now_ms: i64,
+    ) -> FinishPending {
+        Store::finish_begin(self, id, Attempt::Of(attempt), outcome, started_at, now_ms)
+    }
+
+    async fn finish_async(
+        &self,
+        id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        started_at: Option<i64>,
+        _now_ms: i64,
+    ) -> Result<Finished, FinishFailed> {
+        self.finish_script(id, Attempt::Of(attempt), outcome, started_at)
+            .await
+    }
+
+    async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError> {
+        self.release_lease(id, attempt).await.map(|_| ())
+    }
+
+    async fn reclaim_expired(&self, _now_ms: i64) -> Result<Reclaimed, StoreError> {
+        // After a reconnect, give holders one lease period to renew first: Redis's clock
+        // ran on while nobody could reach it.
+        if self.inner.link.down.lock().is_some()
+            || self.inner.link.up_since.lock().elapsed() < self.inner.opts.lease.lease
+        {
+            return Ok(Reclaimed::default());
+        }
+        let mut inv = self.invocation(&self.inner.scripts.reclaim);
+        inv.arg(self.inner.opts.lease.max_attempts)
+            .arg(self.inner.opts.result_ttl.as_millis() as u64)
+            .arg(1000)
+            .arg(crate::queue::gave_up("%d"));
+        let flat: Vec<u64> = self.seen(inv.invoke_async(&mut self.conn()).await)?;
+        let mut out = Reclaimed::default();
+        for chunk in flat.chunks(3) {
+            if let [id, attempt, kind] = chunk {
+                let entry = (JobId(*id), *attempt as u32);
+                if *kind == 2 {
+                    out.dead.push(entry);
+                } else {
+                    out.requeued.push(entry);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn cancel(&self, id: JobId, _now_ms: i64) -> Result<Finished, StoreError> {
+        self.finish_script(
+            id,
+            Attempt::Any,
+            Outcome::Cancelled("cancelled by request".into()),
+            None,
+        )
+        .await
+        .map_err(|f| f.error)
+    }
+
+    async fn retry(
+        &self,
+        id: JobId,
+        now_ms: i64,
+        admitted: Admitted<'_>,
+    ) -> Result<Requeued, PushError> {
+        let answer = self.requeue(id, now_ms).await?;
+        if matches!(answer, Requeued::Yes(_)) {
+            admitted(id);
+        }
+        Ok(answer)
+    }
+
+    async fn recover(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
+    fn close(&self) {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Claimed but not started: straight back to the queue.
+        let me = self.clone();
+        drop(self.inner.tasks.spawn(async move {
+            while let Ok(lease) = me.inner.ready_rx.try_recv() {
+                if let Err(e) = me.release_lease(lease.id, lease.attempt).await {
+                    tracing::warn!(job = %lease.id, error = %e, "could not hand an unstarted job back; its lease will expire");
+                }
+            }
+        }));
+        self.inner.stop.cancel();
+    }
+
+    fn waiting(&self) -> usize {
+        self.inner.ready_rx.len()
+    }
+
+    async fn stats(&self) -> Result<crate::queue::QueueStats, StoreError> {
+        let mut c = self.conn();
+        let (waiting, leased): (u64, u64) = self.seen(
+            redis::pipe()
+                .llen(key("wait"))
+                .zcard(key("leases"))
+                .query_async(&mut c)
+                .await,
+        )?;
+        Ok(crate::queue::QueueStats { waiting, leased })
+    }
+
+    fn is_local(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,57 @@
+-- Shared by every tally script (prepended to each). KEYS, the same for all of them, all
+-- in the {tally} hash slot:
+--   1 next_id   2 rec   3 params   4 result   5 wait   6 leases   7 counts   8 all
+--   9 expiry   10..14 st:queued st:running st:done st:failed st:cancelled
+--   15 (claim, recover_inflight) a consumer's in-flight list
+-- rec holds each job's small record as JSON: k kind, s status, sub/st/fin times (ms),
+-- a attempts, b attempts when it was last retried (its budget of attempts starts there),
+-- o owner (consumer holding the lease), e error.
+local K_NEXT, K_REC, K_PARAMS, K_RESULT = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_WAIT, K_LEASES, K_COUNTS, K_ALL, K_EXPIRY = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local ST = { queued = KEYS[10], running = KEYS[11], done = KEYS[12], failed = KEYS[13],
+             cancelled = KEYS[14] }
+
+-- One clock for every replica: the server's.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function load(id)
+  local raw = redis.call('HGET', K_REC, id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function save(id, r)
+  redis.call('HSET', K_REC, id, cjson.encode(r))
+end
+
+local function finished(s)
+  return s == 'done' or s == 'failed' or s == 'cancelled'
+end
+
+-- Moves a job between states: its status index and the counters, in one place, so the
+-- counts can never disagree with the records (and never go below zero).
+local function move(id, from, to)
+  if from then
+    if tonumber(redis.call('HGET', K_COUNTS, from) or '0') > 0 then
+      redis.call('HINCRBY', K_COUNTS, from, -1)
+    end
+    redis.call('ZREM', ST[from], id)
+  end
+  redis.call('HINCRBY', K_COUNTS, to, 1)
+  redis.call('ZADD', ST[to], id, id)
+end
+
+-- A final state: the lease goes, the job expires after ttl_ms.
+local function finish(id, r, status, now, ttl_ms)
+  local from = r.s
+  r.s = status
+  r.fin = now
+  r.o = nil
+  save(id, r)
+  redis.call('ZREM', K_LEASES, id)
+  redis.call('ZADD', K_EXPIRY, now + ttl_ms, id)
+  move(id, from, status)
+end
