@@ -1,7 +1,9 @@
 //! Logging: tracing with UTC RFC 3339 timestamps, to standard output or to a file that
 //! rotates by size and keeps a fixed number of backups (the `file-rotate` crate), written
-//! off the request path by one flusher thread (see [`BufferedLog`]).
+//! off the request path by one flusher thread (see [`BufferedLog`]). Control characters in
+//! messages and field values are escaped ([`EscapedFields`]): one event, one line.
 
+use std::fmt;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +14,9 @@ use file_rotate::compression::Compression;
 use file_rotate::suffix::AppendCount;
 use file_rotate::{ContentLimit, FileRotate};
 use parking_lot::{Condvar, Mutex};
-use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::{DefaultFields, Writer};
+use tracing_subscriber::fmt::{FormatFields, MakeWriter};
 use tracing_subscriber::EnvFilter;
 
 /// Smallest rotation size accepted; smaller is surely a mistake (and 0 would panic).
@@ -184,6 +188,63 @@ impl Drop for FlushGuard {
     }
 }
 
+/// tracing-subscriber's default field format (`message key=value ...`) with every
+/// control character escaped, in the message and in every field value, whatever the call
+/// site formats (`%`, `?`, strings, errors): a client-controlled value (a job id in a path,
+/// a header) can then neither start a forged log line nor write raw control bytes.
+/// Escaped: C0 (`\n`, `\r`, `\t`, `\0`, others as `\x1b`), DEL (`\x7f`), C1 (`\u{85}`),
+/// and the Unicode line and paragraph separators (`\u{2028}`, `\u{2029}`).
+///
+/// Field names lose their italics on a colour terminal: the default format would write
+/// them with ANSI escapes, which this escaping must not let through.
+#[derive(Debug, Default)]
+pub struct EscapedFields(DefaultFields);
+
+impl<'writer> FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut escaping = Escaping(writer);
+        self.0.format_fields(Writer::new(&mut escaping), fields)
+    }
+}
+
+/// Escapes what [`EscapedFields`] promises while passing the rest through.
+struct Escaping<'w>(Writer<'w>);
+
+fn is_escaped(c: char) -> bool {
+    // `is_control` is Unicode's Cc: C0, DEL and C1.
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+impl fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Fast path: no byte that is, or starts, an escaped character (C1 is encoded
+        // as C2 80..9F, U+2028/9 as E2 80 A8/A9).
+        if !s
+            .bytes()
+            .any(|b| b < 0x20 || b == 0x7f || b == 0xc2 || b == 0xe2)
+        {
+            return self.0.write_str(s);
+        }
+        let mut clean = 0;
+        for (i, c) in s.char_indices() {
+            if !is_escaped(c) {
+                continue;
+            }
+            self.0.write_str(&s[clean..i])?;
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                '\0' => self.0.write_str("\\0")?,
+                c if (c as u32) < 0x80 => write!(self.0, "\\x{:02x}", c as u32)?,
+                c => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+            }
+            clean = i + c.len_utf8();
+        }
+        self.0.write_str(&s[clean..])
+    }
+}
+
 /// Keeps the log flusher alive; drop it last so buffered lines are written.
 pub struct LogGuard(#[allow(dead_code)] FlushGuard);
 
@@ -217,6 +278,7 @@ pub fn init(
         None => BufferedLog::start(std::io::stdout(), 64 * 1024)?,
     };
     tracing_subscriber::fmt()
+        .fmt_fields(EscapedFields::default())
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(
@@ -311,6 +373,58 @@ mod tests {
             ]
         );
         assert_eq!(pieces.concat(), text);
+    }
+
+    /// The lines an event becomes, formatted as `init` formats them (without colours).
+    fn logged(f: impl FnOnce()) -> String {
+        let sink = Sink::default();
+        let out = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(EscapedFields::default())
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = sink.0.lock().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn control_characters_in_any_field_or_message_are_escaped_and_the_rest_kept() {
+        let evil = "job_id_1\n2026-01-01T00:00:00.000000Z ERROR tally::app: FORGED\r\t\0\x1b[31m\x7f\u{85}\u{2028}\u{2029}é—ok";
+        let err = std::io::Error::other(evil);
+        let text = logged(|| {
+            tracing::info!(display = %evil, debug = ?evil, plain = evil, error = &err as &dyn std::error::Error, "msg {evil}");
+        });
+        assert_eq!(
+            text.matches('\n').count(),
+            1,
+            "one event, one line: {text:?}"
+        );
+        assert!(text.ends_with('\n'));
+        let line = text.trim_end_matches('\n');
+        assert!(!line.chars().any(is_escaped), "{line:?}");
+        // Display values and the message: each character escaped once, the rest kept.
+        let escaped = "job_id_1\\n2026-01-01T00:00:00.000000Z ERROR tally::app: FORGED\\r\\t\\0";
+        assert!(
+            line.contains(&format!(
+                "display={escaped}\\x1b[31m\\x7f\\u{{85}}\\u{{2028}}\\u{{2029}}é—ok"
+            )),
+            "{line}"
+        );
+        assert!(line.contains(&format!(" msg {escaped}")), "{line}");
+        // Debug values were already escaped by `{:?}`; nothing is escaped twice.
+        assert!(line.contains(r#"debug="job_id_1\n2026"#), "{line}");
+        assert!(line.contains(r#"plain="job_id_1\n2026"#), "{line}");
+        assert!(line.contains(&format!("error={escaped}")), "{line}");
+        // Ordinary lines are untouched.
+        let text = logged(
+            || tracing::info!(route = "get_results", job_id = %"job_id_7", "api request in"),
+        );
+        assert!(
+            text.ends_with("api request in route=\"get_results\" job_id=job_id_7\n"),
+            "{text}"
+        );
     }
 
     #[test]
