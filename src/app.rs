@@ -2,7 +2,7 @@
 //! dataset, the engine and the router, and binds the listener; `run_until_stopped`
 //! serves until a stop is asked for, then drains. `main` and the tests share this path.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::server::ServeOptions;
 use crate::api::{self, AppContext, AppState, RouterOptions};
 use crate::config::{Cli, Command, ServeConfig, StoreSpec};
 use crate::csv::{self, datasets::DataDir};
@@ -253,32 +254,30 @@ impl Application {
         if let Some(l) = compat_listener {
             let mut stopped = series_stopped.clone();
             let router = api::series::compat_get_sum_router(state.clone());
+            let http = ServeOptions::new(&cfg, state.metrics.clone());
             series_tasks.push(tokio::spawn(async move {
-                let served = axum::serve(l, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.wait_for(|v| *v).await;
-                    })
-                    .await;
+                let served = api::server::serve(l, router, http, async move {
+                    let _ = stopped.wait_for(|v| *v).await;
+                })
+                .await;
                 if let Err(e) = served {
                     tracing::warn!(error = %e, "the /getSum listener ended with an error");
                 }
             }));
         }
+        let http = ServeOptions::new(&cfg, state.metrics.clone());
         let router = api::router(
             state,
             RouterOptions {
                 max_body_bytes: cfg.max_body_bytes,
                 test_routes: cfg.enable_test_jobs,
+                allowed_origins: cfg.allowed_origins.clone(),
             },
         );
         let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = http_stopped.await;
-                })
-                .into_future(),
-        );
+        let server = tokio::spawn(api::server::serve(listener, router, http, async move {
+            let _ = http_stopped.await;
+        }));
 
         let reason = tokio::select! {
             _ = stop => StopReason::Signal,
