@@ -9,14 +9,19 @@
 //! match the `Host` header, unless that origin was allowed with `--allowed-origin`.
 //! Requests with neither header (curl, scripts, non-browser clients) pass.
 
+use std::convert::Infallible;
 use std::fmt;
+use std::future::{ready, Ready};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, Method};
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
+use tower_layer::Layer;
+use tower_service::Service;
 
 use super::error::ApiError;
 
@@ -174,32 +179,80 @@ fn check(
     Ok(())
 }
 
-/// The middleware: 403 in the shape of the route's API (`/api/*` answers
-/// `{"status": "error", "reason": ...}`, the rest problem+json).
-pub async fn guard(
-    State(allowed): State<Arc<[AllowedOrigin]>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    if let Err(refusal) = check(req.method(), route, req.headers(), &allowed) {
-        tracing::warn!(
-            method = %req.method(),
-            route = route.unwrap_or("unmatched"),
-            reason = ?refusal,
-            "cross-site request refused"
-        );
-        let reason = refusal.reason();
-        return if req.uri().path().starts_with("/api/") {
-            super::compat::error(axum::http::StatusCode::FORBIDDEN, reason)
-        } else {
-            ApiError::Forbidden(reason.to_string()).into_response()
-        };
+/// The layer, applied with `Router::layer`. A plain tower layer rather than
+/// `middleware::from_fn`: the check is synchronous, so a request that passes costs no
+/// allocation (`from_fn` boxes a future and a service per request).
+#[derive(Clone)]
+pub struct CrossSiteLayer {
+    allowed: Arc<[AllowedOrigin]>,
+}
+
+impl CrossSiteLayer {
+    pub fn new(allowed: Vec<AllowedOrigin>) -> Self {
+        CrossSiteLayer {
+            allowed: allowed.into(),
+        }
     }
-    next.run(req).await
+}
+
+impl<S> Layer<S> for CrossSiteLayer {
+    type Service = CrossSite<S>;
+
+    fn layer(&self, inner: S) -> CrossSite<S> {
+        CrossSite {
+            inner,
+            allowed: self.allowed.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CrossSite<S> {
+    inner: S,
+    allowed: Arc<[AllowedOrigin]>,
+}
+
+impl<S> Service<Request> for CrossSite<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str);
+        match check(req.method(), route, req.headers(), &self.allowed) {
+            Ok(()) => Either::Right(self.inner.call(req)),
+            Err(refusal) => {
+                tracing::warn!(
+                    method = %req.method(),
+                    route = route.unwrap_or("unmatched"),
+                    reason = ?refusal,
+                    "cross-site request refused"
+                );
+                Either::Left(ready(Ok(refused(&req, refusal))))
+            }
+        }
+    }
+}
+
+/// 403 in the shape of the route's API: `/api/*` answers `{"status": "error", "reason":
+/// ...}`, the rest problem+json.
+fn refused(req: &Request, refusal: Refusal) -> Response {
+    let reason = refusal.reason();
+    if req.uri().path().starts_with("/api/") {
+        super::compat::error(StatusCode::FORBIDDEN, reason)
+    } else {
+        ApiError::Forbidden(reason.to_string()).into_response()
+    }
 }
 
 #[cfg(test)]

@@ -142,10 +142,7 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
         .method_not_allowed_fallback(ops::method_not_allowed)
         // On every route, present and future: unsafe methods and state-changing GETs
         // from other sites' pages get 403 (inside `track`, so refusals are counted).
-        .layer(middleware::from_fn_with_state(
-            Arc::<[cross_site::AllowedOrigin]>::from(opts.allowed_origins),
-            cross_site::guard,
-        ))
+        .layer(cross_site::CrossSiteLayer::new(opts.allowed_origins))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(move |mut req: Request, next: Next| {
