@@ -160,6 +160,29 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn idle_connections_do_not_hold_up_a_shutdown() {
+    // Default timeouts (10 s, 75 s): only the shutdown can close these connections.
+    let app = TestApp::spawn().await;
+    let mut idle = connect(&app).await;
+    assert!(get_on(&mut idle, "/healthz")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let mut silent = connect(&app).await;
+    // Wait until both are accepted (the gauge counts this request's connection too).
+    let until = Instant::now() + PATIENCE;
+    while metric_of(&app, "tally_http_connections").await < 3.0 {
+        assert!(
+            Instant::now() < until,
+            "the connections were never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.stop().await;
+    assert!(closed_by_server(&mut idle).await, "the idle connection");
+    assert!(closed_by_server(&mut silent).await, "the silent connection");
+}
+
+#[tokio::test]
 async fn past_max_connections_a_new_connection_gets_503_and_healthz_answers_once_slots_free() {
     const CAP: usize = 3;
     let app = TestApp::spawn_with(|c| {
