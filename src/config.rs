@@ -328,6 +328,7 @@ pub struct ServeConfig {
     #[arg(
         long = "allowed-origin",
         env = "TALLY_ALLOWED_ORIGIN",
+        value_name = "ORIGIN",
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<crate::api::cross_site::AllowedOrigin>,

@@ -9,7 +9,7 @@
 //! keep-alive wait between requests: at 10 s it would close idle keep-alive connections
 //! after 10 s, under nginx's pooled upstream connections (60 s). Here the two waits are told
 //! apart by a per-connection [`Clock`] that the socket, the service and the response body
-//! update with plain atomic stores; one timer per connection reads it only when it fires,
+//! update with relaxed atomics; one timer per connection reads it only when it fires,
 //! so a request costs no timer operation.
 
 use std::convert::Infallible;
@@ -127,7 +127,7 @@ pub async fn serve(
             refuse(stream, &lingering);
             continue;
         };
-        // Responses are written whole; Nagle would only delay the last segment.
+        // A response goes out in one write; Nagle could only hold back its tail.
         let _ = stream.set_nodelay(true);
         let clock = Arc::new(Clock::new());
         let io = TokioIo::new(ClockedIo {
