@@ -2,7 +2,7 @@
 //! dataset, the engine and the router, and binds the listener; `run_until_stopped`
 //! serves until a stop is asked for, then drains. `main` and the tests share this path.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::server::ServeOptions;
 use crate::api::{self, AppContext, AppState, RouterOptions};
 use crate::config::{Cli, Command, ServeConfig, StoreSpec};
 use crate::csv::{self, datasets::DataDir};
@@ -278,20 +279,22 @@ impl Application {
         // Live series: the rollup scheduler, the sources, the TCP line listener and the
         // /getSum listener, stopped together.
         let series = SeriesTasks::start(&state, &cfg, line_listener, compat_listener);
+        let http = ServeOptions::new(&cfg, state.metrics.clone());
         let router = api::router(
             state.clone(),
             RouterOptions {
                 max_body_bytes: cfg.max_body_bytes,
                 test_routes: cfg.enable_test_jobs,
+                allowed_origins: cfg.allowed_origins.clone(),
             },
         );
-        let http = Tasks::new();
-        let http_stop = http.token();
-        http.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                .into_future()
-                .await;
+        let http_tasks = Tasks::new();
+        let http_stop = http_tasks.token();
+        http_tasks.spawn(async move {
+            let served = api::server::serve(listener, router, http, async move {
+                http_stop.cancelled().await
+            })
+            .await;
             if let Err(e) = served {
                 tracing::warn!(error = %e, "HTTP server ended with an error");
             }
@@ -338,7 +341,10 @@ impl Application {
             .shutdown(Instant::now() + Duration::from_secs(5))
             .await;
         // 6. Stop HTTP: open connections get up to 5 s to finish their requests.
-        if !http.stop(Instant::now() + Duration::from_secs(5)).await {
+        if !http_tasks
+            .stop(Instant::now() + Duration::from_secs(5))
+            .await
+        {
             tracing::warn!("open HTTP connections did not close within 5 s");
         }
         tracing::info!("stopped");
@@ -384,10 +390,11 @@ impl SeriesTasks {
         }
         if let Some(l) = compat_listener {
             let router = api::series::compat_get_sum_router(state.clone());
+            let http = ServeOptions::new(cfg, state.metrics.clone());
             tasks.spawn(async move {
-                let served = axum::serve(l, router)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
+                let served =
+                    api::server::serve(l, router, http, async move { stop.cancelled().await })
+                        .await;
                 if let Err(e) = served {
                     tracing::warn!(error = %e, "the /getSum listener ended with an error");
                 }

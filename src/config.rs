@@ -364,6 +364,34 @@ pub struct ServeConfig {
     #[arg(long, env = "TALLY_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<Secret>,
 
+    /// Milliseconds a client has to send a whole request head: the first from the
+    /// connection's start, later ones from their first byte. Past it the connection is
+    /// closed without an answer (slow clients cannot hold connections).
+    #[arg(long, env = "TALLY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub http_header_timeout_ms: u64,
+
+    /// Milliseconds a keep-alive connection may wait for its next request before it is
+    /// closed. Longer than nginx's upstream keepalive_timeout (60 s), so the proxy closes
+    /// first and never sends a request on a connection being closed.
+    #[arg(long, env = "TALLY_HTTP_IDLE_TIMEOUT_MS", default_value_t = 75_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub http_idle_timeout_ms: u64,
+
+    /// Open HTTP connections per listener, at most; past it a new connection is answered
+    /// 503 with `Retry-After: 1` and closed.
+    #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
+    /// An origin (`scheme://host[:port]`) whose pages may send state-changing requests,
+    /// e.g. a dashboard served from elsewhere (repeatable; the environment variable takes a
+    /// comma-separated list). Other cross-site requests that change state get 403.
+    #[arg(
+        long = "allowed-origin",
+        env = "TALLY_ALLOWED_ORIGIN",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<crate::api::cross_site::AllowedOrigin>,
+
     /// Directory of the datasets of `csv.column_sum` jobs; names resolve only inside it.
     /// Created at the first upload.
     #[arg(long, env = "TALLY_DATA_DIR", default_value = "data")]
@@ -718,6 +746,50 @@ mod tests {
             let got = Cli::try_parse_from(["tally", "serve", flag, value]).is_ok();
             assert_eq!(got, ok, "{flag} {value}");
         }
+    }
+
+    #[test]
+    fn http_edge_flags_have_the_documented_defaults_and_ranges() {
+        let c = ServeConfig::defaults();
+        assert_eq!(
+            (
+                c.http_header_timeout_ms,
+                c.http_idle_timeout_ms,
+                c.max_connections
+            ),
+            (10_000, 75_000, 10_000)
+        );
+        assert!(c.allowed_origins.is_empty());
+        for bad in [
+            ["--max-connections", "0"],
+            ["--max-connections", "1000001"],
+            ["--http-header-timeout-ms", "0"],
+            ["--http-idle-timeout-ms", "0"],
+            ["--allowed-origin", "dash.example"],
+        ] {
+            assert!(
+                Cli::try_parse_from(["tally", "serve", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
+        let c = Cli::parse_from([
+            "tally",
+            "serve",
+            "--allowed-origin",
+            "https://a.example,http://b.example:8080",
+            "--allowed-origin",
+            "https://c.example",
+        ])
+        .serve_config();
+        let origins: Vec<String> = c.allowed_origins.iter().map(|o| o.to_string()).collect();
+        assert_eq!(
+            origins,
+            [
+                "https://a.example:443",
+                "http://b.example:8080",
+                "https://c.example:443"
+            ]
+        );
     }
 
     #[test]

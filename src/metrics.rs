@@ -99,6 +99,9 @@ pub struct Metrics {
     pub worker_restarts: Counter,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: HistogramFamily<RouteLabels>,
+    pub http_connections: Gauge,
+    pub http_connections_refused: Counter,
+    pub http_connections_timed_out: Family<ReasonLabels, Counter>,
     pub store_commits: Counter,
     pub store_errors: Counter,
     pub store_batch_size: Histogram,
@@ -150,6 +153,9 @@ impl Metrics {
             worker_restarts: Counter::default(),
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(seconds_histogram),
+            http_connections: Gauge::default(),
+            http_connections_refused: Counter::default(),
+            http_connections_timed_out: Family::default(),
             store_commits: Counter::default(),
             store_errors: Counter::default(),
             store_batch_size: batch_histogram(),
@@ -257,6 +263,21 @@ impl Metrics {
             m.http_duration.clone(),
         );
         r.register(
+            "http_connections",
+            "Open HTTP connections",
+            m.http_connections.clone(),
+        );
+        r.register(
+            "http_connections_refused",
+            "HTTP connections answered 503 and closed because --max-connections were open",
+            m.http_connections_refused.clone(),
+        );
+        r.register(
+            "http_connections_timed_out",
+            "HTTP connections closed by a timeout, by reason (header: the request head was too slow; idle: no request on a keep-alive connection)",
+            m.http_connections_timed_out.clone(),
+        );
+        r.register(
             "store_commits",
             "Store transactions committed",
             m.store_commits.clone(),
@@ -362,6 +383,12 @@ impl Metrics {
             "Restarts of a polled source after its poll loop failed or panicked",
             m.source_restarts.clone(),
         );
+        // Both reasons show from the start, at 0.
+        for reason in ["header", "idle"] {
+            let _ = m.http_connections_timed_out.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            });
+        }
         Metrics { registry, ..m }
     }
 

@@ -1,7 +1,9 @@
 //! Logging: tracing with UTC RFC 3339 timestamps, to standard output or to a file that
 //! rotates by size and keeps a fixed number of backups (the `file-rotate` crate), written
-//! off the request path by one flusher thread (see [`BufferedLog`]).
+//! off the request path by one flusher thread (see [`BufferedLog`]). Control characters in
+//! messages and field values are escaped ([`EscapedFields`]): one event, one line.
 
+use std::fmt;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +14,10 @@ use file_rotate::compression::Compression;
 use file_rotate::suffix::AppendCount;
 use file_rotate::{ContentLimit, FileRotate};
 use parking_lot::{Condvar, Mutex};
-use tracing_subscriber::fmt::MakeWriter;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FormatFields, MakeWriter};
 use tracing_subscriber::EnvFilter;
 
 /// Smallest rotation size accepted; smaller is surely a mistake (and 0 would panic).
@@ -184,6 +189,180 @@ impl Drop for FlushGuard {
     }
 }
 
+/// tracing-subscriber's default field format (`message key=value ...`) with every
+/// control character escaped, in the message and in every field value, whatever the call
+/// site formats (`%`, `?`, strings, errors): a client-controlled value (a job id in a path,
+/// a header) can then neither start a forged log line nor write raw control bytes.
+/// Escaped: C0 (`\n`, `\r`, `\t`, `\0`, others as `\x1b`), DEL (`\x7f`), C1 (`\u{85}`),
+/// and the Unicode line and paragraph separators (`\u{2028}`, `\u{2029}`).
+///
+/// A visitor of its own rather than a wrapper around `DefaultFields`: strings and numbers
+/// (most fields) need no escaping pass (`{:?}` of a string escapes all of the above), so
+/// only the message, `%`/`?` values and errors go through [`Escaping`], and a line costs
+/// no more than with the default format. Field names are not in italics on a colour
+/// terminal.
+#[derive(Debug, Default)]
+pub struct EscapedFields;
+
+impl<'writer> FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut v = FieldVisitor {
+            writer,
+            empty: true,
+            result: Ok(()),
+        };
+        fields.record(&mut v);
+        v.result
+    }
+}
+
+/// Writes fields as `DefaultFields` does: the message bare, the others `name=value`,
+/// separated by spaces, `log.*` fields (already shown as metadata) skipped.
+struct FieldVisitor<'w> {
+    writer: Writer<'w>,
+    empty: bool,
+    result: fmt::Result,
+}
+
+impl FieldVisitor<'_> {
+    /// Writes `name=` (nothing for the message) after a separating space, unless the
+    /// field is skipped or an earlier write failed.
+    fn begin(&mut self, field: &Field) -> bool {
+        let name = field.name();
+        if self.result.is_err() || name.starts_with("log.") {
+            return false;
+        }
+        if !std::mem::take(&mut self.empty) {
+            self.result = self.writer.write_char(' ');
+        }
+        if name != "message" {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            self.result = self
+                .result
+                .and_then(|()| self.writer.write_str(name))
+                .and_then(|()| self.writer.write_char('='));
+        }
+        self.result.is_ok()
+    }
+
+    /// A value that cannot hold a control character.
+    fn plain(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        if self.begin(field) {
+            self.result = self.writer.write_fmt(value);
+        }
+    }
+
+    /// A value that may hold anything.
+    fn escaped(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        if self.begin(field) {
+            self.result = fmt::Write::write_fmt(&mut Escaping(&mut self.writer), value);
+        }
+    }
+}
+
+impl Visit for FieldVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.escaped(field, format_args!("{value}"));
+        } else {
+            // `{:?}` quotes the string and escapes every control character itself.
+            self.plain(field, format_args!("{value:?}"));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.escaped(field, format_args!("{value:?}"));
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        match value.source() {
+            None => self.escaped(field, format_args!("{value}")),
+            Some(source) => {
+                let sources = ErrorSources(source);
+                let name = field.name();
+                self.escaped(field, format_args!("{value} {name}.sources={sources}"));
+            }
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.plain(field, format_args!("{value}"));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.plain(field, format_args!("{value}"));
+    }
+
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        self.plain(field, format_args!("{value}"));
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        self.plain(field, format_args!("{value}"));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.plain(field, format_args!("{value:?}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.plain(field, format_args!("{value}"));
+    }
+}
+
+/// An error's chain of sources, as `DefaultFields` shows it: `[first, second]`.
+struct ErrorSources<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorSources<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        let mut next = Some(self.0);
+        while let Some(e) = next {
+            list.entry(&format_args!("{e}"));
+            next = e.source();
+        }
+        list.finish()
+    }
+}
+
+/// Escapes what [`EscapedFields`] promises while passing the rest through.
+struct Escaping<'a, 'w>(&'a mut Writer<'w>);
+
+fn is_escaped(c: char) -> bool {
+    // `is_control` is Unicode's Cc: C0, DEL and C1.
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+impl fmt::Write for Escaping<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Fast path: no byte that is, or starts, an escaped character (C1 is encoded
+        // as C2 80..9F, U+2028/9 as E2 80 A8/A9).
+        if !s
+            .bytes()
+            .any(|b| b < 0x20 || b == 0x7f || b == 0xc2 || b == 0xe2)
+        {
+            return self.0.write_str(s);
+        }
+        let mut clean = 0;
+        for (i, c) in s.char_indices() {
+            if !is_escaped(c) {
+                continue;
+            }
+            self.0.write_str(&s[clean..i])?;
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                '\0' => self.0.write_str("\\0")?,
+                c if (c as u32) < 0x80 => write!(self.0, "\\x{:02x}", c as u32)?,
+                c => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+            }
+            clean = i + c.len_utf8();
+        }
+        self.0.write_str(&s[clean..])
+    }
+}
+
 /// Keeps the log flusher alive; drop it last so buffered lines are written.
 pub struct LogGuard(#[allow(dead_code)] FlushGuard);
 
@@ -217,6 +396,7 @@ pub fn init(
         None => BufferedLog::start(std::io::stdout(), 64 * 1024)?,
     };
     tracing_subscriber::fmt()
+        .fmt_fields(EscapedFields)
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(
@@ -311,6 +491,111 @@ mod tests {
             ]
         );
         assert_eq!(pieces.concat(), text);
+    }
+
+    /// The lines an event becomes, formatted as `init` formats them (without colours).
+    fn logged(f: impl FnOnce()) -> String {
+        logged_with(EscapedFields, f)
+    }
+
+    fn logged_with<N>(fields: N, f: impl FnOnce()) -> String
+    where
+        N: for<'w> FormatFields<'w> + Send + Sync + 'static,
+    {
+        let sink = Sink::default();
+        let out = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(fields)
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = sink.0.lock().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("outer failed")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn ordinary_lines_are_formatted_exactly_as_by_the_default_fields() {
+        let event = || {
+            let err = Outer(std::io::Error::other("inner failed"));
+            let plain = std::io::Error::other("plain failure");
+            tracing::info!(
+                route = "global_mean",
+                question = "Percent of adults \"aged\" 18+",
+                job_id = %"job_id_7",
+                status = 200u16,
+                delta = -3i64,
+                ratio = 0.5f64,
+                whole = 2.0f64,
+                ok = true,
+                list = ?vec!["a", "b"],
+                r#type = "x",
+                error = &err as &dyn std::error::Error,
+                plain = &plain as &dyn std::error::Error,
+                "api request in ({} rows)",
+                12
+            );
+            tracing::warn!("bare message");
+            tracing::info!(only = 1u8);
+        };
+        let ours = logged_with(EscapedFields, event);
+        let default = logged_with(tracing_subscriber::fmt::format::DefaultFields::new(), event);
+        assert_eq!(ours, default);
+        assert_eq!(ours.lines().count(), 3, "{ours}");
+    }
+
+    #[test]
+    fn control_characters_in_any_field_or_message_are_escaped_and_the_rest_kept() {
+        let evil = "job_id_1\n2026-01-01T00:00:00.000000Z ERROR tally::app: FORGED\r\t\0\x1b[31m\x7f\u{85}\u{2028}\u{2029}é—ok";
+        let err = std::io::Error::other(evil);
+        let text = logged(|| {
+            tracing::info!(display = %evil, debug = ?evil, plain = evil, error = &err as &dyn std::error::Error, "msg {evil}");
+        });
+        assert_eq!(
+            text.matches('\n').count(),
+            1,
+            "one event, one line: {text:?}"
+        );
+        assert!(text.ends_with('\n'));
+        let line = text.trim_end_matches('\n');
+        assert!(!line.chars().any(is_escaped), "{line:?}");
+        // Display values and the message: each character escaped once, the rest kept.
+        let escaped = "job_id_1\\n2026-01-01T00:00:00.000000Z ERROR tally::app: FORGED\\r\\t\\0";
+        assert!(
+            line.contains(&format!(
+                "display={escaped}\\x1b[31m\\x7f\\u{{85}}\\u{{2028}}\\u{{2029}}é—ok"
+            )),
+            "{line}"
+        );
+        assert!(line.contains(&format!(" msg {escaped}")), "{line}");
+        // Debug values were already escaped by `{:?}`; nothing is escaped twice.
+        assert!(line.contains(r#"debug="job_id_1\n2026"#), "{line}");
+        assert!(line.contains(r#"plain="job_id_1\n2026"#), "{line}");
+        assert!(line.contains(&format!("error={escaped}")), "{line}");
+        // Ordinary lines are untouched.
+        let text = logged(
+            || tracing::info!(route = "get_results", job_id = %"job_id_7", "api request in"),
+        );
+        assert!(
+            text.ends_with("api request in route=\"get_results\" job_id=job_id_7\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -29,7 +29,8 @@ fn json_text(status: StatusCode, body: String) -> Response {
     res
 }
 
-fn error(status: StatusCode, reason: &str) -> Response {
+/// The compatible error answer, `{"status": "error", "reason": ...}`.
+pub(crate) fn error(status: StatusCode, reason: &str) -> Response {
     json_text(
         status,
         serde_json::json!({ "status": "error", "reason": reason }).to_string(),

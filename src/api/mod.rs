@@ -1,5 +1,5 @@
 //! The HTTP edge: routes, shared state, and the middleware every request passes
-//! (metrics, body limit, auth on mutating and admin routes).
+//! (metrics, body limit, cross-site refusal, auth on mutating and admin routes).
 //!
 //! Architecture Invariant: only this module knows HTTP and wire JSON shapes; handlers
 //! translate requests into engine calls and engine answers into responses, nothing more.
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, Method};
+use axum::http::{header, HeaderMap, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,10 +22,12 @@ use crate::pipeline::Pipeline;
 use crate::stats::Query;
 
 pub mod compat;
+pub mod cross_site;
 pub mod error;
 pub mod events;
 pub mod ops;
 pub mod series;
+pub mod server;
 pub mod sources;
 pub mod storage;
 pub mod v1;
@@ -71,6 +73,8 @@ pub struct RouterOptions {
     pub max_body_bytes: usize,
     /// `/api/noop` and `/api/noop_result/{id}`: the benchmark's ceiling.
     pub test_routes: bool,
+    /// `--allowed-origin`: other origins whose pages may change state.
+    pub allowed_origins: Vec<cross_site::AllowedOrigin>,
 }
 
 pub fn router(state: AppState, opts: RouterOptions) -> Router {
@@ -136,6 +140,9 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
     open.merge(guarded)
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
+        // On every route, present and future: unsafe methods and state-changing GETs
+        // from other sites' pages get 403 (inside `track`, so refusals are counted).
+        .layer(cross_site::CrossSiteLayer::new(opts.allowed_origins))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(move |mut req: Request, next: Next| {
@@ -192,24 +199,41 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(Secret(token)) = &st.auth {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
-            return ApiError::Unauthorized.into_response();
+/// The credentials of `Authorization: Bearer <token>`. The scheme is case-insensitive
+/// and may be followed by more than one space (RFC 9110 §11.1, §11.4).
+fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Whether a request may use a guarded route: always without `--auth-token`, else only
+/// with the token as a bearer credential (compared in constant time).
+pub(crate) fn authorized(auth: Option<&Secret>, headers: &HeaderMap) -> bool {
+    match auth {
+        None => true,
+        Some(Secret(token)) => {
+            bearer_token(headers).is_some_and(|given| same_secret(given, token.as_bytes()))
         }
+    }
+}
+
+async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if !authorized(st.auth.as_ref(), req.headers()) {
+        return ApiError::Unauthorized.into_response();
     }
     next.run(req).await
 }
 
 #[cfg(test)]
 mod tests {
-    use super::same_secret;
+    use super::*;
+    use axum::http::HeaderValue;
 
     #[test]
     fn secrets_compare_by_content_and_length() {
@@ -217,5 +241,33 @@ mod tests {
         assert!(!same_secret(b"abc", b"abd"));
         assert!(!same_secret(b"abc", b"abcd"));
         assert!(!same_secret(b"", b"a"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_must_match() {
+        let token = Secret("s3cret".to_string());
+        for (header, ok) in [
+            (Some("Bearer s3cret"), true),
+            (Some("bearer s3cret"), true),
+            (Some("BEARER s3cret"), true),
+            (Some("Bearer   s3cret"), true),
+            (Some("Bearer s3cret "), true),
+            (Some("Bearer wrong"), false),
+            (Some("Bearer s3cre"), false),
+            (Some("Bearers3cret"), false),
+            (Some("Bearer"), false),
+            (Some("Bearer "), false),
+            (Some("Basic s3cret"), false),
+            (Some("Token s3cret"), false),
+            (Some("s3cret"), false),
+            (None, false),
+        ] {
+            let mut h = HeaderMap::new();
+            if let Some(v) = header {
+                h.insert(header::AUTHORIZATION, HeaderValue::from_static(v));
+            }
+            assert_eq!(authorized(Some(&token), &h), ok, "{header:?}");
+            assert!(authorized(None, &h), "no token configured: {header:?}");
+        }
     }
 }

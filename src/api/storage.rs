@@ -16,7 +16,6 @@ use tokio::io::AsyncWriteExt;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::config::Secret;
 use crate::csv::datasets::{check_name, DatasetError};
 use crate::csv::job::KIND;
 use crate::jobs::model::{JobId, JobStatus, NewJob};
@@ -149,15 +148,8 @@ pub async fn compat_submit(
     };
     // Starting work is guarded like the other mutating routes (this route lives in the
     // open router so that unknown one-segment paths stay 404 rather than 401).
-    if let Some(Secret(token)) = &st.auth {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !given.is_some_and(|g| super::same_secret(g.as_bytes(), token.as_bytes())) {
-            return Err(ApiError::Unauthorized);
-        }
+    if !super::authorized(st.auth.as_ref(), &headers) {
+        return Err(ApiError::Unauthorized);
     }
     check_name(name)?;
     // A link or a directory is refused now. Like the other compatible routes, the job is

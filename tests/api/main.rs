@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod csv;
+mod edge;
 mod helpers;
 mod jobs;
 mod leases;

@@ -1,0 +1,434 @@
+//! Refuses state-changing requests sent by pages of other sites (CSRF): a browser sends
+//! them with the user's network position (this service usually listens on loopback
+//! without a token), so a page anywhere could otherwise stop the service or write data.
+//!
+//! Applied to the whole router, so new routes are covered: every request with an unsafe
+//! method (anything but GET, HEAD, OPTIONS), and GET/HEAD on the routes in
+//! `STATE_CHANGING_GETS`, is refused with 403 when `Sec-Fetch-Site` is present and
+//! neither `same-origin` nor `none`, or when `Origin` is present and is `null` or does not
+//! match the `Host` header, unless that origin was allowed with `--allowed-origin`.
+//! Requests with neither header (curl, scripts, non-browser clients) pass.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::{ready, Ready};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::error::ApiError;
+
+/// An origin allowed to send state-changing requests (`--allowed-origin`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedOrigin(Origin);
+
+impl FromStr for AllowedOrigin {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // A trailing slash is forgiven in configuration; browsers never send one.
+        let s = s.trim();
+        Origin::parse(s.strip_suffix('/').unwrap_or(s))
+            .map(AllowedOrigin)
+            .ok_or_else(|| {
+                format!("'{s}' is not an origin: expected http(s)://host[:port], e.g. https://dash.example.com")
+            })
+    }
+}
+
+impl fmt::Display for AllowedOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.0;
+        write!(f, "{}://{}:{}", o.scheme, o.host, o.port)
+    }
+}
+
+/// `scheme://host:port`, lower-cased, with the scheme's default port filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+impl Origin {
+    /// Parses the value of an `Origin` header (RFC 6454 serialization: no path).
+    fn parse(s: &str) -> Option<Origin> {
+        let (scheme, authority) = s.split_once("://")?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return None,
+        };
+        let (host, port) = split_authority(authority)?;
+        Some(Origin {
+            scheme,
+            host,
+            port: port.unwrap_or(default_port),
+        })
+    }
+
+    /// Whether this origin names the server the request was sent to. A `Host` without a
+    /// port stands for the origin scheme's default port (behind a TLS proxy, `https`).
+    fn matches_host(&self, host: &str) -> bool {
+        match split_authority(host) {
+            Some((h, port)) => h == self.host && port.unwrap_or(self.port) == self.port,
+            None => false,
+        }
+    }
+}
+
+/// `host[:port]` into a lower-cased host (IPv6 in brackets) and the port, if any.
+fn split_authority(s: &str) -> Option<(String, Option<u16>)> {
+    if s.is_empty() || s.contains(['/', '?', '#', '@', ' ']) {
+        return None;
+    }
+    let (host, port) = if s.starts_with('[') {
+        let end = s.find(']')?;
+        match &s[end + 1..] {
+            "" => (&s[..=end], None),
+            rest => (&s[..=end], Some(rest.strip_prefix(':')?)),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    if host.is_empty() || host.contains(':') && !host.starts_with('[') {
+        return None;
+    }
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok()?),
+        None => None,
+    };
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// Routes whose GET (and so HEAD, which axum routes to the GET handler) changes state, as
+/// matched path templates. `/{segment}` is the catch-all that serves `GET /csv_name=<file>`
+/// (its other paths answer 404, so refusing them costs nothing).
+const STATE_CHANGING_GETS: &[&str] = &["/api/graceful_shutdown", "/{segment}"];
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    FetchSite,
+    NullOrigin,
+    ForeignOrigin,
+    BadOrigin,
+}
+
+impl Refusal {
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::FetchSite => "cross-site request refused: Sec-Fetch-Site says the request comes from another site's page (see --allowed-origin)",
+            Refusal::NullOrigin => "cross-site request refused: 'Origin: null' (an opaque origin) may not change state",
+            Refusal::ForeignOrigin => "cross-origin request refused: the Origin header does not match the Host header (see --allowed-origin)",
+            Refusal::BadOrigin => "cross-origin request refused: the Origin header is not scheme://host[:port]",
+        }
+    }
+}
+
+/// The decision, apart from HTTP plumbing: `route` is the matched path template.
+fn check(
+    method: &Method,
+    route: Option<&str>,
+    headers: &HeaderMap,
+    allowed: &[AllowedOrigin],
+) -> Result<(), Refusal> {
+    let safe = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let changes_state = !safe
+        || (*method != Method::OPTIONS && route.is_some_and(|r| STATE_CHANGING_GETS.contains(&r)));
+    if !changes_state {
+        return Ok(());
+    }
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().map(str::trim));
+    let parsed = match origin {
+        None => None,
+        Some(Ok("null")) => return Err(Refusal::NullOrigin),
+        Some(Ok(v)) => Some(Origin::parse(v).ok_or(Refusal::BadOrigin)?),
+        Some(Err(_)) => return Err(Refusal::BadOrigin),
+    };
+    if let Some(o) = &parsed {
+        if allowed.iter().any(|a| a.0 == *o) {
+            return Ok(());
+        }
+    }
+    if let Some(site) = headers.get("sec-fetch-site") {
+        if !matches!(site.as_bytes(), b"same-origin" | b"none") {
+            return Err(Refusal::FetchSite);
+        }
+    }
+    if let Some(o) = &parsed {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        if !host.is_some_and(|h| o.matches_host(h.trim())) {
+            return Err(Refusal::ForeignOrigin);
+        }
+    }
+    Ok(())
+}
+
+/// The layer, applied with `Router::layer`. A plain tower layer rather than
+/// `middleware::from_fn`: the check is synchronous, so a request that passes costs no
+/// allocation (`from_fn` boxes a future and a service per request).
+#[derive(Clone)]
+pub struct CrossSiteLayer {
+    allowed: Arc<[AllowedOrigin]>,
+}
+
+impl CrossSiteLayer {
+    pub fn new(allowed: Vec<AllowedOrigin>) -> Self {
+        CrossSiteLayer {
+            allowed: allowed.into(),
+        }
+    }
+}
+
+impl<S> Layer<S> for CrossSiteLayer {
+    type Service = CrossSite<S>;
+
+    fn layer(&self, inner: S) -> CrossSite<S> {
+        CrossSite {
+            inner,
+            allowed: self.allowed.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CrossSite<S> {
+    inner: S,
+    allowed: Arc<[AllowedOrigin]>,
+}
+
+impl<S> Service<Request> for CrossSite<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str);
+        match check(req.method(), route, req.headers(), &self.allowed) {
+            Ok(()) => Either::Right(self.inner.call(req)),
+            Err(refusal) => {
+                tracing::warn!(
+                    method = %req.method(),
+                    route = route.unwrap_or("unmatched"),
+                    reason = ?refusal,
+                    "cross-site request refused"
+                );
+                Either::Left(ready(Ok(refused(&req, refusal))))
+            }
+        }
+    }
+}
+
+/// 403 in the shape of the route's API: `/api/*` answers `{"status": "error", "reason":
+/// ...}`, the rest problem+json.
+fn refused(req: &Request, refusal: Refusal) -> Response {
+    let reason = refusal.reason();
+    if req.uri().path().starts_with("/api/") {
+        super::compat::error(StatusCode::FORBIDDEN, reason)
+    } else {
+        ApiError::Forbidden(reason.to_string()).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            let name = axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+            h.insert(name, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    /// A request's method, matched route and headers, and the decision.
+    type Case<'a> = (
+        Method,
+        Option<&'a str>,
+        &'a [(&'a str, &'a str)],
+        Result<(), Refusal>,
+    );
+
+    #[test]
+    fn browsers_pages_of_other_sites_cannot_change_state() {
+        let allowed: Vec<AllowedOrigin> = vec!["https://dash.example:8443".parse().unwrap()];
+        let host = ("host", "127.0.0.1:5000");
+        use Refusal::*;
+        let cases: &[Case<'_>] = &[
+            // Non-browser clients send neither header.
+            (Method::POST, Some("/write"), &[host], Ok(())),
+            (Method::GET, Some("/api/graceful_shutdown"), &[host], Ok(())),
+            // Reads are never refused, whoever asks.
+            (
+                Method::GET,
+                Some("/v1/jobs"),
+                &[
+                    host,
+                    ("origin", "http://evil.example"),
+                    ("sec-fetch-site", "cross-site"),
+                ],
+                Ok(()),
+            ),
+            (
+                Method::OPTIONS,
+                Some("/api/graceful_shutdown"),
+                &[host, ("origin", "http://evil.example")],
+                Ok(()),
+            ),
+            // State-changing GETs and HEADs are.
+            (
+                Method::GET,
+                Some("/api/graceful_shutdown"),
+                &[host, ("origin", "http://evil.example")],
+                Err(ForeignOrigin),
+            ),
+            (
+                Method::HEAD,
+                Some("/api/graceful_shutdown"),
+                &[host, ("sec-fetch-site", "cross-site")],
+                Err(FetchSite),
+            ),
+            (
+                Method::GET,
+                Some("/{segment}"),
+                &[host, ("sec-fetch-site", "same-site")],
+                Err(FetchSite),
+            ),
+            // Unsafe methods on any route, matched or not.
+            (
+                Method::POST,
+                Some("/write"),
+                &[host, ("sec-fetch-site", "cross-site")],
+                Err(FetchSite),
+            ),
+            (
+                Method::DELETE,
+                None,
+                &[host, ("origin", "null")],
+                Err(NullOrigin),
+            ),
+            (
+                Method::POST,
+                Some("/v1/jobs"),
+                &[host, ("origin", "ftp://127.0.0.1:5000")],
+                Err(BadOrigin),
+            ),
+            (
+                Method::POST,
+                Some("/v1/jobs"),
+                &[host, ("origin", "http://127.0.0.1:5001")],
+                Err(ForeignOrigin),
+            ),
+            (
+                Method::POST,
+                Some("/v1/jobs"),
+                &[("origin", "http://127.0.0.1:5000")],
+                Err(ForeignOrigin),
+            ),
+            // The same origin, in any case, and what the browser itself marks as such.
+            (
+                Method::POST,
+                Some("/v1/jobs"),
+                &[
+                    host,
+                    ("origin", "http://127.0.0.1:5000"),
+                    ("sec-fetch-site", "same-origin"),
+                ],
+                Ok(()),
+            ),
+            (
+                Method::POST,
+                Some("/v1/jobs"),
+                &[
+                    ("host", "Tally.Example"),
+                    ("origin", "https://tally.example"),
+                ],
+                Ok(()),
+            ),
+            (
+                Method::POST,
+                Some("/v1/jobs"),
+                &[("host", "[::1]:5000"), ("origin", "http://[::1]:5000")],
+                Ok(()),
+            ),
+            (
+                Method::POST,
+                Some("/v1/jobs"),
+                &[host, ("sec-fetch-site", "none")],
+                Ok(()),
+            ),
+            // An allowed origin passes even though the browser says cross-site.
+            (
+                Method::POST,
+                Some("/v1/jobs"),
+                &[
+                    host,
+                    ("origin", "https://dash.example:8443"),
+                    ("sec-fetch-site", "cross-site"),
+                ],
+                Ok(()),
+            ),
+            (
+                Method::POST,
+                Some("/v1/jobs"),
+                &[host, ("origin", "http://dash.example:8443")],
+                Err(ForeignOrigin),
+            ),
+        ];
+        for (method, route, hs, expect) in cases {
+            let got = check(method, *route, &headers(hs), &allowed);
+            assert_eq!(got, *expect, "{method} {route:?} {hs:?}");
+        }
+    }
+
+    #[test]
+    fn allowed_origins_parse_or_name_the_problem() {
+        for (input, expect) in [
+            ("https://dash.example", Some("https://dash.example:443")),
+            (
+                "HTTP://Dash.Example:8080/",
+                Some("http://dash.example:8080"),
+            ),
+            ("http://[::1]:3000", Some("http://[::1]:3000")),
+            ("dash.example", None),
+            ("ftp://dash.example", None),
+            ("https://dash.example/app", None),
+            ("https://dash.example:99999", None),
+            ("https://", None),
+            ("https://user@dash.example", None),
+        ] {
+            let got = input.parse::<AllowedOrigin>().map(|o| o.to_string()).ok();
+            assert_eq!(got.as_deref(), expect, "{input}");
+        }
+        let err = "dash.example".parse::<AllowedOrigin>().unwrap_err();
+        assert!(err.contains("http(s)://host[:port]"), "{err}");
+    }
+}
