@@ -131,6 +131,7 @@ impl Application {
                 let queue: Arc<dyn JobQueue> = Arc::new(LocalQueue::new(
                     store.clone(),
                     cfg.queue_capacity as usize,
+                    cfg.worker_count(),
                     lease,
                     metrics.clone(),
                 ));

@@ -51,6 +51,7 @@ fn local(store: Arc<dyn Store>) -> Arc<dyn JobQueue> {
     Arc::new(LocalQueue::new(
         store,
         CAPACITY,
+        2,
         lease_options(),
         Arc::new(Metrics::new()),
     ))

@@ -113,6 +113,8 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/v1/jobs", get(v1::list))
         .route("/v1/jobs/stats", get(v1::stats))
+        .route("/v1/replicas", get(v1::replicas))
+        .route("/v1/queue", get(v1::queue))
         .route("/v1/jobs/{id}", get(v1::get))
         .route("/api/get_results/{id}", get(compat::get_results))
         .route("/api/jobs", get(compat::jobs))

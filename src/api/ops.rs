@@ -60,6 +60,11 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
     st.metrics
         .store_evictions
         .set(st.engine.store().evictions() as i64);
+    // The queue as a whole (every replica's, with Redis).
+    if let Ok(q) = st.engine.queue().stats().await {
+        st.metrics.queue_depth.set(q.waiting as i64);
+        st.metrics.queue_leased.set(q.leased as i64);
+    }
     let mut res = st.metrics.render().into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -238,3 +238,38 @@ pub async fn stats(State(st): State<AppState>) -> Result<Json<Value>, ApiError> 
         "in_progress": c.in_progress(),
     })))
 }
+
+/// `GET /v1/replicas`: the processes taking work from the queue (with Redis, every
+/// replica that reported within the last few lease periods; otherwise this process).
+pub async fn replicas(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let replicas = st.engine.queue().replicas().await?;
+    let now = crate::now_ms();
+    let list: Vec<Value> = replicas
+        .into_iter()
+        .map(|r| {
+            serde_json::json!({
+                "name": r.name,
+                "host": r.host,
+                "pid": r.pid,
+                "workers": r.workers,
+                "busy": r.busy,
+                "last_seen": rfc3339(r.last_seen_ms),
+                "seen_ms_ago": (now - r.last_seen_ms).max(0),
+                "this": r.this,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "store": st.engine.store().name(),
+        "replicas": list,
+    })))
+}
+
+/// `GET /v1/queue`: jobs waiting for a worker and jobs leased, on every replica.
+pub async fn queue(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let q = st.engine.queue().stats().await?;
+    Ok(Json(serde_json::json!({
+        "waiting": q.waiting,
+        "leased": q.leased,
+    })))
+}

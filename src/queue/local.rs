@@ -59,6 +59,8 @@ pub struct LocalQueue {
     metrics: Arc<Metrics>,
     opts: LeaseOptions,
     capacity: usize,
+    /// Worker threads of this process (for the replicas listing).
+    workers: usize,
     tx: crossbeam_channel::Sender<Item>,
     rx: crossbeam_channel::Receiver<Item>,
     slots: Arc<Semaphore>,
@@ -78,6 +80,7 @@ impl LocalQueue {
     pub fn new(
         store: Arc<dyn Store>,
         capacity: usize,
+        workers: usize,
         opts: LeaseOptions,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -87,6 +90,7 @@ impl LocalQueue {
             metrics,
             opts,
             capacity,
+            workers,
             tx,
             rx,
             slots: Arc::new(Semaphore::new(capacity)),
@@ -414,6 +418,18 @@ impl JobQueue for LocalQueue {
 
     fn waiting(&self) -> usize {
         self.rx.len()
+    }
+
+    async fn replicas(&self) -> Result<Vec<super::Replica>, StoreError> {
+        Ok(vec![super::Replica {
+            name: "local".into(),
+            host: super::hostname(),
+            pid: std::process::id(),
+            workers: self.workers as u32,
+            busy: self.leases.lock().len() as u32,
+            last_seen_ms: crate::now_ms(),
+            this: true,
+        }])
     }
 
     async fn stats(&self) -> Result<super::QueueStats, StoreError> {

@@ -63,6 +63,22 @@ pub enum Renewal {
     Cancelled,
 }
 
+/// A process taking work from the queue, as the queue knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// Its consumer name (host, pid and random bits; unique per process start).
+    pub name: String,
+    pub host: String,
+    pub pid: u32,
+    pub workers: u32,
+    /// Workers inside a job when it last reported.
+    pub busy: u32,
+    /// When it last reported (ms since epoch).
+    pub last_seen_ms: i64,
+    /// True for the process answering.
+    pub this: bool,
+}
+
 /// The size of a queue, for `/metrics` and the dashboard.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QueueStats {
@@ -158,6 +174,10 @@ pub trait JobQueue: Send + Sync + 'static {
     /// The queue as a whole: jobs waiting and jobs leased (on every replica).
     async fn stats(&self) -> Result<QueueStats, StoreError>;
 
+    /// The processes taking work from this queue, this one included (an in-process
+    /// queue has only this one).
+    async fn replicas(&self) -> Result<Vec<Replica>, StoreError>;
+
     /// True when only this process's workers ever run the jobs it queues (the jobs
     /// admitted here are then tracked from their admission).
     fn is_local(&self) -> bool;
@@ -186,4 +206,13 @@ pub fn gave_up(attempts: impl std::fmt::Display) -> String {
         "gave up after {attempts} attempts: each one's lease expired before it finished \
          (its worker died or stalled)"
     )
+}
+
+/// This machine's name, as processes report it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }

@@ -51,7 +51,8 @@ use crate::jobs::model::{
 };
 use crate::metrics::Metrics;
 use crate::queue::{
-    Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Reclaimed, Renewal,
+    hostname, Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Reclaimed, Renewal,
+    Replica,
 };
 
 const STORE: &str = "redis";
@@ -688,14 +689,6 @@ fn to_record(
     })
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "tally".into())
-}
-
 #[async_trait]
 impl Store for RedisStore {
     async fn submit(&self, job: &NewJob, _now_ms: i64) -> Result<JobId, StoreError> {
@@ -1098,6 +1091,34 @@ impl JobQueue for RedisStore {
 
     fn waiting(&self) -> usize {
         self.inner.ready_rx.len()
+    }
+
+    async fn replicas(&self) -> Result<Vec<Replica>, StoreError> {
+        let mut c = self.conn();
+        let names: Vec<(String, f64)> =
+            self.seen(c.zrange_withscores(key("replicas"), 0, -1).await)?;
+        let mut p = redis::pipe();
+        for (name, _) in &names {
+            p.hgetall(replica_key(name));
+        }
+        let infos: Vec<std::collections::HashMap<String, String>> =
+            self.seen(p.query_async(&mut c).await)?;
+        Ok(names
+            .into_iter()
+            .zip(infos)
+            .map(|((name, seen), info)| {
+                let num = |k: &str| info.get(k).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+                Replica {
+                    this: name == self.inner.consumer,
+                    host: info.get("host").cloned().unwrap_or_default(),
+                    pid: num("pid"),
+                    workers: num("workers"),
+                    busy: num("busy"),
+                    last_seen_ms: seen as i64,
+                    name,
+                }
+            })
+            .collect())
     }
 
     async fn stats(&self) -> Result<crate::queue::QueueStats, StoreError> {
