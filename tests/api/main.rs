@@ -10,6 +10,9 @@ mod leases;
 mod load_write;
 mod ops;
 mod pipeline;
+mod redis;
+#[path = "../support/redis_server.rs"]
+mod redis_server;
 mod series;
 mod shutdown;
 mod sources;

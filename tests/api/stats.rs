@@ -35,6 +35,12 @@ fn assert_close(got: &Value, want: &Value, ordered: bool, ctx: &str) {
 #[tokio::test]
 async fn every_route_matches_pandas_on_health_csv() {
     let app = TestApp::spawn().await;
+    check_every_route_against_pandas(&app).await;
+    app.stop().await;
+}
+
+/// Every route on every question (and every state) of health.csv, submitted at once.
+pub async fn check_every_route_against_pandas(app: &TestApp) {
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("health_expected.json")).unwrap())
             .unwrap();
@@ -88,7 +94,6 @@ async fn every_route_matches_pandas_on_health_csv() {
         assert_eq!(res["status"], "done", "{ctx}: {res}");
         assert_close(&res["data"], &want, ordered, &ctx);
     }
-    app.stop().await;
 }
 
 const Q1: &str = "Percent of adults aged 18 years and older who have obesity";
