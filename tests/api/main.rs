@@ -11,8 +11,10 @@ mod load_write;
 mod ops;
 mod pipeline;
 mod redis;
+mod redis_faults;
 #[path = "../support/redis_server.rs"]
 mod redis_server;
+mod replicas;
 mod series;
 mod shutdown;
 mod sources;

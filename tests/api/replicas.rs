@@ -1,0 +1,160 @@
+//! Several `tally serve` processes on one Redis: jobs submitted round-robin all end
+//! once, with the right result, while one replica is killed (-9) and another stalls
+//! (SIGSTOP past its lease, then SIGCONT: its late outcomes are refused); every replica
+//! gives the same answers and the same counters.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use serde_json::{json, Value};
+
+use crate::helpers::{metric, Proc, ProcClient};
+use crate::redis_server::RedisServer;
+
+const JOBS: usize = 5000;
+/// Each job sleeps this long (checkpointing), so that many are running at any moment.
+const JOB_MS: u64 = 15;
+
+fn start_replica(dir: &std::path::Path, url: &str) -> Proc {
+    Proc::start(
+        dir,
+        &[
+            "--store",
+            url,
+            "--workers",
+            "4",
+            "--lease-ms",
+            "1000",
+            "--queue-capacity",
+            "100000",
+            "--log-level",
+            "warn,tally::app=info",
+        ],
+    )
+}
+
+async fn metric_of(c: &ProcClient, name: &str) -> f64 {
+    let (_, page) = c.get("/metrics").await;
+    metric(page.as_str().unwrap_or(""), name).unwrap_or(0.0)
+}
+
+/// Every job on one replica, by id, through its paged listing.
+async fn all_jobs(c: &ProcClient) -> HashMap<String, Value> {
+    let mut out = HashMap::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(cur) => format!("/v1/jobs?limit=1000&cursor={cur}"),
+            None => "/v1/jobs?limit=1000".to_string(),
+        };
+        let (_, page) = c.get(&path).await;
+        for j in page["jobs"].as_array().unwrap() {
+            out.insert(j["id"].as_str().unwrap().to_string(), j.clone());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => return out,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_redis_finish_every_job_once_through_a_kill_and_a_stall() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let procs: Vec<Proc> = (0..3).map(|_| start_replica(dir.path(), &url)).collect();
+    let clients: Vec<ProcClient> = procs.iter().map(Proc::client).collect();
+
+    // Submit round-robin, 32 at a time.
+    let submitted: Vec<(String, usize)> = stream::iter(0..JOBS)
+        .map(|n| {
+            let c = clients[n % 3].clone();
+            async move {
+                let id = c.submit("test.echo", json!({ "n": n, "ms": JOB_MS })).await;
+                (id, n)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let expected: HashMap<String, usize> = submitted.into_iter().collect();
+    assert_eq!(expected.len(), JOBS, "every id is distinct");
+
+    let mut procs = procs.into_iter();
+    let (p0, p1, p2) = (
+        procs.next().unwrap(),
+        procs.next().unwrap(),
+        procs.next().unwrap(),
+    );
+    // Replica 2 stalls past its lease while running jobs: the others take its jobs over
+    // (the first reclaims can only be its own: nothing else has expired), then it wakes.
+    clients[2]
+        .wait_until("replica 2 to be running jobs", async |c| {
+            metric_of(c, "tally_busy_workers").await > 0.0
+        })
+        .await;
+    p2.signal(libc::SIGSTOP);
+    let (c0, c1) = (clients[0].clone(), clients[1].clone());
+    c0.wait_until(
+        "the others to reclaim the stalled replica's jobs",
+        async |c| {
+            metric_of(c, "tally_queue_reclaims_total").await
+                + metric_of(&c1, "tally_queue_reclaims_total").await
+                > 0.0
+        },
+    )
+    .await;
+    p2.signal(libc::SIGCONT);
+    // Replica 1 dies with jobs in its hands.
+    clients[1]
+        .wait_until("replica 1 to be running jobs", async |c| {
+            metric_of(c, "tally_busy_workers").await > 0.0
+        })
+        .await;
+    p1.kill9();
+
+    // Everything ends.
+    let live = [&clients[0], &clients[2]];
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, stats) = live[0].get("/v1/jobs/stats").await;
+        if stats["done"] == json!(JOBS) && stats["in_progress"] == json!(0) {
+            break;
+        }
+        assert!(Instant::now() < until, "not everything finished: {stats}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every job done once, with its own result; both live replicas agree on everything.
+    let views = [all_jobs(live[0]).await, all_jobs(live[1]).await];
+    assert_eq!(views[0].len(), JOBS);
+    let mut reran = 0;
+    for (id, n) in &expected {
+        let job = &views[0][id];
+        assert_eq!(job["status"], "done", "{job}");
+        assert_eq!(job["result"], json!({ "n": n, "ms": JOB_MS }), "{job}");
+        let attempts = job["attempts"].as_u64().unwrap();
+        assert!(attempts >= 1, "{job}");
+        if attempts > 1 {
+            reran += 1;
+        }
+        assert_eq!(job, &views[1][id], "replicas disagree on {id}");
+    }
+    assert!(
+        reran > 0,
+        "the dead and the stalled replicas' jobs ran again"
+    );
+    for path in ["/v1/jobs/stats", "/api/num_jobs", "/storage/get_counter"] {
+        assert_eq!(live[0].get(path).await, live[1].get(path).await, "{path}");
+    }
+    // The stalled replica's late outcomes were refused, not recorded.
+    let fenced = metric_of(live[1], "tally_queue_fenced_total").await;
+    assert!(
+        fenced > 0.0,
+        "no late outcome of the stalled replica was refused"
+    );
+    eprintln!("{JOBS} jobs: {reran} ran more than once; {fenced} stale outcomes refused");
+    drop((p0, p2));
+}
