@@ -158,3 +158,68 @@ async fn replicas_on_one_redis_finish_every_job_once_through_a_kill_and_a_stall(
     eprintln!("{JOBS} jobs: {reran} ran more than once; {fenced} stale outcomes refused");
     drop((p0, p2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_told_to_stop_hands_its_jobs_to_the_others_at_once() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    // Leases far longer than the test's patience: a job another replica picks up in time
+    // was handed back, not reclaimed after its lease expired.
+    let args = |workers: &'static str| {
+        vec![
+            "--store".to_string(),
+            url.clone(),
+            "--workers".into(),
+            workers.into(),
+            "--lease-ms".into(),
+            "120000".into(),
+            "--shutdown-timeout".into(),
+            "1".into(),
+        ]
+    };
+    let a_args = args("2");
+    let a = Proc::start(
+        dir.path(),
+        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let ca = a.client();
+    // A takes two long jobs; nobody else is there yet.
+    let long: Vec<String> = {
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            ids.push(ca.submit("test.sleep", json!({ "ms": 600_000 })).await);
+        }
+        ids
+    };
+    for id in &long {
+        ca.wait_until("A to run its job", async |c| {
+            c.status_of(id).await == "running"
+        })
+        .await;
+    }
+    let b_args = args("2");
+    let b = Proc::start(
+        dir.path(),
+        &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let cb = b.client();
+    a.signal(libc::SIGTERM);
+    let (status, _) = a.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    // B runs them now, as the same attempt (a hand-back does not count one).
+    for id in &long {
+        cb.wait_until("B to take over the handed-back job", async |c| {
+            let (_, job) = c.get(&format!("/v1/jobs/{id}")).await;
+            job["status"] == "running" && job["attempts"] == 1
+        })
+        .await;
+    }
+    let (_, replicas) = cb.get("/v1/replicas").await;
+    assert_eq!(
+        replicas["replicas"].as_array().unwrap().len(),
+        1,
+        "A left the replicas list as it stopped: {replicas}"
+    );
+    drop(b);
+}
