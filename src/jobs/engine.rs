@@ -427,6 +427,10 @@ impl Engine {
     /// moment it is true instead of "running" now and a new poll later (long polling).
     pub async fn wait_finished(&self, id: JobId, hold: Duration) {
         let Some(live) = self.inner.live.lock().get(&id).cloned() else {
+            // Not here: on a shared queue it may run on another replica.
+            if !self.inner.queue.is_local() {
+                self.inner.queue.wait_finished(id, hold).await;
+            }
             return;
         };
         let gone = live.gone.notified();

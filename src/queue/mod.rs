@@ -171,6 +171,11 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Jobs waiting for a worker (as far as this process can tell cheaply).
     fn waiting(&self) -> usize;
 
+    /// Waits up to `hold` for a job that runs elsewhere to finish (long polling across
+    /// replicas); returns at once when it finished already. Queues whose jobs all run in
+    /// this process keep the default (the engine knows their jobs' ends itself).
+    async fn wait_finished(&self, _id: JobId, _hold: Duration) {}
+
     /// The queue as a whole: jobs waiting and jobs leased (on every replica).
     async fn stats(&self) -> Result<QueueStats, StoreError>;
 

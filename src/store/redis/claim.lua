@@ -1,23 +1,34 @@
--- Leases the next job to a consumer. ARGV: consumer, lease_ms, id ('' = take the oldest
--- waiting job; else the id a blocking move put in the consumer's in-flight list, KEYS[15]).
--- Returns {id, attempt, kind, params, base}, or {} when there was nothing to run (an empty
--- queue, or a job cancelled while it waited).
-local consumer, lease_ms, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+-- Leases jobs to a consumer. ARGV: consumer, lease_ms, id, count. With id '' it takes up
+-- to `count` of the oldest waiting jobs; else the one id a blocking move put in the
+-- consumer's in-flight list (KEYS[15]). Returns a flat list, five fields per leased job:
+-- id, attempt, kind, params, base (attempts before its last retry). Jobs cancelled while
+-- they waited are skipped.
+local consumer, lease_ms, id, count = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local ids
 if id == '' then
-  id = redis.call('RPOP', K_WAIT)
-  if not id then return {} end
+  ids = redis.call('RPOP', K_WAIT, count)
+  if not ids then return {} end
 else
   redis.call('LREM', KEYS[15], 1, id)
+  ids = { id }
 end
-local r = load(id)
-if not r or r.s ~= 'queued' then return {} end
 local now = now_ms()
-r.a = (r.a or 0) + 1
-r.st = now
-r.o = consumer
-local from = r.s
-r.s = 'running'
-save(id, r)
-redis.call('ZADD', K_LEASES, now + lease_ms, id)
-move(id, from, 'running')
-return { tonumber(id), r.a, r.k, redis.call('HGET', K_PARAMS, id) or '{}', r.b or 0 }
+local out = {}
+for _, jid in ipairs(ids) do
+  local r = load(jid)
+  if r and r.s == 'queued' then
+    r.a = (r.a or 0) + 1
+    r.st = now
+    r.o = consumer
+    r.s = 'running'
+    save(jid, r)
+    redis.call('ZADD', K_LEASES, now + lease_ms, jid)
+    move(jid, 'queued', 'running')
+    out[#out + 1] = tonumber(jid)
+    out[#out + 1] = r.a
+    out[#out + 1] = r.k
+    out[#out + 1] = redis.call('HGET', K_PARAMS, jid) or '{}'
+    out[#out + 1] = r.b or 0
+  end
+end
+return out

@@ -56,6 +56,8 @@ use crate::queue::{
 };
 
 const STORE: &str = "redis";
+/// Where the scripts announce finished jobs (see `prelude.lua`).
+const FINISHED_CHANNEL: &str = "{tally}:finished";
 const PREFIX: &str = "{tally}:";
 
 /// Keys in the order every script expects them (see `prelude.lua`).
@@ -204,8 +206,10 @@ struct Inner {
     /// Claimed jobs handed to worker threads.
     ready_tx: crossbeam_channel::Sender<Lease>,
     ready_rx: crossbeam_channel::Receiver<Lease>,
-    /// Worker threads waiting in `claim`: the fetcher claims only while more of them
-    /// wait than there are leases ready for them (no hoarding of jobs).
+    /// Claims asked for by worker threads and not yet served: a worker adds one when it
+    /// starts waiting, the fetcher takes one off for each lease it hands over (so a
+    /// lease in transit is never counted as still wanted), and a worker that gives up
+    /// waiting takes its own back if it is still there.
     wanting: std::sync::atomic::AtomicUsize,
     /// Wakes the fetcher when a worker starts waiting.
     want: tokio::sync::Notify,
@@ -214,6 +218,9 @@ struct Inner {
     tasks: TaskTracker,
     expired: AtomicU64,
     runtime: tokio::runtime::Handle,
+    /// Polls waiting for a job to finish anywhere (see `wait_finished`), woken by the
+    /// finished-jobs channel.
+    waiters: Mutex<std::collections::HashMap<JobId, (Arc<tokio::sync::Notify>, usize)>>,
     /// Outcomes sent from worker threads and not yet answered: `flush` waits for them.
     in_flight: std::sync::atomic::AtomicUsize,
     settled: tokio::sync::Notify,
@@ -290,6 +297,7 @@ impl RedisStore {
                 tasks: TaskTracker::new(),
                 expired: AtomicU64::new(0),
                 runtime: tokio::runtime::Handle::current(),
+                waiters: Mutex::new(std::collections::HashMap::new()),
                 in_flight: std::sync::atomic::AtomicUsize::new(0),
                 settled: tokio::sync::Notify::new(),
                 opts,
@@ -299,6 +307,7 @@ impl RedisStore {
         tracing::info!(consumer = %me.inner.consumer, "joined the redis queue");
         me.inner.tasks.spawn(me.clone().fetch());
         me.inner.tasks.spawn(me.clone().housekeeping());
+        me.inner.tasks.spawn(me.clone().listen_finished());
         Ok(me)
     }
 
@@ -374,7 +383,16 @@ impl RedisStore {
             .await
     }
 
-    /// The fetcher: claims a job whenever a worker waits for one, and hands it over.
+    /// How many leases the fetcher should claim now: one per waiting worker not yet
+    /// served. Nothing is fetched ahead: a claimed job is `running` to every reader, so
+    /// it is claimed only when a worker is there to run it.
+    fn wanted(&self) -> usize {
+        self.inner.wanting.load(Ordering::SeqCst)
+    }
+
+    /// The fetcher: claims jobs for the waiting workers, in one batch per round trip,
+    /// and hands them over. (Measured: one claim in flight per waiting worker instead
+    /// was slower, 6.5-6.8k against 6.9-7.6k jobs/s, in alternating runs.)
     async fn fetch(self) {
         let inner = &self.inner;
         // Blocking moves wait on a connection of their own, so they never hold up other
@@ -382,7 +400,8 @@ impl RedisStore {
         let mut blocking: Option<redis::aio::MultiplexedConnection> = None;
         let mut backoff = Duration::from_millis(50);
         loop {
-            while inner.wanting.load(Ordering::SeqCst) <= inner.ready_rx.len() {
+            // Nothing to do while every waiting worker has a lease ready.
+            while self.wanted() == 0 {
                 tokio::select! {
                     _ = inner.want.notified() => {}
                     _ = inner.stop.cancelled() => return,
@@ -394,20 +413,28 @@ impl RedisStore {
                 return;
             }
             let claimed = tokio::select! {
-                c = self.claim_one(&mut blocking) => c,
+                c = self.claim_some(self.wanted(), &mut blocking) => c,
                 _ = inner.stop.cancelled() => return,
             };
             match claimed {
-                Ok(Some(lease)) => {
+                Ok(leases) => {
                     backoff = Duration::from_millis(50);
-                    if inner.closed.load(Ordering::SeqCst) {
-                        // Closed meanwhile: straight back to the queue.
-                        let _ = self.release_lease(lease.id, lease.attempt).await;
-                        return;
+                    for lease in leases {
+                        if inner.closed.load(Ordering::SeqCst) {
+                            // Closed meanwhile: straight back to the queue.
+                            let _ = self.release_lease(lease.id, lease.attempt).await;
+                            continue;
+                        }
+                        // This worker's claim is served.
+                        let _ =
+                            inner
+                                .wanting
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                                    w.checked_sub(1)
+                                });
+                        let _ = inner.ready_tx.send(lease);
                     }
-                    let _ = inner.ready_tx.send(lease);
                 }
-                Ok(None) => {}
                 Err(e) => {
                     blocking = None;
                     tracing::debug!(error = %e, "claim failed; backing off");
@@ -421,15 +448,26 @@ impl RedisStore {
         }
     }
 
-    /// One claim: the oldest waiting job at once, else the next one to arrive within a
-    /// second (`Ok(None)` when none did).
-    async fn claim_one(
+    /// Up to `n` of the oldest waiting jobs at once; when there are none, the next one to
+    /// arrive within a second (none if nothing did).
+    async fn claim_some(
+        &self,
+        n: usize,
+        blocking: &mut Option<redis::aio::MultiplexedConnection>,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let got = self.claim_script("", n.max(1)).await?;
+        if !got.is_empty() {
+            return Ok(got);
+        }
+        self.claim_blocking(blocking).await
+    }
+
+    /// The next job to arrive within a second, moved to this consumer's in-flight list by
+    /// a blocking move, then leased.
+    async fn claim_blocking(
         &self,
         blocking: &mut Option<redis::aio::MultiplexedConnection>,
-    ) -> Result<Option<Lease>, StoreError> {
-        if let Some(l) = self.claim_script("").await? {
-            return Ok(Some(l));
-        }
+    ) -> Result<Vec<Lease>, StoreError> {
         if blocking.is_none() {
             let cfg = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(self.inner.opts.response_timeout))
@@ -444,7 +482,7 @@ impl RedisStore {
             *blocking = Some(self.seen(c)?);
         }
         let Some(c) = blocking.as_mut() else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         let moved: Option<String> = self.seen(
             redis::cmd("BLMOVE")
@@ -457,21 +495,19 @@ impl RedisStore {
                 .await,
         )?;
         match moved {
-            Some(id) => self.claim_script(&id).await,
-            None => Ok(None),
+            Some(id) => self.claim_script(&id, 1).await,
+            None => Ok(Vec::new()),
         }
     }
 
-    async fn claim_script(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+    async fn claim_script(&self, id: &str, count: usize) -> Result<Vec<Lease>, StoreError> {
         let mut inv = self.invocation(&self.inner.scripts.claim);
         inv.key(inflight_key(&self.inner.consumer))
             .arg(&self.inner.consumer)
             .arg(self.inner.opts.lease.lease.as_millis() as u64)
-            .arg(id);
+            .arg(id)
+            .arg(count);
         let raw: Vec<redis::Value> = self.seen(inv.invoke_async(&mut self.conn()).await)?;
-        if raw.len() < 5 {
-            return Ok(None);
-        }
         let int = |v: &redis::Value| -> u64 {
             match v {
                 redis::Value::Int(n) => (*n).max(0) as u64,
@@ -485,14 +521,63 @@ impl RedisStore {
                 _ => String::new(),
             }
         };
-        let params = serde_json::from_str(&text(&raw[3])).unwrap_or(serde_json::Value::Null);
-        Ok(Some(Lease {
-            id: JobId(int(&raw[0])),
-            attempt: int(&raw[1]) as u32,
-            kind: text(&raw[2]),
-            params,
-            retry_base: int(&raw[4]) as u32,
-        }))
+        Ok(raw
+            .chunks_exact(5)
+            .map(|f| Lease {
+                id: JobId(int(&f[0])),
+                attempt: int(&f[1]) as u32,
+                kind: text(&f[2]),
+                params: serde_json::from_str(&text(&f[3])).unwrap_or(serde_json::Value::Null),
+                retry_base: int(&f[4]) as u32,
+            })
+            .collect())
+    }
+
+    /// Wakes the polls waiting for jobs that finished (on any replica), from the channel
+    /// the scripts publish to. Reconnects with backoff; a poll whose wake-up is lost
+    /// still ends at its hold time.
+    async fn listen_finished(self) {
+        use futures_util::StreamExt;
+        let inner = &self.inner;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let subscribed = async {
+                let mut ps = inner.client.get_async_pubsub().await?;
+                ps.subscribe(FINISHED_CHANNEL).await?;
+                Ok::<_, redis::RedisError>(ps)
+            };
+            let ps = tokio::select! {
+                r = subscribed => r,
+                _ = inner.stop.cancelled() => return,
+            };
+            match ps {
+                Ok(ps) => {
+                    backoff = Duration::from_millis(100);
+                    let mut messages = ps.into_on_message();
+                    loop {
+                        let msg = tokio::select! {
+                            m = messages.next() => m,
+                            _ = inner.stop.cancelled() => return,
+                        };
+                        let Some(msg) = msg else { break };
+                        let id = std::str::from_utf8(msg.get_payload_bytes())
+                            .ok()
+                            .and_then(|s| s.parse::<u64>().ok());
+                        if let Some(id) = id {
+                            if let Some((n, _)) = inner.waiters.lock().get(&JobId(id)) {
+                                n.notify_waiters();
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "subscribing to finished jobs failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = inner.stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
     }
 
     /// Heartbeat, expiry of finished jobs, and recovery of dead consumers' in-flight ids:
@@ -957,11 +1042,21 @@ impl JobQueue for RedisStore {
         }
         self.inner.wanting.fetch_add(1, Ordering::SeqCst);
         self.inner.want.notify_one();
-        let got = self.inner.ready_rx.recv_timeout(wait);
-        self.inner.wanting.fetch_sub(1, Ordering::SeqCst);
-        match got {
+        match self.inner.ready_rx.recv_timeout(wait) {
             Ok(lease) => Ok(Some(lease)),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                // Take our claim back; if the fetcher already served it, the lease is
+                // on its way: take it.
+                let withdrawn = self
+                    .inner
+                    .wanting
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1))
+                    .is_ok();
+                if !withdrawn {
+                    if let Ok(lease) = self.inner.ready_rx.recv_timeout(Duration::from_secs(5)) {
+                        return Ok(Some(lease));
+                    }
+                }
                 if self.inner.closed.load(Ordering::SeqCst) {
                     Err(Closed)
                 } else {
@@ -1091,6 +1186,41 @@ impl JobQueue for RedisStore {
 
     fn waiting(&self) -> usize {
         self.inner.ready_rx.len()
+    }
+
+    async fn wait_finished(&self, id: JobId, hold: Duration) {
+        if hold.is_zero() {
+            return;
+        }
+        let notify = {
+            let mut w = self.inner.waiters.lock();
+            let e = w
+                .entry(id)
+                .or_insert_with(|| (Arc::new(tokio::sync::Notify::new()), 0));
+            e.1 += 1;
+            e.0.clone()
+        };
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        // Finished already (or unknown): no wait.
+        let open = matches!(
+            self.state(id).await,
+            Ok(Some(JobState {
+                status: JobStatus::Queued | JobStatus::Running,
+                ..
+            }))
+        );
+        if open {
+            let _ = tokio::time::timeout(hold, woken).await;
+        }
+        let mut w = self.inner.waiters.lock();
+        if let Some(e) = w.get_mut(&id) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                w.remove(&id);
+            }
+        }
     }
 
     async fn replicas(&self) -> Result<Vec<Replica>, StoreError> {

@@ -44,7 +44,10 @@ local function move(id, from, to)
   redis.call('ZADD', ST[to], id, id)
 end
 
--- A final state: the lease goes, the job expires after ttl_ms.
+-- Every replica listens here to answer long polls of jobs that finished anywhere.
+local FINISHED_CHANNEL = '{tally}:finished'
+
+-- A final state: the lease goes, the job expires after ttl_ms, listeners hear of it.
 local function finish(id, r, status, now, ttl_ms)
   local from = r.s
   r.s = status
@@ -54,4 +57,5 @@ local function finish(id, r, status, now, ttl_ms)
   redis.call('ZREM', K_LEASES, id)
   redis.call('ZADD', K_EXPIRY, now + ttl_ms, id)
   move(id, from, status)
+  redis.call('PUBLISH', FINISHED_CHANNEL, id)
 end
