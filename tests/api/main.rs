@@ -2,6 +2,7 @@
 //! when signals and crashes are involved) and talks HTTP to it.
 
 mod bad_input;
+mod browser;
 mod csv;
 mod edge;
 mod helpers;
@@ -15,3 +16,4 @@ mod shutdown;
 mod sources;
 mod stats;
 mod store_failures;
+mod webdriver;

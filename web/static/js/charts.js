@@ -40,9 +40,11 @@ export function timeChart(el, labels, { height = 240, unit = "", points = false 
   const resize = new ResizeObserver(() => plot.setSize({ width: width(), height }));
   resize.observe(el);
   return {
-    setData(d) {
+    /** `x`: [min, max] of the x axis (seconds); default: the data's. */
+    setData(d, x) {
       data = d;
-      plot.setData(d);
+      plot.setData(d, !x);
+      if (x) plot.setScale("x", { min: x[0], max: x[1] });
     },
     data: () => data,
     destroy() {

@@ -18,6 +18,7 @@ function mountList(main, params) {
   let cursor = "";
   let next = null;
   let busy = false;
+  let again = false;
 
   const kindSel = h("select", { id: "filter-kind", name: "kind" }, h("option", { value: "" }, "any kind"));
   const statusSel = h(
@@ -62,7 +63,7 @@ function mountList(main, params) {
     h(
       "table",
       { class: "jobs" },
-      h("thead", {}, h("tr", {}, ...["Id", "Kind", "Status", "Submitted", "Started", "Finished", "Attempts"].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ...["Id", "Kind", "Status", "Submitted", "Started", "Finished", "Attempts"].map((t, i) => h("th", { class: i === 6 ? "num" : "" }, t)))),
       rows,
     ),
     h("div", { class: "pager" }, newer, older),
@@ -79,8 +80,12 @@ function mountList(main, params) {
   bulkRetry.disabled = !retryable;
 
   async function load() {
-    if (busy) return;
+    if (busy) {
+      again = true;
+      return;
+    }
     busy = true;
+    again = false;
     try {
       const page = await get(`/v1/jobs${query({ status, kind, limit: PAGE, cursor })}`);
       next = page.next_cursor;
@@ -109,6 +114,7 @@ function mountList(main, params) {
     } finally {
       busy = false;
     }
+    if (again) load();
   }
 
   older.addEventListener("click", () => {

@@ -45,7 +45,7 @@ export function mount(main) {
       h(
         "table",
         {},
-        h("thead", {}, h("tr", {}, ...["Kind", "Submitted", "Done", "Failed", "Cancelled", "p50", "p99"].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ...["Kind", "Submitted", "Done", "Failed", "Cancelled", "p50", "p99"].map((t, i) => h("th", { class: i ? "num" : "" }, t)))),
         kinds,
       ),
     ),
@@ -56,7 +56,7 @@ export function mount(main) {
       h(
         "table",
         {},
-        h("thead", {}, h("tr", {}, ...["Name", "Host", "PID", "Workers", "Busy", "Last seen", "State"].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ...["Name", "Host", "PID", "Workers", "Busy", "Last seen", "State"].map((t, i) => h("th", { class: i >= 2 && i <= 4 ? "num" : "" }, t)))),
         replicas,
       ),
     ),

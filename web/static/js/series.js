@@ -41,7 +41,7 @@ export function mount(main, route) {
         "section",
         { class: "card list" },
         h("h2", {}, "All series"),
-        h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Points"), h("th", {}, "Last"))), list),
+        h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", { class: "num" }, "Points"))), list),
         more,
       ),
       view,
@@ -58,14 +58,13 @@ export function mount(main, route) {
           "tr",
           { class: s.name === name ? "selected" : "" },
           h("td", {}, h("a", { href: `#/series/${encodeURIComponent(s.name)}` }, s.name)),
-          h("td", { class: "num" }, fmtNum(s.points)),
-          h("td", {}, s.last ? fmtTime(s.last) : "–"),
+          h("td", { class: "num", title: s.last ? `last point ${fmtTime(s.last)}` : "" }, fmtNum(s.points)),
         ),
       );
       if (append) list.append(...rows);
-      else fill(list, rows.length ? rows : h("tr", {}, h("td", { colspan: 3, class: "empty" }, "No series yet: write some points (POST /write).")));
+      else fill(list, rows.length ? rows : h("tr", {}, h("td", { colspan: 2, class: "empty" }, "No series yet: write some points (POST /write).")));
     } catch (e) {
-      fill(list, h("tr", {}, h("td", { colspan: 3, class: "notice error" }, e instanceof ApiError ? e.explain() : String(e))));
+      fill(list, h("tr", {}, h("td", { colspan: 2, class: "notice error" }, e instanceof ApiError ? e.explain() : String(e))));
     }
   }
   more.addEventListener("click", () => loadList(true));
@@ -143,6 +142,8 @@ function seriesView(view, name) {
 
   const chart = timeChart(chartEl, [name], { points: true });
   let loading = false;
+  // A change while a load is in flight loads again once it is done.
+  let again = false;
 
   function params() {
     const range = RANGES.find(([v]) => v === rangeSel.value);
@@ -157,14 +158,27 @@ function seriesView(view, name) {
   }
 
   async function load() {
-    if (loading) return;
+    if (loading) {
+      again = true;
+      return;
+    }
     loading = true;
+    again = false;
     try {
-      const r = await get(`/v1/series/${encodeURIComponent(name)}${query(params())}`);
+      const q = query(params());
+      const r = await get(`/v1/series/${encodeURIComponent(name)}${q}`);
       notice(info, "");
       const pts = r.points;
-      chart.setData([pts.map((p) => p.t / 1000), pts.map((p) => p.v)]);
+      // The x axis spans the range asked for (or the points, padded by a step).
+      const p = params();
+      const pad = Number(p.step) || 60e3;
+      const lo = p.from ?? (pts.length ? pts[0].t - pad : Date.now() - 3600e3);
+      const hi = p.to ?? (p.from !== undefined ? Date.now() : pts.length ? pts[pts.length - 1].t + pad : Date.now());
+      chart.setData([pts.map((q) => q.t / 1000), pts.map((q) => q.v)], [lo / 1000, hi / 1000]);
       chartEl.dataset.points = String(pts.length);
+      // What the chart shows, for whoever checks it (the step and aggregate).
+      chartEl.dataset.step = r.step ?? "";
+      chartEl.dataset.agg = r.agg ?? "";
       setText("series-count", `(${pts.length}${pts.length > TABLE_ROWS ? `, the last ${TABLE_ROWS} below` : ""})`);
       fill(
         table,
@@ -177,6 +191,7 @@ function seriesView(view, name) {
     } finally {
       loading = false;
     }
+    if (again) return load();
     loadRollups();
   }
 

@@ -30,6 +30,7 @@ export function mount(main) {
         { class: "tiles" },
         tile("Accepted", "p-accepted", "acknowledged since start"),
         tile("Journaled", "p-journaled", "ok + failed, in sequence order"),
+        tile("Journaled failed", "p-failed", "values that are not numbers"),
         tile("Waiting", "p-waiting", "accepted, not yet journaled"),
         tile("Reorder buffer", "p-reorder", "processed, waiting for an earlier one"),
         tile("Capacity", "p-capacity", "--reorder-capacity"),
@@ -69,7 +70,8 @@ export function mount(main) {
 
   function showPipeline(p) {
     setText("p-accepted", fmtNum(p.accepted));
-    setText("p-journaled", `${fmtNum(p.journaled)} (${fmtNum(p.journaled_failed)} failed)`);
+    setText("p-journaled", fmtNum(p.journaled));
+    setText("p-failed", fmtNum(p.journaled_failed));
     setText("p-waiting", fmtNum(p.waiting));
     setText("p-reorder", fmtNum(p.reorder_buffer));
     setText("p-capacity", fmtNum(p.capacity));
