@@ -4,6 +4,7 @@
 mod bad_input;
 mod browser;
 mod csv;
+mod dashboard;
 mod edge;
 mod helpers;
 mod jobs;
