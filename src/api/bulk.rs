@@ -123,7 +123,11 @@ async fn matching(
     request_body = BulkFilter,
     responses(
         (status = 200, description = "What was cancelled", body = BulkResult),
-        (status = 422, description = "A status that cannot be cancelled, or a bad limit", content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over --max-body-bytes", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A status that cannot be cancelled, a bad limit or an unknown field", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn cancel(
@@ -163,7 +167,11 @@ pub async fn cancel(
     request_body = BulkFilter,
     responses(
         (status = 200, description = "What was queued again", body = BulkResult),
-        (status = 422, description = "A status that cannot be retried, or a bad limit", content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over --max-body-bytes", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A status that cannot be retried, a bad limit or an unknown field", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn retry(

@@ -141,7 +141,7 @@ pub mod wire {
         pub message: String,
     }
 
-    /// Some lines were bad; the points of the others were stored.
+    /// A bad request; when lines were bad, which ones, and what the others stored.
     #[derive(Serialize, ToSchema)]
     pub struct WriteProblem {
         #[serde(rename = "type")]
@@ -150,11 +150,11 @@ pub mod wire {
         pub status: u16,
         pub detail: String,
         /// The first bad lines.
-        pub errors: Vec<LineError>,
-        pub accepted_points: u64,
-        pub accepted: u64,
-        pub rejected: u64,
-        pub reasons: BTreeMap<String, u64>,
+        pub errors: Option<Vec<LineError>>,
+        pub accepted_points: Option<u64>,
+        pub accepted: Option<u64>,
+        pub rejected: Option<u64>,
+        pub reasons: Option<BTreeMap<String, u64>>,
     }
 
     /// A point: time (ms since the epoch) and value.

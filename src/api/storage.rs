@@ -228,7 +228,7 @@ pub async fn compat_submit(
     path = "/storage/get_counter",
     tag = "csv",
     responses(
-        (status = 200, description = "Tasks queued or running, as a bare number", body = u64),
+        (status = 200, description = "Tasks queued or running, as a bare number", body = u64, content_type = "application/json"),
         (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
     )
 )]

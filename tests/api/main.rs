@@ -2,6 +2,7 @@
 //! when signals and crashes are involved) and talks HTTP to it.
 
 mod bad_input;
+mod contract;
 mod browser;
 mod csv;
 mod dashboard;
