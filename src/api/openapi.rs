@@ -379,9 +379,9 @@ pub fn document(routes: &[RouteEntry], kinds: &[String]) -> Value {
         if let Some(ops) = item.as_object_mut() {
             ops.retain(|method, _| {
                 !is_method(method)
-                    || routes
-                        .iter()
-                        .any(|r| r.doc_path() == path && r.method.as_str().eq_ignore_ascii_case(method))
+                    || routes.iter().any(|r| {
+                        r.doc_path() == path && r.method.as_str().eq_ignore_ascii_case(method)
+                    })
             });
             ops.keys().any(|k| is_method(k))
         } else {

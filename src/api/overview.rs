@@ -313,10 +313,7 @@ pub fn pipeline_view(st: &AppState) -> PipelineView {
         rejected_full: rejected("full"),
         rejected_draining: rejected("draining"),
         recovered: m.events_recovered.get(),
-        journal: st
-            .pipeline
-            .journal_path()
-            .map(|p| p.display().to_string()),
+        journal: st.pipeline.journal_path().map(|p| p.display().to_string()),
         draining: st.pipeline.is_draining(),
     }
 }

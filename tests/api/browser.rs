@@ -23,9 +23,16 @@ async fn dashboard(app: &TestApp, hash: &str) -> Browser {
     b.goto(&format!("/{hash}")).await;
     b.js("localStorage.setItem('tally.refresh', '1000')").await;
     b.client.refresh().await.unwrap();
-    assert_eq!(b.js("return document.getElementById('refresh').value").await, "1000");
-    b.wait_js("the live stream", "return document.getElementById('live').dataset.state === 'live'")
-        .await;
+    assert_eq!(
+        b.js("return document.getElementById('refresh').value")
+            .await,
+        "1000"
+    );
+    b.wait_js(
+        "the live stream",
+        "return document.getElementById('live').dataset.state === 'live'",
+    )
+    .await;
     b
 }
 
@@ -42,9 +49,14 @@ async fn the_overview_chart_updates_while_jobs_run() {
     let submitter = {
         let (client, url, stop) = (app.client.clone(), app.url("/v1/jobs"), stop.clone());
         tokio::spawn(async move {
-            let mut n = 0;
+            // A mix: sleeps of several lengths, echoes, and a job that fails.
+            let mut n: u64 = 0;
             while !stop.load(Ordering::Relaxed) && n < 2000 {
-                let body = json!({ "kind": "test.sleep", "params": { "ms": 5 } });
+                let body = match n % 10 {
+                    0 => json!({ "kind": "test.panic", "params": { "message": "on purpose" } }),
+                    1 | 4 | 7 => json!({ "kind": "test.echo", "params": { "n": n } }),
+                    k => json!({ "kind": "test.sleep", "params": { "ms": 2 + 4 * k } }),
+                };
                 let _ = client.post(&url).json(&body).send().await;
                 n += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -54,7 +66,8 @@ async fn the_overview_chart_updates_while_jobs_run() {
     let samples = |n: u32| {
         format!("return Number(document.getElementById('rate-chart').dataset.samples) >= {n}")
     };
-    b.wait_js("three points on the rate chart", &samples(3)).await;
+    b.wait_js("three points on the rate chart", &samples(3))
+        .await;
     b.wait_js(
         "a submission rate above zero",
         "return Number(document.getElementById('r-submitted').textContent) > 0",
@@ -67,9 +80,18 @@ async fn the_overview_chart_updates_while_jobs_run() {
         .as_u64()
         .unwrap();
     b.wait_js("more points", &samples(before as u32 + 2)).await;
-    assert_eq!(b.js("return !!document.querySelector('#rate-chart canvas')").await, true);
+    assert_eq!(
+        b.js("return !!document.querySelector('#rate-chart canvas')")
+            .await,
+        true
+    );
     let done: u64 = b.text("#c-done").await.replace(',', "").parse().unwrap();
     assert!(done > 0, "done count shown: {done}");
+    b.wait_js(
+        "a failure rate above zero",
+        "return Number(document.getElementById('r-failed').textContent) > 0",
+    )
+    .await;
     b.wait_js(
         "the kind's p50",
         "return document.querySelector('#kinds tr[data-kind=\"test.sleep\"] td:nth-child(6)').textContent !== '–'",
@@ -78,6 +100,7 @@ async fn the_overview_chart_updates_while_jobs_run() {
     b.screenshot("overview").await;
     stop.store(true, Ordering::Relaxed);
     submitter.await.unwrap();
+    // test.panic's panics are the server's business, not the page's.
     b.check_clean(&[]).await;
     b.close().await;
     app.stop().await;
@@ -86,7 +109,9 @@ async fn the_overview_chart_updates_while_jobs_run() {
 #[tokio::test]
 async fn a_job_submitted_through_the_api_appears_in_the_list_and_its_page_shows_the_result() {
     let app = TestApp::spawn().await;
-    let first = app.submit("test.echo", json!({ "greeting": "first" })).await;
+    let first = app
+        .submit("test.echo", json!({ "greeting": "first" }))
+        .await;
     app.wait_job(&first).await;
     let mut b = dashboard(&app, "#/jobs").await;
     b.wait_js(
@@ -238,8 +263,14 @@ async fn a_series_chart_draws_the_points_the_test_wrote() {
         (now - 20_000, -1.0),
         (now - 10_000, 5.25),
     ];
-    let points: Vec<Value> = written.iter().map(|(t, v)| json!({ "t": t, "v": v })).collect();
-    let encoded = name.replace(',', "%2C").replace(':', "%3A").replace('=', "%3D");
+    let points: Vec<Value> = written
+        .iter()
+        .map(|(t, v)| json!({ "t": t, "v": v }))
+        .collect();
+    let encoded = name
+        .replace(',', "%2C")
+        .replace(':', "%3A")
+        .replace('=', "%3D");
     let (status, body) = app
         .post(&format!("/v1/series/{encoded}/points"), &json!(points))
         .await;
@@ -330,7 +361,8 @@ async fn a_dataset_upload_starts_a_column_sum_job_whose_progress_bar_reaches_100
     )
     .await;
     assert!(app.data_dir.join("sales.csv").is_file());
-    b.click_confirmed("tr[data-name=\"sales.csv\"] button.sum").await;
+    b.click_confirmed("tr[data-name=\"sales.csv\"] button.sum")
+        .await;
     b.wait_js(
         "the progress bar at 100%",
         "return document.getElementById('sum-progress')?.getAttribute('aria-valuenow') === '100'",
@@ -344,7 +376,8 @@ async fn a_dataset_upload_starts_a_column_sum_job_whose_progress_bar_reaches_100
     assert_eq!(j["result"], json!({ "c0": 6.5, "c10": 60.25 }));
     b.screenshot("datasets").await;
     // Deleting asks first, then the dataset is gone.
-    b.click_confirmed("tr[data-name=\"sales.csv\"] button.delete").await;
+    b.click_confirmed("tr[data-name=\"sales.csv\"] button.delete")
+        .await;
     b.wait_js(
         "the dataset gone",
         "return !document.querySelector('tr[data-name=\"sales.csv\"]')",

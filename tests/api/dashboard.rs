@@ -21,7 +21,11 @@ async fn the_dashboard_and_its_assets_are_served_from_the_binary_with_a_same_ori
     let html = res.text().await.unwrap();
     assert!(html.contains("/ui/js/app.js"), "{html}");
     // Every script and style the page names is served, and none is from elsewhere.
-    for asset in ["/ui/js/app.js", "/ui/css/app.css", "/ui/vendor/uplot/uPlot.min.css"] {
+    for asset in [
+        "/ui/js/app.js",
+        "/ui/css/app.css",
+        "/ui/vendor/uplot/uPlot.min.css",
+    ] {
         assert!(html.contains(asset), "{asset}");
         let r = app.client.get(app.url(asset)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{asset}");
@@ -102,7 +106,10 @@ async fn the_overview_counts_jobs_and_gives_percentiles_of_recent_run_times() {
             .unwrap()
     };
     let sleep = kind("test.sleep");
-    assert_eq!((sleep["submitted"].clone(), sleep["done"].clone()), (json!(3), json!(3)));
+    assert_eq!(
+        (sleep["submitted"].clone(), sleep["done"].clone()),
+        (json!(3), json!(3))
+    );
     assert_eq!(sleep["window"], 3);
     // Each run slept 30 ms, so no percentile of them can be shorter.
     assert!(sleep["p50_ms"].as_f64().unwrap() >= 30.0, "{sleep}");
@@ -120,7 +127,10 @@ async fn the_overview_counts_jobs_and_gives_percentiles_of_recent_run_times() {
 #[tokio::test]
 async fn the_pipeline_snapshot_counts_accepted_and_journaled_events() {
     let app = TestApp::spawn().await;
-    for (i, value) in [json!(1), json!("2.5"), json!("not a number")].iter().enumerate() {
+    for (i, value) in [json!(1), json!("2.5"), json!("not a number")]
+        .iter()
+        .enumerate()
+    {
         let (status, body) = app
             .post(
                 "/v1/events",
@@ -144,7 +154,10 @@ async fn the_pipeline_snapshot_counts_accepted_and_journaled_events() {
     assert_eq!(p["waiting"], 0);
     assert_eq!(p["capacity"], 10_000);
     assert_eq!(p["draining"], false);
-    assert!(p["journal"].as_str().unwrap().ends_with("journal.jsonl"), "{p}");
+    assert!(
+        p["journal"].as_str().unwrap().ends_with("journal.jsonl"),
+        "{p}"
+    );
 }
 
 /// Five jobs that wait for a worker behind one that sleeps for a long time.
@@ -170,23 +183,41 @@ async fn bulk_cancel_stops_what_matches_the_filter_and_bulk_retry_queues_it_agai
 
     // Queued sleepers only: the running one and the echo are left alone.
     let (status, r) = app
-        .post("/v1/jobs/cancel", &json!({ "status": "queued", "kind": "test.sleep" }))
+        .post(
+            "/v1/jobs/cancel",
+            &json!({ "status": "queued", "kind": "test.sleep" }),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{r}");
-    assert_eq!((r["matched"].clone(), r["affected"].clone()), (json!(5), json!(5)));
+    assert_eq!(
+        (r["matched"].clone(), r["affected"].clone()),
+        (json!(5), json!(5))
+    );
     assert_eq!(r["more"], false);
     for id in &queued {
-        assert_eq!(app.get(&format!("/v1/jobs/{id}")).await.1["status"], "cancelled");
+        assert_eq!(
+            app.get(&format!("/v1/jobs/{id}")).await.1["status"],
+            "cancelled"
+        );
     }
-    assert_eq!(app.get(&format!("/v1/jobs/{running}")).await.1["status"], "running");
-    assert_eq!(app.get(&format!("/v1/jobs/{echo}")).await.1["status"], "queued");
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{running}")).await.1["status"],
+        "running"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{echo}")).await.1["status"],
+        "queued"
+    );
 
     // Retry two at a time: 2, then 2 more, then the last one.
     let mut affected = Vec::new();
     let mut more = Vec::new();
     for _ in 0..3 {
         let (status, r) = app
-            .post("/v1/jobs/retry", &json!({ "status": "cancelled", "limit": 2 }))
+            .post(
+                "/v1/jobs/retry",
+                &json!({ "status": "cancelled", "limit": 2 }),
+            )
             .await;
         assert_eq!(status, StatusCode::OK, "{r}");
         affected.push(r["affected"].as_u64().unwrap());
@@ -200,12 +231,18 @@ async fn bulk_cancel_stops_what_matches_the_filter_and_bulk_retry_queues_it_agai
     }
     // Nothing cancelled is left to retry.
     let (_, r) = app.post("/v1/jobs/retry", &json!({})).await;
-    assert_eq!((r["matched"].clone(), r["affected"].clone()), (json!(0), json!(0)));
+    assert_eq!(
+        (r["matched"].clone(), r["affected"].clone()),
+        (json!(0), json!(0))
+    );
 
     // Everything in progress, running or not: the sleepers and the echo queued behind.
     let (_, r) = app.post("/v1/jobs/cancel", &json!({})).await;
     assert_eq!(r["affected"], 7, "{r}");
-    assert_eq!(app.get(&format!("/v1/jobs/{running}")).await.1["status"], "cancelled");
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{running}")).await.1["status"],
+        "cancelled"
+    );
     app.stop().await;
 }
 
@@ -222,7 +259,11 @@ async fn bulk_actions_refuse_states_they_cannot_change_and_bad_limits() {
         ("/v1/jobs/retry", json!({ "colour": "red" })),
     ] {
         let (status, r) = app.post(route, &body).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{route} {body}: {r}");
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{route} {body}: {r}"
+        );
         assert!(r["detail"].as_str().unwrap().len() > 10, "{r}");
     }
 }
@@ -346,7 +387,10 @@ async fn the_stream_says_when_a_job_cannot_be_read() {
         .unwrap();
     let (events, _) = read_events(&mut res, |e| !e.is_empty()).await;
     assert_eq!(events[0].0, "job_error");
-    assert!(events[0].1["detail"].as_str().unwrap().contains("job_id_999"));
+    assert!(events[0].1["detail"]
+        .as_str()
+        .unwrap()
+        .contains("job_id_999"));
 }
 
 #[tokio::test]
@@ -377,7 +421,10 @@ async fn a_drain_completes_with_an_event_stream_open_which_ends_with_a_shutdown_
     );
     let (status, lines) = p.wait_exit(PATIENCE);
     assert!(status.success(), "exit status {status:?}");
-    assert!(lines.iter().any(|l| l.contains("drain complete")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("drain complete")),
+        "{lines:?}"
+    );
     assert!(
         !lines.iter().any(|l| l.contains("did not close")),
         "an open stream held up the stop: {lines:?}"

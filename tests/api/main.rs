@@ -2,8 +2,8 @@
 //! when signals and crashes are involved) and talks HTTP to it.
 
 mod bad_input;
-mod contract;
 mod browser;
+mod contract;
 mod csv;
 mod dashboard;
 mod edge;

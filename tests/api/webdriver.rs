@@ -32,7 +32,7 @@ const FLAGS: &[&str] = &[
     "--disable-dev-shm-usage",
     "--disable-default-apps",
     "--disable-extensions",
-    "--window-size=1360,1000",
+    "--window-size=1360,1300",
 ];
 
 const INSTALL_HINT: &str = "the browser tests need Debian's `chromium` and `chromium-driver`: \
@@ -248,7 +248,10 @@ impl Browser {
     /// console as an error (but `expected`).
     pub async fn check_clean(&mut self, expected: &[&str]) {
         let outside = self.outside_loads().await;
-        assert!(outside.is_empty(), "loaded from outside the server: {outside:?}");
+        assert!(
+            outside.is_empty(),
+            "loaded from outside the server: {outside:?}"
+        );
         let errors = self.console_errors(expected).await;
         assert!(errors.is_empty(), "console errors: {errors:#?}");
     }

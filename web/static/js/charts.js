@@ -16,7 +16,14 @@ export function timeChart(el, labels, { height = 240, unit = "", points = false 
     legend: { live: true },
     scales: { x: { time: true } },
     axes: [
-      { stroke: "currentColor", grid: { stroke: "rgba(128,128,128,0.15)" } },
+      {
+        stroke: "currentColor",
+        grid: { stroke: "rgba(128,128,128,0.15)" },
+        // Whole seconds at least, as a clock reads them.
+        incrs: TIME_INCRS,
+        space: 70,
+        values: (u, splits, _axis, _space, incr) => splits.map((s) => fmtTick(s, incr)),
+      },
       {
         stroke: "currentColor",
         grid: { stroke: "rgba(128,128,128,0.15)" },
@@ -52,6 +59,20 @@ export function timeChart(el, labels, { height = 240, unit = "", points = false 
       plot.destroy();
     },
   };
+}
+
+const TIME_INCRS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 172800, 604800, 2592000, 31536000];
+
+const pad = (n) => String(n).padStart(2, "0");
+
+/** A time tick (seconds) for ticks `incr` seconds apart. */
+function fmtTick(s, incr) {
+  const d = new Date(s * 1000);
+  const hm = `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+  if (incr >= 86400) return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
+  if (incr >= 3600) return `${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${hm}`;
+  if (incr >= 60) return hm;
+  return `${hm}:${pad(d.getSeconds())}`;
 }
 
 function fmtAxis(v) {

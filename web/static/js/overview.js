@@ -81,12 +81,14 @@ export function mount(main) {
       setText("r-done", fmtNum(rates.last.done, 1));
       setText("r-failed", fmtNum(rates.last.failed, 1));
     }
+    // Kinds that ran first, busiest on top; the idle ones after, by name.
+    const ordered = [...o.kinds].sort((a, b) => b.submitted - a.submitted || a.kind.localeCompare(b.kind));
     fill(
       kinds,
-      o.kinds.map((k) =>
+      ordered.map((k) =>
         h(
           "tr",
-          { dataset: { kind: k.kind } },
+          { dataset: { kind: k.kind }, class: k.submitted ? "" : "idle" },
           h("td", {}, h("a", { href: `#/jobs?kind=${encodeURIComponent(k.kind)}` }, k.kind)),
           h("td", { class: "num" }, fmtNum(k.submitted)),
           h("td", { class: "num" }, fmtNum(k.done)),
