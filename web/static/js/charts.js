@@ -85,8 +85,8 @@ function fmtAxis(v) {
 
 /**
  * Per-second rates from successive snapshots of counters: `push(nowMs, {name: count})`
- * appends one sample of Δcount/Δt per name (none for the first snapshot, and none
- * across a counter reset, such as a server restart).
+ * appends one sample of Δcount/Δt per name (none for the first snapshot, none for one
+ * less than 0.5 s after the last, and none across a counter reset, such as a restart).
  */
 export class Rates {
   constructor(names, keep = 300) {
@@ -99,6 +99,9 @@ export class Rates {
 
   push(now, counts) {
     const prev = this.prev;
+    // Two snapshots moments apart (a page's first read, then the stream's) make a
+    // noisy rate: wait for at least half a second between them.
+    if (prev && now > prev.now && now - prev.now < 500) return false;
     this.prev = { now, counts };
     if (!prev || now <= prev.now) return false;
     const dt = (now - prev.now) / 1000;

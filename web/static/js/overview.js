@@ -41,23 +41,23 @@ export function mount(main) {
     h(
       "section",
       { class: "card" },
-      h("h2", {}, "Job kinds ", h("small", {}, "(run times of the last 1024 jobs of each kind)")),
-      h(
-        "table",
-        {},
-        h("thead", {}, h("tr", {}, ...["Kind", "Submitted", "Done", "Failed", "Cancelled", "p50", "p99"].map((t, i) => h("th", { class: i ? "num" : "" }, t)))),
-        kinds,
-      ),
-    ),
-    h(
-      "section",
-      { class: "card" },
       h("h2", {}, "Replicas ", h("small", { id: "store-name" }, "")),
       h(
         "table",
         {},
         h("thead", {}, h("tr", {}, ...["Name", "Host", "PID", "Workers", "Busy", "Last seen", "State"].map((t, i) => h("th", { class: i >= 2 && i <= 4 ? "num" : "" }, t)))),
         replicas,
+      ),
+    ),
+    h(
+      "section",
+      { class: "card" },
+      h("h2", {}, "Job kinds ", h("small", {}, "(run times of the last 1024 jobs of each kind)")),
+      h(
+        "table",
+        {},
+        h("thead", {}, h("tr", {}, ...["Kind", "Submitted", "Done", "Failed", "Cancelled", "p50", "p99"].map((t, i) => h("th", { class: i ? "num" : "" }, t)))),
+        kinds,
       ),
     ),
   );
@@ -81,14 +81,16 @@ export function mount(main) {
       setText("r-done", fmtNum(rates.last.done, 1));
       setText("r-failed", fmtNum(rates.last.failed, 1));
     }
-    // Kinds that ran first, busiest on top; the idle ones after, by name.
-    const ordered = [...o.kinds].sort((a, b) => b.submitted - a.submitted || a.kind.localeCompare(b.kind));
+    // Kinds that ran here first, busiest on top; the idle ones after, by name. (With
+    // several replicas a job submitted here may run elsewhere, and the other way round.)
+    const activity = (k) => k.submitted + k.done + k.failed + k.cancelled;
+    const ordered = [...o.kinds].sort((a, b) => activity(b) - activity(a) || a.kind.localeCompare(b.kind));
     fill(
       kinds,
       ordered.map((k) =>
         h(
           "tr",
-          { dataset: { kind: k.kind }, class: k.submitted ? "" : "idle" },
+          { dataset: { kind: k.kind }, class: activity(k) ? "" : "idle" },
           h("td", {}, h("a", { href: `#/jobs?kind=${encodeURIComponent(k.kind)}` }, k.kind)),
           h("td", { class: "num" }, fmtNum(k.submitted)),
           h("td", { class: "num" }, fmtNum(k.done)),
