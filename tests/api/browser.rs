@@ -214,7 +214,22 @@ async fn cancel_and_retry_work_from_the_job_page_and_are_refused_without_the_tok
     .await;
     assert_eq!(job(&app, &id).await["status"], "cancelled");
 
-    // And retried: a new attempt of the same job.
+    // Retry is refused too without the token ("Forget" clears it)...
+    b.click("#token-button").await;
+    b.click("#token-clear").await;
+    assert_eq!(b.text("#token-button").await, "Token: none");
+    b.click_confirmed("#job-retry").await;
+    b.wait_js(
+        "the second refusal",
+        "return document.getElementById('job-notice').textContent.includes('401')",
+    )
+    .await;
+    assert_eq!(job(&app, &id).await["status"], "cancelled");
+
+    // ...and with it, the job runs again: a new attempt of the same job.
+    b.click("#token-button").await;
+    b.type_into("#token-input", TOKEN).await;
+    b.click("#token-save").await;
     b.click_confirmed("#job-retry").await;
     b.wait_js(
         "the retried job",
@@ -229,10 +244,10 @@ async fn cancel_and_retry_work_from_the_job_page_and_are_refused_without_the_tok
     )
     .await;
     b.screenshot("job-retried").await;
-    // Only the deliberate 401 reached the console (which shows the console is read).
+    // Only the two deliberate 401s reached the console (which shows the console is read).
     let errors = b.console_errors(&[]).await;
     assert!(
-        errors.len() == 1 && errors[0].contains("401"),
+        errors.len() == 2 && errors.iter().all(|e| e.contains("401")),
         "console errors: {errors:#?}"
     );
     b.check_clean(&["401"]).await;
