@@ -54,8 +54,9 @@ impl Routes {
         }
     }
 
-    /// Adds `method_router` (which must serve exactly `method`) at `path`; `layer`
-    /// wraps it, e.g. with a body limit of its own.
+    /// Adds `method_router` (which must serve exactly `method`) at `path`, listed under
+    /// `documented_as` in the description when the router's template cannot be written
+    /// in OpenAPI (a catch-all). The helpers below are the usual way in.
     pub fn add(
         mut self,
         method: Method,
