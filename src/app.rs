@@ -305,6 +305,9 @@ impl Application {
             _ = stop => StopReason::Signal,
             _ = state.shutdown.cancelled() => StopReason::Route,
         };
+        // Whatever asked for it, the drain begins now: long-lived responses (the
+        // dashboard's event streams) end at once rather than hold up the HTTP stop.
+        state.shutdown.cancel();
         let engine = state.engine.clone();
         let pipeline = state.pipeline.clone();
         // 1. Stop intake: new jobs and events get 503 (or "shutting down" on /api).

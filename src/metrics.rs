@@ -124,6 +124,9 @@ pub struct Metrics {
     pub source_requests: Family<SourceOutcomeLabels, Counter>,
     pub source_state: Family<SourceStateLabels, Gauge>,
     pub source_restarts: Family<SourceLabels, Counter>,
+    /// The last durations of each kind, for the dashboard's p50/p99 (the histogram's
+    /// buckets are too coarse and count since the start).
+    pub recent_durations: RecentDurations,
 }
 
 impl Default for Metrics {
@@ -178,6 +181,7 @@ impl Metrics {
             source_requests: Family::default(),
             source_state: Family::default(),
             source_restarts: Family::default(),
+            recent_durations: RecentDurations::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -406,6 +410,7 @@ impl Metrics {
             })
             .inc();
         if let Some(d) = ran_for {
+            self.recent_durations.record(kind, d);
             self.job_duration
                 .get_or_create(&KindLabels {
                     kind: kind.to_string(),
@@ -422,9 +427,89 @@ impl Metrics {
     }
 }
 
+/// Durations kept per kind by [`RecentDurations`].
+pub const RECENT_DURATIONS: usize = 1024;
+
+/// The last [`RECENT_DURATIONS`] run times of each job kind (kinds come from the
+/// registry, so the map is bounded too), as microseconds.
+#[derive(Default)]
+pub struct RecentDurations {
+    kinds: parking_lot::Mutex<std::collections::HashMap<String, DurationRing>>,
+}
+
+#[derive(Default)]
+struct DurationRing {
+    micros: Vec<u64>,
+    /// Where the next duration goes once the ring is full.
+    next: usize,
+}
+
+/// Percentiles of one kind's recent durations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DurationSummary {
+    /// How many durations the window holds.
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl RecentDurations {
+    pub fn record(&self, kind: &str, d: Duration) {
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let mut kinds = self.kinds.lock();
+        let ring = match kinds.get_mut(kind) {
+            Some(r) => r,
+            None => kinds.entry(kind.to_string()).or_default(),
+        };
+        if ring.micros.len() < RECENT_DURATIONS {
+            ring.micros.push(micros);
+        } else {
+            ring.micros[ring.next] = micros;
+            ring.next = (ring.next + 1) % RECENT_DURATIONS;
+        }
+    }
+
+    /// The nearest-rank p50 and p99 of a kind's window; `None` before its first run.
+    pub fn summary(&self, kind: &str) -> Option<DurationSummary> {
+        let mut v = self.kinds.lock().get(kind)?.micros.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let rank = |p: f64| {
+            let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i] as f64 / 1000.0
+        };
+        Some(DurationSummary {
+            count: v.len(),
+            p50_ms: rank(0.50),
+            p99_ms: rank(0.99),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_durations_give_nearest_rank_percentiles_of_the_last_window() {
+        let r = RecentDurations::default();
+        assert_eq!(r.summary("k"), None);
+        // 1..=100 ms: nearest rank p50 is the 50th value, p99 the 99th.
+        for ms in (1..=100).rev() {
+            r.record("k", Duration::from_millis(ms));
+        }
+        let s = r.summary("k").unwrap();
+        assert_eq!((s.count, s.p50_ms, s.p99_ms), (100, 50.0, 99.0));
+        // A full window of 5 ms durations pushes every older one out.
+        for _ in 0..RECENT_DURATIONS {
+            r.record("k", Duration::from_millis(5));
+        }
+        let s = r.summary("k").unwrap();
+        assert_eq!((s.count, s.p50_ms, s.p99_ms), (RECENT_DURATIONS, 5.0, 5.0));
+        assert_eq!(r.summary("other"), None);
+    }
 
     #[test]
     fn rendering_names_every_family_with_the_prefix() {

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::error::RETRY_AFTER_SECS;
+use super::openapi::wire;
 use super::AppState;
 use crate::jobs::engine::SubmitError;
 use crate::jobs::model::{JobId, JobStatus, NewJob};
@@ -166,6 +167,17 @@ pub async fn compute(
     res
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/get_results/{id}",
+    tag = "statistics",
+    params(("id" = String, Path, description = "`job_id_N`")),
+    responses(
+        (status = 200, description = "`running`, `done` with `data`, or `error` with `reason`", body = wire::CompatResult),
+        (status = 404, description = "Invalid job_id", body = wire::CompatError),
+        (status = 503, description = "Store unavailable", body = wire::CompatError),
+    )
+)]
 pub async fn get_results(State(st): State<AppState>, Path(raw): Path<String>) -> Response {
     tracing::info!(route = "get_results", job_id = %raw, "api request in");
     let res = match raw.parse::<JobId>() {
@@ -212,6 +224,15 @@ const JOBS_PAGE: usize = 4096;
 /// a job that failed is "done" here (its result carries the error), as in the original.
 /// Streamed a page of the store at a time, so a long history costs no more memory than
 /// a page (a store error midway ends the answer early; it is logged).
+#[utoipa::path(
+    get,
+    path = "/api/jobs",
+    tag = "statistics",
+    responses(
+        (status = 200, description = "Every job and its state", body = wire::CompatJobs),
+        (status = 503, description = "Store unavailable", body = wire::CompatError),
+    )
+)]
 pub async fn jobs(State(st): State<AppState>) -> Response {
     tracing::info!(route = "jobs", "api request in");
     // The first page is read before answering, so a store that cannot answer at all
@@ -279,6 +300,15 @@ pub async fn jobs(State(st): State<AppState>) -> Response {
     res
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/num_jobs",
+    tag = "statistics",
+    responses(
+        (status = 200, description = "Jobs not yet finished", body = wire::NumJobs),
+        (status = 503, description = "Store unavailable", body = wire::CompatError),
+    )
+)]
 pub async fn num_jobs(State(st): State<AppState>) -> Response {
     tracing::info!(route = "num_jobs", "api request in");
     match st.engine.counts().await {
@@ -298,6 +328,12 @@ pub async fn num_jobs(State(st): State<AppState>) -> Response {
 }
 
 /// Starts the drain (idempotent) and says whether work remains.
+#[utoipa::path(
+    get,
+    path = "/api/graceful_shutdown",
+    tag = "statistics",
+    responses((status = 200, description = "Draining; `done` once no job is left", body = wire::ShutdownStatus))
+)]
 pub async fn graceful_shutdown(State(st): State<AppState>) -> Response {
     tracing::info!(route = "graceful_shutdown", "api request in");
     st.engine.begin_drain();
@@ -314,6 +350,19 @@ pub async fn graceful_shutdown(State(st): State<AppState>) -> Response {
 }
 
 /// The benchmark's ceiling: parses the body like a real route, touches nothing.
+#[utoipa::path(
+    post,
+    path = "/api/noop",
+    tag = "statistics",
+    description = "Only with --enable-test-jobs: parses the body like a statistics route, runs nothing.",
+    request_body = wire::CompatQuestion,
+    responses(
+        (status = 200, description = "Always `job_id_0`", body = wire::CompatJobId),
+        (status = 400, description = "Not a JSON object", body = wire::CompatError),
+        (status = 413, description = "Too large", body = wire::CompatError),
+        (status = 415, description = "Not JSON", body = wire::CompatError),
+    )
+)]
 pub async fn noop_submit(headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     match parse_body(&headers, body) {
         Ok(_) => json_text(StatusCode::OK, r#"{"job_id":"job_id_0"}"#.to_string()),
@@ -321,6 +370,14 @@ pub async fn noop_submit(headers: HeaderMap, body: Result<Bytes, BytesRejection>
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/noop_result/{id}",
+    tag = "statistics",
+    description = "Only with --enable-test-jobs: an empty result for any id.",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "Always done", body = wire::CompatResult))
+)]
 pub async fn noop_result(Path(_id): Path<String>) -> Response {
     json_text(StatusCode::OK, r#"{"status":"done","data":{}}"#.to_string())
 }

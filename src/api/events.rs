@@ -11,12 +11,18 @@ use super::AppState;
 use crate::pipeline::{AcceptError, Event};
 
 /// The body of `POST /v1/events`; every field is required and no other is allowed.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventBody {
+    /// The client's connection number.
     pub conn: u64,
+    /// The record's number on its connection.
     pub seq: u64,
+    /// A number, or a string (`ok` when it parses as a number).
+    #[schema(value_type = Value)]
     pub value: Value,
+    /// Milliseconds or seconds since the epoch.
+    #[schema(value_type = f64, minimum = 0)]
     pub sent_at: Number,
 }
 
@@ -60,6 +66,19 @@ pub fn validate(body: EventBody) -> Result<Event, ApiError> {
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "pipeline",
+    request_body = EventBody,
+    responses(
+        (status = 200, description = "Durable in the accepted log", body = super::openapi::wire::EventAnswer),
+        (status = 400, description = "Malformed JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field missing, unknown or of the wrong type", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Reorder buffer full, or draining (Retry-After)", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn submit(
     State(st): State<AppState>,
     ApiJson(body): ApiJson<EventBody>,

@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 
 use crate::config::Secret;
@@ -21,18 +21,25 @@ use crate::metrics::{HttpLabels, Metrics, RouteLabels};
 use crate::pipeline::Pipeline;
 use crate::stats::Query;
 
+pub mod bulk;
 pub mod compat;
 pub mod cross_site;
+pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod openapi;
 pub mod ops;
+pub mod overview;
+pub mod routes;
 pub mod series;
 pub mod server;
 pub mod sources;
 pub mod storage;
+pub mod stream;
 pub mod v1;
 
 use error::{ApiError, BodyLimit};
+use routes::{RouteEntry, Routes};
 
 /// What every handler may use; shared behind one `Arc`, so that handing it to a
 /// request costs one reference count.
@@ -77,69 +84,107 @@ pub struct RouterOptions {
     pub allowed_origins: Vec<cross_site::AllowedOrigin>,
 }
 
-pub fn router(state: AppState, opts: RouterOptions) -> Router {
+/// The routes, open and guarded, without their state or middleware: what
+/// [`route_list`] lists and [`router`] serves. `openapi_json` answers `/openapi.json`.
+fn tables(
+    opts: &RouterOptions,
+    max_write_bytes: usize,
+    openapi_json: Arc<std::sync::OnceLock<String>>,
+) -> (Routes, Routes) {
     // Routes that change state or administer the service: guarded by the bearer token.
-    let mut guarded = Router::new()
-        .route("/v1/jobs", post(v1::submit))
-        .route("/v1/jobs/{id}", axum::routing::delete(v1::cancel))
-        .route("/v1/jobs/{id}/retry", post(v1::retry))
-        .route("/v1/events", post(events::submit))
-        .route(
-            "/write",
-            // Line protocol batches get their own, larger limit (--max-write-bytes).
-            post(series::write).layer(DefaultBodyLimit::max(state.max_write_bytes)),
-        )
-        .route("/v1/series/{name}/points", post(series::post_points))
-        .route("/v1/series/rollups/refresh", post(series::refresh))
-        .route("/api/graceful_shutdown", get(compat::graceful_shutdown))
-        .route(
-            "/v1/datasets/{name}",
-            axum::routing::put(storage::upload)
-                .delete(storage::delete)
-                // Uploads stream to disk under their own limit (--max-upload-bytes).
-                .layer(DefaultBodyLimit::disable()),
-        );
+    let mut guarded = Routes::guarded()
+        .post("/v1/jobs", v1::submit)
+        .post("/v1/jobs/cancel", bulk::cancel)
+        .post("/v1/jobs/retry", bulk::retry)
+        .delete("/v1/jobs/{id}", v1::cancel)
+        .post("/v1/jobs/{id}/retry", v1::retry)
+        .post("/v1/events", events::submit)
+        // Line protocol batches get their own, larger limit (--max-write-bytes).
+        .post_with("/write", series::write, |r| {
+            r.layer(DefaultBodyLimit::max(max_write_bytes))
+        })
+        .post("/v1/series/{name}/points", series::post_points)
+        .post("/v1/series/rollups/refresh", series::refresh)
+        .get("/api/graceful_shutdown", compat::graceful_shutdown)
+        // Uploads stream to disk under their own limit (--max-upload-bytes).
+        .put_with("/v1/datasets/{name}", storage::upload, |r| {
+            r.layer(DefaultBodyLimit::disable())
+        })
+        .delete("/v1/datasets/{name}", storage::delete);
     for query in Query::ALL {
-        guarded = guarded.route(
+        guarded = guarded.post(
             &format!("/api/{}", query.route()),
-            post(move |st, headers, body| compat::compute(st, query, headers, body)),
+            move |st, headers, body| compat::compute(st, query, headers, body),
         );
     }
-    let guarded = guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
 
-    let mut open = Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/v1/jobs", get(v1::list))
-        .route("/v1/jobs/stats", get(v1::stats))
-        .route("/v1/replicas", get(v1::replicas))
-        .route("/v1/queue", get(v1::queue))
-        .route("/v1/jobs/{id}", get(v1::get))
-        .route("/api/get_results/{id}", get(compat::get_results))
-        .route("/api/jobs", get(compat::jobs))
-        .route("/api/num_jobs", get(compat::num_jobs))
-        .route("/v1/datasets", get(storage::list))
-        .route("/getSum", get(series::get_sum))
-        .route("/v1/series", get(series::list))
-        .route("/v1/series/{name}", get(series::query))
-        .route("/v1/series/{name}/rollups", get(series::rollups))
-        .route("/v1/sources", get(sources::list))
-        .route("/storage/get_counter", get(storage::get_counter))
-        .route("/storage/get_json/{id}", get(storage::get_json))
+    let mut open = Routes::open()
+        .get("/", dashboard::index)
+        .get("/docs", dashboard::reference)
+        // OpenAPI has no catch-all segment: the description names it `{path}`.
+        .add(
+            Method::GET,
+            "/ui/{*path}",
+            get(dashboard::asset),
+            Some("/ui/{path}"),
+        )
+        .get("/openapi.json", move || openapi::serve(openapi_json))
+        .get("/healthz", ops::healthz)
+        .get("/readyz", ops::readyz)
+        .get("/metrics", ops::metrics)
+        .get("/v1/jobs", v1::list)
+        .get("/v1/jobs/stats", v1::stats)
+        .get("/v1/overview", overview::overview)
+        .get("/v1/pipeline", overview::pipeline)
+        .get("/v1/stream", stream::stream)
+        .get("/v1/replicas", v1::replicas)
+        .get("/v1/queue", v1::queue)
+        .get("/v1/jobs/{id}", v1::get)
+        .get("/api/get_results/{id}", compat::get_results)
+        .get("/api/jobs", compat::jobs)
+        .get("/api/num_jobs", compat::num_jobs)
+        .get("/v1/datasets", storage::list)
+        .get("/getSum", series::get_sum)
+        .get("/v1/series", series::list)
+        .get("/v1/series/{name}", series::query)
+        .get("/v1/series/{name}/rollups", series::rollups)
+        .get("/v1/sources", sources::list)
+        .get("/storage/get_counter", storage::get_counter)
+        .get("/storage/get_json/{id}", storage::get_json)
         // Checks --auth-token itself: only `csv_name=` starts work.
-        .route(
+        .add(
+            Method::GET,
             "/{segment}",
             get(storage::compat_submit).fallback(ops::not_found),
+            Some("/csv_name={file}"),
         );
     if opts.test_routes {
         open = open
-            .route("/api/noop", post(compat::noop_submit))
-            .route("/api/noop_result/{id}", get(compat::noop_result));
+            .post("/api/noop", compat::noop_submit)
+            .get("/api/noop_result/{id}", compat::noop_result);
     }
+    (guarded, open)
+}
+
+/// Every `(method, path)` the router of these options serves (HEAD aside, which axum
+/// answers wherever GET is).
+pub fn route_list(opts: &RouterOptions) -> Vec<RouteEntry> {
+    let (guarded, open) = tables(opts, 0, Arc::default());
+    open.merge(guarded).into_parts().1
+}
+
+pub fn router(state: AppState, opts: RouterOptions) -> Router {
+    let openapi_json = Arc::new(std::sync::OnceLock::new());
+    let (guarded, open) = tables(&opts, state.max_write_bytes, openapi_json.clone());
+    let guarded = guarded.map_router(|r| {
+        r.route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+    });
+    let (routes, list) = open.merge(guarded).into_parts();
+    let kinds: Vec<String> = state.engine.registry().kinds().map(str::to_owned).collect();
+    let _ = openapi_json.set(openapi::document(&list, &kinds).to_string());
 
     let limit = opts.max_body_bytes;
-    open.merge(guarded)
+    routes
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         // On every route, present and future: unsafe methods and state-changing GETs

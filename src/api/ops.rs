@@ -8,17 +8,33 @@ use axum::Json;
 use serde_json::json;
 
 use super::error::ApiError;
+use super::openapi::wire;
 use super::AppState;
 use crate::jobs::model::JobStatus;
 use crate::metrics::StateLabels;
 
 /// Alive: answers without touching the store or the workers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "Alive", body = wire::Health))
+)]
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// Ready to take work: 503 while draining, and while the store cannot write (with the
 /// cause; it turns ready again by itself once the store recovers).
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = wire::Health),
+        (status = 503, description = "Draining, or the store cannot write", body = wire::Health),
+    )
+)]
 pub async fn readyz(State(st): State<AppState>) -> Response {
     if st.engine.is_draining() {
         return (
@@ -44,6 +60,13 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
     }
 }
 
+/// `GET /metrics`: Prometheus/OpenMetrics text.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Every metric", content_type = "application/openmetrics-text", body = String))
+)]
 pub async fn metrics(State(st): State<AppState>) -> Response {
     // Values owned by the store are sampled at scrape time.
     if let Ok(c) = st.engine.counts().await {

@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiJson};
+use super::openapi::wire;
 use super::{ops, AppState};
 use crate::series::ingest::ingest_lines;
 use crate::series::line_protocol::Precision;
@@ -42,6 +43,12 @@ pub fn compat_get_sum_router(state: AppState) -> Router {
 /// `GET /getSum`: the sum of every point ever accepted, across all series, as plain text
 /// in the form `serde_json` prints an `f64` (`12345.0`, `0.5`, `1e+300`); a sum beyond
 /// `f64` reads `inf` or `-inf`, as Python prints it.
+#[utoipa::path(
+    get,
+    path = "/getSum",
+    tag = "series",
+    responses((status = 200, description = "The sum, e.g. `12345.0` (`inf`/`-inf` beyond f64)", content_type = "text/plain", body = String))
+)]
 pub async fn get_sum(State(st): State<AppState>) -> Response {
     let sum = st.series.total_sum();
     let text = float_text(sum);
@@ -121,6 +128,20 @@ async fn read_pooled(mut body: axum::body::Body, limit: usize) -> Result<Vec<u8>
 /// stored; 200 `{"accepted", "rejected", "reasons"}` when every line parsed but some
 /// points were refused (late, future, ...); 400 listing the first bad lines otherwise,
 /// with the same counts (the good lines are stored all the same).
+#[utoipa::path(
+    post,
+    path = "/write",
+    tag = "series",
+    params(("precision" = Option<String>, Query, description = "ns (default), us, ms or s")),
+    request_body(content = String, description = "Influx line protocol", content_type = "text/plain"),
+    responses(
+        (status = 204, description = "Every point stored"),
+        (status = 200, description = "Every line parsed; some points refused", body = wire::WriteReport),
+        (status = 400, description = "Bad lines (the good ones are stored), or a bad precision", body = wire::WriteProblem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over --max-write-bytes", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A compressed body", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn write(
     State(st): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
@@ -233,6 +254,19 @@ fn point_of(i: usize, p: &Value) -> Result<(i64, f64), ApiError> {
 }
 
 /// `POST /v1/series/{name}/points` with `[{"t": <ms>, "v": <number>}]`.
+#[utoipa::path(
+    post,
+    path = "/v1/series/{name}/points",
+    tag = "series",
+    params(("name" = String, Path, description = "1 to 256 bytes, no control characters")),
+    request_body = Vec<wire::Point>,
+    responses(
+        (status = 200, description = "Points stored and refused, by reason", body = wire::PointsReport),
+        (status = 400, description = "A bad series name or malformed JSON", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not an array of points", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn post_points(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -276,6 +310,19 @@ const SERIES_MAX_PAGE: usize = 10_000;
 
 /// `GET /v1/series?limit=&cursor=`: a page of series in name order (bytewise), after the
 /// name `cursor`; `next_cursor` (the page's last name) is null on the last page.
+#[utoipa::path(
+    get,
+    path = "/v1/series",
+    tag = "series",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Series per page (default 1000)"),
+        ("cursor" = Option<String>, Query, description = "The previous page's `next_cursor`"),
+    ),
+    responses(
+        (status = 200, description = "A page of series in name order", body = wire::SeriesPage),
+        (status = 400, description = "A bad parameter", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn list(
     State(st): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
@@ -337,6 +384,23 @@ fn int_param(
 
 /// `GET /v1/series/{name}?from=&to=&step=&agg=`: raw points in `[from, to)`, or with
 /// `step` one aggregated value per non-empty bucket (buckets aligned to the epoch).
+#[utoipa::path(
+    get,
+    path = "/v1/series/{name}",
+    tag = "series",
+    params(
+        ("name" = String, Path),
+        ("from" = Option<i64>, Query, description = "ms since the epoch, inclusive"),
+        ("to" = Option<i64>, Query, description = "ms since the epoch, exclusive"),
+        ("step" = Option<i64>, Query, description = "Bucket width (ms); without it, raw points"),
+        ("agg" = Option<String>, Query, description = "sum, count, mean (default), min, max, last; needs step"),
+    ),
+    responses(
+        (status = 200, description = "Points", body = wire::SeriesPoints),
+        (status = 400, description = "A bad parameter", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such series", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn query(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -412,6 +476,17 @@ fn rollup_json(name: &str, r: &SeriesRollup, window_ms: i64, computed_at: Option
 
 /// `GET /v1/series/{name}/rollups`: from the last published snapshot; a series created
 /// since then is computed on the spot (`computed_at` is then null).
+#[utoipa::path(
+    get,
+    path = "/v1/series/{name}/rollups",
+    tag = "series",
+    params(("name" = String, Path)),
+    responses(
+        (status = 200, description = "The series' rollups", body = wire::Rollups),
+        (status = 400, description = "A bad series name", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such series", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn rollups(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -431,6 +506,12 @@ pub async fn rollups(
 }
 
 /// `POST /v1/series/rollups/refresh`: recompute and publish now.
+#[utoipa::path(
+    post,
+    path = "/v1/series/rollups/refresh",
+    tag = "series",
+    responses((status = 200, description = "Recomputed and published", body = wire::Refreshed))
+)]
 pub async fn refresh(State(st): State<AppState>) -> Json<Value> {
     let snap = st.rollups.refresh_async().await;
     Json(json!({

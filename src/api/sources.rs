@@ -13,6 +13,12 @@ fn rfc3339(ms: i64) -> String {
 
 /// `GET /v1/sources`: `{"sources": [{name, kind, url, series, state, restarts,
 /// last_error, last_success, last_value, points}]}`.
+#[utoipa::path(
+    get,
+    path = "/v1/sources",
+    tag = "series",
+    responses((status = 200, description = "The sources", body = super::openapi::wire::Sources))
+)]
 pub async fn list(State(st): State<AppState>) -> Json<Value> {
     let sources: Vec<Value> = st
         .sources

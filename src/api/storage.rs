@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 use super::error::ApiError;
+use super::openapi::wire;
 use super::AppState;
 use crate::csv::datasets::{check_name, DatasetError};
 use crate::csv::job::KIND;
@@ -41,6 +42,15 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 /// `{"datasets": [{"name", "size", "modified"}]}`, sorted by name.
+#[utoipa::path(
+    get,
+    path = "/v1/datasets",
+    tag = "csv",
+    responses(
+        (status = 200, description = "The datasets, by name", body = wire::Datasets),
+        (status = 500, description = "The data directory cannot be read", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn list(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
     let dir = st.datasets.clone();
     let all = tokio::task::spawn_blocking(move || dir.list())
@@ -61,6 +71,19 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
 
 /// Streams the body to a temporary file, then renames it into place: a reader never
 /// sees half a dataset, and a failed or too large upload leaves the old one.
+#[utoipa::path(
+    put,
+    path = "/v1/datasets/{name}",
+    tag = "csv",
+    params(("name" = String, Path, description = "A plain file name")),
+    request_body(content = String, description = "The CSV", content_type = "text/csv"),
+    responses(
+        (status = 201, description = "Created", body = wire::Uploaded),
+        (status = 200, description = "Replaced", body = wire::Uploaded),
+        (status = 400, description = "A bad name, or a link or directory in the way", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Over --max-upload-bytes", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn upload(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -120,6 +143,17 @@ pub async fn upload(
     Ok((status, Json(json!({ "name": name, "size": written }))).into_response())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/datasets/{name}",
+    tag = "csv",
+    params(("name" = String, Path, description = "A plain file name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "A bad name", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such dataset", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn delete(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -135,6 +169,18 @@ pub async fn delete(
 /// `GET /csv_name=<file>`: starts a `csv.column_sum` job with the defaults (every 10th
 /// column from the first). axum cannot match a prefix inside a segment, so this answers
 /// every one-segment GET that no other route took, and 404 when it is not `csv_name=`.
+#[utoipa::path(
+    get,
+    path = "/csv_name={file}",
+    tag = "csv",
+    params(("file" = String, Path, description = "A dataset in --data-dir")),
+    responses(
+        (status = 200, description = "A `csv.column_sum` job (every 10th column) started", body = wire::CsvStarted),
+        (status = 400, description = "A bad name", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not a `csv_name=` path", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Queue full, shutting down or store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn compat_submit(
     State(st): State<AppState>,
     Path(segment): Path<String>,
@@ -177,6 +223,15 @@ pub async fn compat_submit(
 }
 
 /// The number of tasks in progress (queued or running), as a bare JSON number.
+#[utoipa::path(
+    get,
+    path = "/storage/get_counter",
+    tag = "csv",
+    responses(
+        (status = 200, description = "Tasks queued or running, as a bare number", body = u64, content_type = "application/json"),
+        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn get_counter(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
     let c = st.engine.counts().await?;
     Ok(Json(json!(c.in_progress())))
@@ -189,6 +244,17 @@ fn json_error(status: StatusCode, body: Value) -> Response {
 /// The result JSON of a finished task; `{"status": "running"}` while it is not;
 /// `{"status": "error", "error": ...}` (404) for an unknown id; the failure as
 /// `{"status": "failed"|"cancelled", "error": ...}` for a task that did not succeed.
+#[utoipa::path(
+    get,
+    path = "/storage/get_json/{id}",
+    tag = "csv",
+    params(("id" = String, Path, description = "`job_id_N`")),
+    responses(
+        (status = 200, description = "The result JSON once done, else `{\"status\": ...}`", body = Value),
+        (status = 404, description = "No such task", body = wire::StorageStatus),
+        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn get_json(State(st): State<AppState>, Path(raw): Path<String>) -> Response {
     let unknown = || {
         json_error(

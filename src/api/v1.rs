@@ -13,33 +13,44 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::error::{ApiError, ApiJson};
+use super::openapi::wire;
 use super::AppState;
 use crate::jobs::model::{JobId, JobRecord, JobStatus, ListFilter, NewJob};
 
-#[derive(Debug, Deserialize)]
+/// A job to run: its kind and its params.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
     kind: String,
+    /// A JSON object (null or absent: `{}`).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     params: Option<Value>,
 }
 
-#[derive(Serialize)]
+/// How far a running job got, in units of its own (bytes, rows).
+#[derive(Serialize, utoipa::ToSchema)]
 struct Progress {
     done: u64,
     total: u64,
 }
 
 /// A job on the wire.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct JobView {
     id: String,
     kind: String,
+    /// `queued`, `running`, `done`, `failed` or `cancelled`.
+    #[schema(value_type = String, pattern = "^(queued|running|done|failed|cancelled)$")]
     status: &'static str,
+    #[schema(value_type = Object)]
     params: Value,
+    /// RFC 3339 (ms).
     submitted_at: String,
     started_at: Option<String>,
     finished_at: Option<String>,
+    /// The job's answer once done (any JSON).
+    #[schema(value_type = Option<Value>)]
     result: Option<Box<RawValue>>,
     error: Option<String>,
     /// Runs of the job so far (a worker that died or stalled, or a retry, adds one).
@@ -48,7 +59,7 @@ pub struct JobView {
     progress: Option<Progress>,
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -76,6 +87,22 @@ fn parse_id(raw: &str) -> Result<JobId, ApiError> {
     })
 }
 
+/// `POST /v1/jobs`: queues a job; its id is valid everywhere once answered.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    request_body = SubmitBody,
+    responses(
+        (status = 202, description = "Queued", body = wire::Accepted,
+            headers(("Location" = String, description = "The job's URL"))),
+        (status = 400, description = "Unknown kind or a malformed body", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over --max-body-bytes", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Params the kind refuses", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Queue full, shutting down or store unavailable (Retry-After)", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn submit(
     State(st): State<AppState>,
     ApiJson(body): ApiJson<SubmitBody>,
@@ -116,6 +143,18 @@ pub async fn submit(
         .into_response())
 }
 
+/// `GET /v1/jobs/{id}`: a job, with its progress while it runs.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "`job_id_N`")),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        (status = 404, description = "No such job", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn get(
     State(st): State<AppState>,
     Path(raw): Path<String>,
@@ -145,6 +184,19 @@ pub async fn get(
     Ok(Json(view(rec, progress)))
 }
 
+/// `DELETE /v1/jobs/{id}`: cancels a queued or running job, wherever it runs.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "`job_id_N`")),
+    responses(
+        (status = 200, description = "Cancelled", body = wire::CancelledJob),
+        (status = 404, description = "No such job", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already finished", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn cancel(
     State(st): State<AppState>,
     Path(raw): Path<String>,
@@ -158,6 +210,18 @@ pub async fn cancel(
 
 /// `POST /v1/jobs/{id}/retry`: a failed or cancelled job runs again, same id, next
 /// attempt (409 for a job that is queued, running or done).
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/retry",
+    tag = "jobs",
+    params(("id" = String, Path, description = "`job_id_N`")),
+    responses(
+        (status = 202, description = "Queued again", body = wire::Accepted),
+        (status = 404, description = "No such job", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Queued, running or done", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Queue full, shutting down or store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn retry(
     State(st): State<AppState>,
     Path(raw): Path<String>,
@@ -175,6 +239,23 @@ pub async fn retry(
 const MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 50;
 
+/// `GET /v1/jobs`: a page of jobs, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    params(
+        ("status" = Option<String>, Query, description = "queued, running, done, failed or cancelled"),
+        ("kind" = Option<String>, Query, description = "Only this kind"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Jobs per page (default 50)"),
+        ("cursor" = Option<String>, Query, description = "The previous page's `next_cursor`"),
+    ),
+    responses(
+        (status = 200, description = "A page", body = wire::JobPage),
+        (status = 400, description = "A bad parameter", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn list(
     State(st): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
@@ -227,6 +308,16 @@ pub async fn list(
     ))
 }
 
+/// `GET /v1/jobs/stats`: jobs in the store by state.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/stats",
+    tag = "jobs",
+    responses(
+        (status = 200, description = "Counts", body = super::overview::JobCountsView),
+        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn stats(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
     let c = st.engine.counts().await?;
     Ok(Json(serde_json::json!({
@@ -241,6 +332,15 @@ pub async fn stats(State(st): State<AppState>) -> Result<Json<Value>, ApiError> 
 
 /// `GET /v1/replicas`: the processes taking work from the queue (with Redis, every
 /// replica that reported within the last few lease periods; otherwise this process).
+#[utoipa::path(
+    get,
+    path = "/v1/replicas",
+    tag = "jobs",
+    responses(
+        (status = 200, description = "The replicas", body = super::overview::ReplicasBody),
+        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn replicas(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
     let replicas = st.engine.queue().replicas().await?;
     let now = crate::now_ms();
@@ -266,6 +366,15 @@ pub async fn replicas(State(st): State<AppState>) -> Result<Json<Value>, ApiErro
 }
 
 /// `GET /v1/queue`: jobs waiting for a worker and jobs leased, on every replica.
+#[utoipa::path(
+    get,
+    path = "/v1/queue",
+    tag = "jobs",
+    responses(
+        (status = 200, description = "The queue", body = super::overview::QueueView),
+        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn queue(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
     let q = st.engine.queue().stats().await?;
     Ok(Json(serde_json::json!({

@@ -239,6 +239,16 @@ impl Pipeline {
         self.inner.capacity - self.inner.permits.available_permits()
     }
 
+    /// `--reorder-capacity`: records accepted and not yet journaled, at most.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
+    /// True once intake stopped.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
     /// Stops intake: every later `accept` is refused.
     pub fn begin_drain(&self) {
         self.inner.draining.store(true, Ordering::Release);

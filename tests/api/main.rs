@@ -2,7 +2,10 @@
 //! when signals and crashes are involved) and talks HTTP to it.
 
 mod bad_input;
+mod browser;
+mod contract;
 mod csv;
+mod dashboard;
 mod edge;
 mod helpers;
 mod jobs;
@@ -20,3 +23,4 @@ mod shutdown;
 mod sources;
 mod stats;
 mod store_failures;
+mod webdriver;

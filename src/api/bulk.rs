@@ -1,0 +1,209 @@
+//! Bulk actions over the job list: `POST /v1/jobs/cancel` and `POST /v1/jobs/retry`
+//! act on the newest jobs matching `{status, kind}`, at most `limit` per call (the
+//! caller calls again while `more` is true), one job at a time through the same engine
+//! calls as the single-job routes.
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ApiJson};
+use super::AppState;
+use crate::jobs::engine::{CancelError, RetryError};
+use crate::jobs::model::{JobId, JobStatus, ListFilter};
+
+/// Jobs one bulk call acts on: default and most.
+const BULK_DEFAULT: usize = 100;
+const BULK_MAX: usize = 1000;
+
+/// Which jobs a bulk action applies to.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkFilter {
+    /// Only jobs in this state (cancel: `queued` or `running`, default both; retry:
+    /// `failed` or `cancelled`, default both).
+    #[schema(value_type = Option<String>)]
+    pub status: Option<String>,
+    /// Only jobs of this kind.
+    pub kind: Option<String>,
+    /// Jobs acted on at most in this call (1 to 1000, default 100).
+    #[schema(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+}
+
+/// A job the action left alone, and why.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BulkSkip {
+    pub id: String,
+    pub reason: String,
+}
+
+/// What a bulk action did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BulkResult {
+    /// Jobs that matched the filter in this call.
+    pub matched: usize,
+    /// Jobs cancelled (or queued again, for retry).
+    pub affected: usize,
+    /// Jobs that matched but changed state in the meantime.
+    pub skipped: Vec<BulkSkip>,
+    /// More jobs may match: call again.
+    pub more: bool,
+    /// Why the call stopped before the end of its page (a full queue, a drain).
+    pub stopped: Option<String>,
+}
+
+/// The states a bulk action may apply to, from the filter's `status`.
+fn statuses(
+    filter: &BulkFilter,
+    allowed: [JobStatus; 2],
+    action: &str,
+) -> Result<Vec<JobStatus>, ApiError> {
+    match filter.status.as_deref() {
+        None => Ok(allowed.to_vec()),
+        Some(s) => match s.parse::<JobStatus>() {
+            Ok(st) if allowed.contains(&st) => Ok(vec![st]),
+            _ => Err(ApiError::Unprocessable(format!(
+                "status: {action} applies to {} or {} jobs; got {s:?}",
+                allowed[0].as_str(),
+                allowed[1].as_str()
+            ))),
+        },
+    }
+}
+
+fn limit_of(filter: &BulkFilter) -> Result<usize, ApiError> {
+    match filter.limit {
+        None => Ok(BULK_DEFAULT),
+        Some(n) if (1..=BULK_MAX).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::Unprocessable(format!(
+            "limit must be from 1 to {BULK_MAX}; got {n}"
+        ))),
+    }
+}
+
+/// The newest jobs (at most `limit`, across `statuses`) matching the filter, newest
+/// first, and whether more may match.
+async fn matching(
+    st: &AppState,
+    statuses: &[JobStatus],
+    kind: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<JobId>, bool), ApiError> {
+    let mut ids = Vec::new();
+    let mut more = false;
+    for &status in statuses {
+        let page = st
+            .engine
+            .store()
+            .list(&ListFilter {
+                status: Some(status),
+                kind: kind.map(str::to_owned),
+                limit,
+                before: None,
+            })
+            .await?;
+        more |= page.len() == limit;
+        ids.extend(page.into_iter().map(|r| r.id));
+    }
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    if ids.len() > limit {
+        ids.truncate(limit);
+        more = true;
+    }
+    Ok((ids, more))
+}
+
+/// `POST /v1/jobs/cancel`: cancels the newest queued or running jobs that match.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/cancel",
+    tag = "jobs",
+    request_body = BulkFilter,
+    responses(
+        (status = 200, description = "What was cancelled", body = BulkResult),
+        (status = 400, description = "Malformed JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over --max-body-bytes", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A status that cannot be cancelled, a bad limit or an unknown field", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn cancel(
+    State(st): State<AppState>,
+    ApiJson(filter): ApiJson<BulkFilter>,
+) -> Result<Json<BulkResult>, ApiError> {
+    let statuses = statuses(&filter, [JobStatus::Queued, JobStatus::Running], "cancel")?;
+    let limit = limit_of(&filter)?;
+    let (ids, more) = matching(&st, &statuses, filter.kind.as_deref(), limit).await?;
+    let mut out = BulkResult {
+        matched: ids.len(),
+        affected: 0,
+        skipped: Vec::new(),
+        more,
+        stopped: None,
+    };
+    for id in ids {
+        match st.engine.cancel(id).await {
+            Ok(()) => out.affected += 1,
+            Err(e @ (CancelError::NotFound(_) | CancelError::AlreadyFinished { .. })) => {
+                out.skipped.push(BulkSkip {
+                    id: id.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(CancelError::Store(e)) => return Err(e.into()),
+        }
+    }
+    Ok(Json(out))
+}
+
+/// `POST /v1/jobs/retry`: queues again the newest failed or cancelled jobs that match.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/retry",
+    tag = "jobs",
+    request_body = BulkFilter,
+    responses(
+        (status = 200, description = "What was queued again", body = BulkResult),
+        (status = 400, description = "Malformed JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over --max-body-bytes", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A status that cannot be retried, a bad limit or an unknown field", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn retry(
+    State(st): State<AppState>,
+    ApiJson(filter): ApiJson<BulkFilter>,
+) -> Result<Json<BulkResult>, ApiError> {
+    let statuses = statuses(&filter, [JobStatus::Failed, JobStatus::Cancelled], "retry")?;
+    let limit = limit_of(&filter)?;
+    let (ids, more) = matching(&st, &statuses, filter.kind.as_deref(), limit).await?;
+    let mut out = BulkResult {
+        matched: ids.len(),
+        affected: 0,
+        skipped: Vec::new(),
+        more,
+        stopped: None,
+    };
+    for id in ids {
+        match st.engine.retry(id).await {
+            Ok(()) => out.affected += 1,
+            Err(e @ (RetryError::NotFound(_) | RetryError::NotRetryable { .. })) => {
+                out.skipped.push(BulkSkip {
+                    id: id.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(e @ (RetryError::QueueFull { .. } | RetryError::ShuttingDown)) => {
+                out.stopped = Some(e.to_string());
+                out.more = true;
+                break;
+            }
+            Err(RetryError::Store(e)) => return Err(e.into()),
+        }
+    }
+    Ok(Json(out))
+}
