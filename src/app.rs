@@ -160,7 +160,11 @@ impl Application {
         );
 
         let mut registry = Registry::default();
-        stats::register(&mut registry, Arc::new(dataset));
+        stats::register(
+            &mut registry,
+            Arc::new(dataset),
+            Arc::new(|parts: &[&str]| api::compat::python_tuple(parts)),
+        );
         let data_dir = DataDir::new(&cfg.data_dir);
         csv::job::register(&mut registry, data_dir.clone());
         if cfg.enable_test_jobs {

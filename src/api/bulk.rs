@@ -149,8 +149,8 @@ pub async fn cancel(
             Ok(()) => out.affected += 1,
             Err(e @ (CancelError::NotFound(_) | CancelError::AlreadyFinished { .. })) => {
                 out.skipped.push(BulkSkip {
-                    id: id.to_string(),
-                    reason: e.to_string(),
+                    id: crate::api::ids::text(id),
+                    reason: super::error::cancel_refusal(&e),
                 })
             }
             Err(CancelError::Store(e)) => return Err(e.into()),
@@ -193,8 +193,8 @@ pub async fn retry(
             Ok(()) => out.affected += 1,
             Err(e @ (RetryError::NotFound(_) | RetryError::NotRetryable { .. })) => {
                 out.skipped.push(BulkSkip {
-                    id: id.to_string(),
-                    reason: e.to_string(),
+                    id: crate::api::ids::text(id),
+                    reason: super::error::retry_refusal(&e),
                 })
             }
             Err(e @ (RetryError::QueueFull { .. } | RetryError::ShuttingDown)) => {

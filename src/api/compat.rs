@@ -13,12 +13,68 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::error::RETRY_AFTER_SECS;
+use super::ids::Wire;
 use super::openapi::wire;
 use super::AppState;
 use crate::jobs::engine::SubmitError;
 use crate::jobs::model::{JobId, JobStatus, NewJob};
 use crate::stats::Query;
 use crate::store::StoreError;
+
+/// The `/api/<route>` of each computation: the compatible API's names (the job kinds'
+/// names are the `stats` module's own).
+pub fn route(q: Query) -> &'static str {
+    match q {
+        Query::StatesMean => "states_mean",
+        Query::StateMean => "state_mean",
+        Query::Best5 => "best5",
+        Query::Worst5 => "worst5",
+        Query::GlobalMean => "global_mean",
+        Query::DiffFromMean => "diff_from_mean",
+        Query::StateDiffFromMean => "state_diff_from_mean",
+        Query::MeanByCategory => "mean_by_category",
+        Query::StateMeanByCategory => "state_mean_by_category",
+    }
+}
+
+/// Writes a string the way Python's `repr` does (single quotes unless the text holds a
+/// single quote and no double quote), so tuple keys match `str(tuple)` byte for byte.
+fn py_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c == '\x7f' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+/// `str()` of a Python tuple of strings: the keys of the by-category answers, as the
+/// compatible API's clients compare them (injected into the `stats` kinds at start).
+pub fn python_tuple(items: &[&str]) -> String {
+    let parts: Vec<String> = items.iter().map(|s| py_repr(s)).collect();
+    if parts.len() == 1 {
+        format!("({},)", parts[0])
+    } else {
+        format!("({})", parts.join(", "))
+    }
+}
 
 /// A JSON response from text we built ourselves.
 fn json_text(status: StatusCode, body: String) -> Response {
@@ -109,7 +165,7 @@ pub async fn compute(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let route = query.route();
+    let route = route(query);
     let params = match parse_body(&headers, body) {
         Ok(p) => p,
         Err(res) => {
@@ -145,8 +201,8 @@ pub async fn compute(
         .await;
     let res = match submitted {
         Ok(id) => {
-            tracing::info!(route, job_id = %id, "api response out");
-            return json_text(StatusCode::OK, format!("{{\"job_id\":\"{id}\"}}"));
+            tracing::info!(route, job_id = %Wire(id), "api response out");
+            return json_text(StatusCode::OK, format!("{{\"job_id\":\"{}\"}}", Wire(id)));
         }
         Err(SubmitError::ShuttingDown) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
         Err(e @ SubmitError::QueueFull { .. }) => {
@@ -180,7 +236,7 @@ pub async fn compute(
 )]
 pub async fn get_results(State(st): State<AppState>, Path(raw): Path<String>) -> Response {
     tracing::info!(route = "get_results", job_id = %raw, "api request in");
-    let res = match raw.parse::<JobId>() {
+    let res = match crate::api::ids::parse(&raw).ok_or(()) {
         Err(()) => error(StatusCode::NOT_FOUND, "Invalid job_id"),
         // A job still in flight here may finish within the poll hold: answer then,
         // rather than "running" now and again at the client's next poll. A job still
@@ -276,7 +332,7 @@ pub async fn jobs(State(st): State<AppState>) -> Response {
             } else {
                 "running"
             };
-            let _ = write!(out, "{{\"{id}\":\"{s}\"}}");
+            let _ = write!(out, "{{\"{}\":\"{s}\"}}", Wire(*id));
         }
         if full {
             match l.st.engine.store().statuses(last, JOBS_PAGE).await {
@@ -385,6 +441,27 @@ pub async fn noop_result(Path(_id): Path<String>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_repr_matches_python() {
+        // Expected strings written as Python 3 prints them.
+        let cases = [
+            (
+                vec!["Alabama", "Income", "$15,000 - $24,999"],
+                "('Alabama', 'Income', '$15,000 - $24,999')",
+            ),
+            (
+                vec!["Guam", "Education", "Don't know"],
+                "('Guam', 'Education', \"Don't know\")",
+            ),
+            (vec!["a'b\"c", "x"], "('a\\'b\"c', 'x')"),
+            (vec!["back\\slash", "tab\t"], "('back\\\\slash', 'tab\\t')"),
+            (vec!["one"], "('one',)"),
+        ];
+        for (items, expect) in cases {
+            assert_eq!(python_tuple(&items), expect);
+        }
+    }
 
     #[test]
     fn json_content_types_are_recognised() {

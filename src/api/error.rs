@@ -8,6 +8,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
+use super::ids::Wire;
 use crate::jobs::engine::{CancelError, RetryError, SubmitError};
 use crate::store::StoreError;
 
@@ -129,11 +130,37 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+/// A refused cancel in words, with the job's id as clients write it.
+pub fn cancel_refusal(e: &CancelError) -> String {
+    match e {
+        CancelError::NotFound(id) => format!("job {} not found", Wire(*id)),
+        CancelError::AlreadyFinished { id, status } => {
+            format!("job {} already {}", Wire(*id), status.as_str())
+        }
+        CancelError::Store(s) => s.to_string(),
+    }
+}
+
+/// A refused retry in words, with the job's id as clients write it.
+pub fn retry_refusal(e: &RetryError) -> String {
+    match e {
+        RetryError::NotFound(id) => format!("job {} not found", Wire(*id)),
+        RetryError::NotRetryable { id, status } => format!(
+            "job {} is {}; only failed or cancelled jobs run again",
+            Wire(*id),
+            status.as_str()
+        ),
+        RetryError::ShuttingDown | RetryError::QueueFull { .. } | RetryError::Store(_) => {
+            e.to_string()
+        }
+    }
+}
+
 impl From<CancelError> for ApiError {
     fn from(e: CancelError) -> Self {
         match e {
-            CancelError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            CancelError::AlreadyFinished { .. } => ApiError::Conflict(e.to_string()),
+            CancelError::NotFound(_) => ApiError::NotFound(cancel_refusal(&e)),
+            CancelError::AlreadyFinished { .. } => ApiError::Conflict(cancel_refusal(&e)),
             CancelError::Store(s) => s.into(),
         }
     }
@@ -142,8 +169,8 @@ impl From<CancelError> for ApiError {
 impl From<RetryError> for ApiError {
     fn from(e: RetryError) -> Self {
         match e {
-            RetryError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            RetryError::NotRetryable { .. } => ApiError::Conflict(e.to_string()),
+            RetryError::NotFound(_) => ApiError::NotFound(retry_refusal(&e)),
+            RetryError::NotRetryable { .. } => ApiError::Conflict(retry_refusal(&e)),
             RetryError::ShuttingDown => ApiError::ShuttingDown,
             RetryError::QueueFull { .. } => ApiError::QueueFull(e.to_string()),
             RetryError::Store(s) => s.into(),

@@ -27,6 +27,7 @@ pub mod cross_site;
 pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod ids;
 pub mod openapi;
 pub mod ops;
 pub mod overview;
@@ -113,7 +114,7 @@ fn tables(
         .delete("/v1/datasets/{name}", storage::delete);
     for query in Query::ALL {
         guarded = guarded.post(
-            &format!("/api/{}", query.route()),
+            &format!("/api/{}", compat::route(query)),
             move |st, headers, body| compat::compute(st, query, headers, body),
         );
     }

@@ -372,7 +372,7 @@ pub fn document(routes: &[RouteEntry], kinds: &[String]) -> Value {
     let paths = doc["paths"].as_object_mut().map(std::mem::take);
     let mut paths = paths.unwrap_or_default();
     for q in Query::ALL {
-        paths.insert(format!("/api/{}", q.route()), compat_query(q));
+        paths.insert(format!("/api/{}", super::compat::route(q)), compat_query(q));
     }
     // Keep only what the router serves (the test-only routes come and go with it).
     paths.retain(|path, item| {
@@ -466,8 +466,8 @@ fn compat_query(q: Query) -> Value {
     json!({
         "post": {
             "tags": ["statistics"],
-            "operationId": q.route(),
-            "summary": format!("Queue the `{}` computation", q.route()),
+            "operationId": super::compat::route(q),
+            "summary": format!("Queue the `{}` computation", super::compat::route(q)),
             "description": format!(
                 "Runs as a `{}` job; poll `/api/get_results/{{job_id}}`. Bad params still get \
                  an id; the job's result names the problem.{state}",

@@ -19,7 +19,7 @@ use super::openapi::wire;
 use super::AppState;
 use crate::csv::datasets::{check_name, DatasetError};
 use crate::csv::job::KIND;
-use crate::jobs::model::{JobId, JobStatus, NewJob};
+use crate::jobs::model::{JobStatus, NewJob};
 
 impl From<DatasetError> for ApiError {
     fn from(e: DatasetError) -> Self {
@@ -219,7 +219,9 @@ pub async fn compat_submit(
             false,
         )
         .await?;
-    Ok(Json(json!({ "Task started, your id": id.to_string() })))
+    Ok(Json(
+        json!({ "Task started, your id": crate::api::ids::text(id) }),
+    ))
 }
 
 /// The number of tasks in progress (queued or running), as a bare JSON number.
@@ -262,7 +264,7 @@ pub async fn get_json(State(st): State<AppState>, Path(raw): Path<String>) -> Re
             json!({ "status": "error", "error": format!("no task with id {raw:?}") }),
         )
     };
-    let Ok(id) = raw.parse::<JobId>() else {
+    let Ok(id) = crate::api::ids::parse(&raw).ok_or(()) else {
         return unknown();
     };
     if st.engine.is_in_flight(id) {

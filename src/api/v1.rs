@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::error::{ApiError, ApiJson};
+use super::ids::{self, Wire};
 use super::openapi::wire;
 use super::AppState;
 use crate::jobs::model::{JobId, JobRecord, JobStatus, ListFilter, NewJob};
@@ -66,7 +67,7 @@ pub(crate) fn rfc3339(ms: i64) -> String {
 
 fn view(r: JobRecord, progress: Option<(u64, u64)>) -> JobView {
     JobView {
-        id: r.id.to_string(),
+        id: ids::text(r.id),
         kind: r.kind,
         status: r.status.as_str(),
         params: r.params,
@@ -82,7 +83,7 @@ fn view(r: JobRecord, progress: Option<(u64, u64)>) -> JobView {
 }
 
 fn parse_id(raw: &str) -> Result<JobId, ApiError> {
-    raw.parse::<JobId>().map_err(|()| {
+    crate::api::ids::parse(raw).ok_or(()).map_err(|()| {
         ApiError::NotFound(format!("no job with id {raw:?} (ids look like job_id_1)"))
     })
 }
@@ -134,11 +135,11 @@ pub async fn submit(
             true,
         )
         .await?;
-    let location = format!("/v1/jobs/{id}");
+    let location = format!("/v1/jobs/{}", Wire(id));
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
-        Json(serde_json::json!({ "id": id.to_string(), "status": "queued" })),
+        Json(serde_json::json!({ "id": ids::text(id), "status": "queued" })),
     )
         .into_response())
 }
@@ -204,7 +205,7 @@ pub async fn cancel(
     let id = parse_id(&raw)?;
     st.engine.cancel(id).await?;
     Ok(Json(
-        serde_json::json!({ "id": id.to_string(), "status": "cancelled" }),
+        serde_json::json!({ "id": ids::text(id), "status": "cancelled" }),
     ))
 }
 
@@ -230,8 +231,8 @@ pub async fn retry(
     st.engine.retry(id).await?;
     Ok((
         StatusCode::ACCEPTED,
-        [(header::LOCATION, format!("/v1/jobs/{id}"))],
-        Json(serde_json::json!({ "id": id.to_string(), "status": "queued" })),
+        [(header::LOCATION, format!("/v1/jobs/{}", Wire(id)))],
+        Json(serde_json::json!({ "id": ids::text(id), "status": "queued" })),
     )
         .into_response())
 }
@@ -287,7 +288,7 @@ pub async fn list(
             }
             "cursor" => {
                 filter.before =
-                    Some(v.parse::<JobId>().map_err(|()| {
+                    Some(crate::api::ids::parse(v).ok_or(()).map_err(|()| {
                         ApiError::BadRequest(format!("cursor {v:?} is not a job id"))
                     })?)
             }
@@ -300,7 +301,7 @@ pub async fn list(
     }
     let jobs = st.engine.store().list(&filter).await?;
     let next = (jobs.len() == filter.limit)
-        .then(|| jobs.last().map(|j| j.id.to_string()))
+        .then(|| jobs.last().map(|j| ids::text(j.id)))
         .flatten();
     let views: Vec<JobView> = jobs.into_iter().map(|r| view(r, None)).collect();
     Ok(Json(

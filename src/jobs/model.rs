@@ -6,29 +6,14 @@ use std::str::FromStr;
 
 use serde_json::Value;
 
-/// A job id, allocated by the store. On the wire it is `job_id_N`, the format the
-/// compatible statistics API prescribes, so one id works on every route.
+/// A job id, allocated by the store: a number. How clients write it (`job_id_N`) is the
+/// HTTP edge's business (`api::ids`); logs show the number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct JobId(pub u64);
 
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "job_id_{}", self.0)
-    }
-}
-
-impl FromStr for JobId {
-    type Err = ();
-    /// Accepts exactly `job_id_N` with N a positive decimal without sign or leading zeros.
-    fn from_str(s: &str) -> Result<Self, ()> {
-        let digits = s.strip_prefix("job_id_").ok_or(())?;
-        if digits.is_empty()
-            || digits.starts_with('0')
-            || !digits.bytes().all(|b| b.is_ascii_digit())
-        {
-            return Err(());
-        }
-        digits.parse::<u64>().map(JobId).map_err(|_| ())
+        write!(f, "{}", self.0)
     }
 }
 
@@ -204,26 +189,6 @@ pub struct ListFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn job_ids_round_trip_and_reject_lookalikes() {
-        assert_eq!("job_id_1".parse::<JobId>(), Ok(JobId(1)));
-        assert_eq!(JobId(42).to_string(), "job_id_42");
-        for bad in [
-            "",
-            "job_id_",
-            "job_id_0",
-            "job_id_01",
-            "job_id_-1",
-            "job_id_+1",
-            "job_id_1a",
-            "JOB_ID_1",
-            "1",
-            "job_id_99999999999999999999999",
-        ] {
-            assert!(bad.parse::<JobId>().is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn status_codes_round_trip() {

@@ -109,8 +109,9 @@ impl Query {
         Query::StateMeanByCategory,
     ];
 
-    /// The route name (`/api/<route>`), also the job kind's suffix (`stats.<route>`).
-    pub fn route(self) -> &'static str {
+    /// The computation's name, the job kind's suffix (`stats.<name>`). (The compatible
+    /// API's routes happen to use the same words; `api::compat` owns those.)
+    pub fn name(self) -> &'static str {
         match self {
             Query::StatesMean => "states_mean",
             Query::StateMean => "state_mean",
@@ -125,7 +126,7 @@ impl Query {
     }
 
     pub fn kind(self) -> String {
-        format!("stats.{}", self.route())
+        format!("stats.{}", self.name())
     }
 
     pub fn needs_state(self) -> bool {
@@ -138,44 +139,6 @@ impl Query {
             | Query::DiffFromMean
             | Query::MeanByCategory => false,
         }
-    }
-}
-
-/// Writes a string the way Python's `repr` does (single quotes unless the text holds a
-/// single quote and no double quote), so tuple keys match `str(tuple)` byte for byte.
-pub fn py_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push(quote);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if (c as u32) < 0x20 || c == '\x7f' => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push(quote);
-    out
-}
-
-/// `str()` of a Python tuple of strings.
-pub fn py_tuple(items: &[&str]) -> String {
-    let parts: Vec<String> = items.iter().map(|s| py_repr(s)).collect();
-    if parts.len() == 1 {
-        format!("({},)", parts[0])
-    } else {
-        format!("({})", parts.join(", "))
     }
 }
 
@@ -263,11 +226,14 @@ impl Dataset {
     }
 
     /// Runs one computation. Errors are the `reason` of the compatible API's error result.
+    /// `group_key` writes the key of a (state,) category, segment group: the wire's
+    /// business (the compatible API wants Python tuples), not the computation's.
     pub fn compute(
         &self,
         query: Query,
         question: &str,
         state: Option<&str>,
+        group_key: &GroupKey,
     ) -> Result<Value, String> {
         let q = self
             .questions
@@ -322,7 +288,7 @@ impl Dataset {
                 states.sort();
                 for s in states {
                     for ((cat, seg), acc) in &q.by_category[s] {
-                        out.insert(py_tuple(&[s, cat, seg]), num(acc.mean()));
+                        out.insert(group_key(&[s, cat, seg]), num(acc.mean()));
                     }
                 }
             }
@@ -332,7 +298,7 @@ impl Dataset {
                 let mut inner = Map::new();
                 if let Some(cats) = q.by_category.get(s) {
                     for ((cat, seg), acc) in cats {
-                        inner.insert(py_tuple(&[cat, seg]), num(acc.mean()));
+                        inner.insert(group_key(&[cat, seg]), num(acc.mean()));
                     }
                 }
                 out.insert(s.to_string(), Value::Object(inner));
@@ -357,9 +323,13 @@ fn sorted_means(q: &QuestionData) -> Vec<(&str, f64)> {
 type MemoKey = (String, Option<String>);
 
 /// The `stats.<route>` job kind: params `{"question": .., "state": ..}`.
+/// Writes the key of a group of rows (its state, category and segment names).
+pub type GroupKey = dyn Fn(&[&str]) -> String + Send + Sync;
+
 struct StatsJob {
     dataset: Arc<Dataset>,
     query: Query,
+    group_key: Arc<GroupKey>,
     /// Serialized results by (question, state). The dataset never changes after
     /// loading, so an answer computed once is the answer forever. Only successful
     /// answers are kept, so the cache is bounded by the dataset (questions × states),
@@ -395,7 +365,7 @@ impl JobHandler for StatsJob {
         ctx.checkpoint()?;
         let (question, state) = params_of(self.query, params).map_err(JobError::Failed)?;
         self.dataset
-            .compute(self.query, &question, state.as_deref())
+            .compute(self.query, &question, state.as_deref(), &*self.group_key)
             .map_err(JobError::Failed)
     }
 
@@ -408,7 +378,7 @@ impl JobHandler for StatsJob {
         }
         let text = self
             .dataset
-            .compute(self.query, &key.0, key.1.as_deref())
+            .compute(self.query, &key.0, key.1.as_deref(), &*self.group_key)
             .map_err(JobError::Failed)?
             .to_string();
         self.memo.write().insert(key, Arc::from(text.as_str()));
@@ -416,13 +386,16 @@ impl JobHandler for StatsJob {
     }
 }
 
-pub fn register(reg: &mut Registry, dataset: Arc<Dataset>) {
+/// Registers the nine `stats.<name>` kinds; `group_key` writes the keys of the
+/// by-category answers.
+pub fn register(reg: &mut Registry, dataset: Arc<Dataset>, group_key: Arc<GroupKey>) {
     for query in Query::ALL {
         reg.register(
             query.kind(),
             Arc::new(StatsJob {
                 dataset: dataset.clone(),
                 query,
+                group_key: group_key.clone(),
                 memo: RwLock::new(HashMap::new()),
             }),
         );
@@ -433,32 +406,11 @@ pub fn register(reg: &mut Registry, dataset: Arc<Dataset>) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn python_repr_matches_python() {
-        // Expected strings written as Python 3 prints them.
-        let cases = [
-            (
-                vec!["Alabama", "Income", "$15,000 - $24,999"],
-                "('Alabama', 'Income', '$15,000 - $24,999')",
-            ),
-            (
-                vec!["Guam", "Education", "Don't know"],
-                "('Guam', 'Education', \"Don't know\")",
-            ),
-            (vec!["a'b\"c", "x"], "('a\\'b\"c', 'x')"),
-            (vec!["back\\slash", "tab\t"], "('back\\\\slash', 'tab\\t')"),
-            (vec!["one"], "('one',)"),
-        ];
-        for (items, expect) in cases {
-            assert_eq!(py_tuple(&items), expect);
-        }
-    }
-
     const HEADER: &str = "LocationDesc,Question,Data_Value,StratificationCategory1,Stratification1";
 
     fn check(csv: &str, query: Query, question: &str, state: Option<&str>, expect: &str) {
         let d = Dataset::load(csv.as_bytes()).unwrap();
-        let got = match d.compute(query, question, state) {
+        let got = match d.compute(query, question, state, &crate::api::compat::python_tuple) {
             Ok(v) => v.to_string(),
             Err(e) => format!("error: {e}"),
         };
