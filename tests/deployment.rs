@@ -650,3 +650,23 @@ async fn a_replica_killed_while_nginx_serves_costs_no_request_and_no_job() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[test]
+fn compose_and_this_test_fill_the_same_placeholders_of_the_one_nginx_template() {
+    let template = std::fs::read_to_string(nginx::template_path()).unwrap();
+    let found: BTreeSet<&str> = template
+        .match_indices("${")
+        .filter_map(|(at, _)| template[at + 2..].split('}').next())
+        .collect();
+    assert_eq!(found, nginx::PLACEHOLDERS.into_iter().collect());
+    let compose =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("compose.yaml"))
+            .unwrap();
+    assert!(
+        compose.contains("./deploy/nginx.conf.template:/etc/nginx/templates/default.conf.template"),
+        "compose.yaml mounts the repository's template where the nginx image renders it"
+    );
+    for p in nginx::PLACEHOLDERS {
+        assert!(compose.contains(&format!("{p}:")), "compose.yaml sets {p}");
+    }
+}
