@@ -15,12 +15,16 @@ replica). Celery comes from PyPI, pinned, in bench/.venv, which the script creat
 
 The client: P processes x T threads (the same for both systems). Each thread loops:
   - tally: POST /v1/jobs {"kind": "test.echo", "params": {"n": i}} on one replica, then
-    GET /v1/jobs/{id} until "done" -- on the *next* replica when there are several
-    (the client round-robins over the replicas itself, no nginx: a poll is always served
-    by a replica that did not take the submission, so every poll reads Redis);
+    GET /api/get_results/{id} until done (that route holds a poll up to --poll-hold-ms
+    for a job this replica runs), pausing --poll-pause-ms between polls. With several
+    replicas the client round-robins over them itself (no nginx) and polls the *next*
+    replica, not the one that took the job: every poll is a cross-replica read. HTTP is
+    a small keep-alive client on a raw socket (see Http);
   - Celery: echo.delay(i), then AsyncResult.get() (the Redis backend waits on pub/sub).
-Both tasks return their argument. jobs/s counts jobs whose result the client saw, after
-a warm-up; p50/p99 are submit -> result seen.
+Both tasks return their argument, which the client checks. jobs/s counts jobs whose
+result the client saw, after a warm-up; p50/p99 are submit -> result seen. CPU ms/job is
+the CPU time of the client processes, the servers (tally replicas, or Celery nodes with
+their pool processes) and redis-server over the measured window, per job.
 
 The failover part starts 3 replicas with --lease-ms L, fills the queue with
 test.sleep jobs, kills one replica (kill -9) while both its workers run jobs, and
@@ -316,7 +320,7 @@ def drive(kind, targets, procs, threads, seconds, warm_s, app_dir=None, servers=
 
 # ---------------------------------------------------------------- the systems
 
-def start_tally(procs, redis_port, n, lease_ms, log_dir):
+def start_tally(procs, redis_port, n, lease_ms, log_dir, workers=2):
     out = []
     for i in range(n):
         port = free_port()
@@ -326,7 +330,7 @@ def start_tally(procs, redis_port, n, lease_ms, log_dir):
                 ROOT / "target/release/tally", "serve",
                 "--bind", f"127.0.0.1:{port}",
                 "--store", f"redis://127.0.0.1:{redis_port}/0",
-                "--workers", "2", "--enable-test-jobs",
+                "--workers", str(workers), "--enable-test-jobs",
                 "--lease-ms", str(lease_ms),
                 "--log-level", "warn",
                 "--shutdown-timeout", "5",
@@ -463,6 +467,8 @@ def main():
                     help="Redis persistence for both systems")
     ap.add_argument("--poll-pause-ms", type=float, default=1,
                     help="tally client: pause between two polls of an unfinished job")
+    ap.add_argument("--tally-workers", type=int, default=2,
+                    help="--workers of each replica (Celery nodes keep --concurrency 2)")
     ap.add_argument("--skip-celery", action="store_true")
     args = ap.parse_args()
     if shutil.which("redis-server") is None:
@@ -500,7 +506,7 @@ def main():
         rows = []
         for n in [int(x) for x in args.replicas.split(",")]:
             redis_cli(rport, "FLUSHALL")
-            reps = start_tally(procs, rport, n, 30_000, work)
+            reps = start_tally(procs, rport, n, 30_000, work, args.tally_workers)
             t = drive("tally", [p for _, p in reps], args.procs, threads, args.seconds, args.warmup,
                       servers=[p.pid for p, _ in reps], redis_pid=redis.pid,
                       pause=args.poll_pause_ms / 1000)
@@ -514,7 +520,7 @@ def main():
                           servers=[p.pid for p in nodes], redis_pid=redis.pid)
                 for p in nodes:
                     procs.stop(p)
-            for name, r in ((f"tally x{n} (2 workers each)", t), (f"celery x{n} (prefork 2 each)", c)):
+            for name, r in ((f"tally x{n} ({args.tally_workers} workers each)", t), (f"celery x{n} (prefork 2 each)", c)):
                 if r is None:
                     continue
                 ratio = f"{t['jobs_per_s'] / c['jobs_per_s']:.1f}x" if c and r is t else ""
@@ -535,5 +541,7 @@ def main():
 
 
 if __name__ == "__main__":
+    # A SIGTERM (timeout, Ctrl-C's cousin) still stops every child this script started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ensure_venv()
     main()
