@@ -13,6 +13,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use tower_http::add_extension::AddExtensionLayer;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 use crate::config::Secret;
 use crate::csv::datasets::DataDir;
@@ -193,11 +198,33 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
         .layer(cross_site::CrossSiteLayer::new(opts.allowed_origins))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn(move |mut req: Request, next: Next| {
-            req.extensions_mut().insert(BodyLimit(limit));
-            next.run(req)
-        }))
+        // The limit, for the errors that name it.
+        .layer(AddExtensionLayer::new(BodyLimit(limit)))
+        // A panic in a handler answers a problem document instead of dropping the
+        // connection (input never panics on purpose; this is the net under it).
+        .layer(CatchPanicLayer::custom(panicked))
+        // A span per request at debug level (off by default: free); the bearer token
+        // never shows in it.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::DEBUG))
+                .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
+        )
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
         .with_state(state)
+}
+
+/// The answer to a request whose handler panicked: logged with its message, answered as
+/// an opaque 500.
+fn panicked(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let msg = err
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| err.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    ApiError::Internal(format!("a handler panicked: {msg}")).into_response()
 }
 
 /// Counts every request by route template and status, and times it.
