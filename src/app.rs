@@ -107,7 +107,7 @@ impl Application {
                         workers: cfg.worker_count(),
                         response_timeout: REDIS_RESPONSE_TIMEOUT,
                     },
-                    metrics.clone(),
+                    &metrics,
                 )
                 .await
                 .with_context(|| format!("connecting to the store {}", cfg.store))?;
@@ -122,7 +122,7 @@ impl Application {
                                 sync: cfg.sqlite_sync,
                                 commit_delay: Duration::from_micros(cfg.sqlite_commit_delay_us),
                             },
-                            metrics.clone(),
+                            &metrics,
                         )
                         .with_context(|| format!("opening the store {}", cfg.store))?,
                     ),
@@ -133,7 +133,6 @@ impl Application {
                     cfg.queue_capacity as usize,
                     cfg.worker_count(),
                     lease,
-                    metrics.clone(),
                 ));
                 (store, queue)
             }
@@ -174,7 +173,7 @@ impl Application {
             queue,
             store.clone(),
             registry,
-            metrics.clone(),
+            &metrics,
             EngineOptions {
                 workers: cfg.worker_count(),
                 job_timeout: cfg.job_timeout(),
@@ -194,7 +193,7 @@ impl Application {
                 process_delay_max_ms: cfg.process_delay_max_ms,
                 reorder_capacity: cfg.reorder_capacity as usize,
             },
-            metrics.clone(),
+            &metrics,
         ) {
             Ok(p) => p,
             Err(e) => {
@@ -206,6 +205,9 @@ impl Application {
 
         let state: AppState = Arc::new(AppContext {
             engine,
+            http_metrics: api::HttpMetrics::register(&metrics),
+            server_metrics: api::server::ServerMetrics::register(&metrics),
+            gauges: api::ops::Gauges::register(&metrics),
             metrics,
             auth: cfg.auth_token.clone(),
             shutdown: CancellationToken::new(),
@@ -284,7 +286,7 @@ impl Application {
         // Live series: the rollup scheduler, the sources, the TCP line listener and the
         // /getSum listener, stopped together.
         let series = SeriesTasks::start(&state, &cfg, line_listener, compat_listener);
-        let http = ServeOptions::new(&cfg, state.metrics.clone());
+        let http = ServeOptions::new(&cfg, state.server_metrics.clone());
         let router = api::router(
             state.clone(),
             RouterOptions {
@@ -398,7 +400,7 @@ impl SeriesTasks {
         }
         if let Some(l) = compat_listener {
             let router = api::series::compat_get_sum_router(state.clone());
-            let http = ServeOptions::new(cfg, state.metrics.clone());
+            let http = ServeOptions::new(cfg, state.server_metrics.clone());
             tasks.spawn(async move {
                 let served =
                     api::server::serve(l, router, http, async move { stop.cancelled().await })

@@ -48,13 +48,7 @@ fn lease_options() -> LeaseOptions {
 }
 
 fn local(store: Arc<dyn Store>) -> Arc<dyn JobQueue> {
-    Arc::new(LocalQueue::new(
-        store,
-        CAPACITY,
-        2,
-        lease_options(),
-        Arc::new(Metrics::new()),
-    ))
+    Arc::new(LocalQueue::new(store, CAPACITY, 2, lease_options()))
 }
 
 fn new_memory_subject() -> Subject {
@@ -79,7 +73,7 @@ fn sqlite_at(dir: Arc<tempfile::TempDir>) -> Subject {
                 sync: SqliteSync::Normal,
                 commit_delay: Duration::ZERO,
             },
-            Arc::new(Metrics::new()),
+            &Metrics::new(),
         )
         .expect("the store opens"),
     );
@@ -141,7 +135,7 @@ async fn redis_on_inner(server: Arc<redis_server::RedisServer>) -> Subject {
             workers: 2,
             response_timeout: Duration::from_secs(2),
         },
-        Arc::new(Metrics::new()),
+        &Metrics::new(),
     )
     .await
     .expect("the redis store opens");

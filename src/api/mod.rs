@@ -22,7 +22,10 @@ use tracing::Level;
 use crate::config::Secret;
 use crate::csv::datasets::DataDir;
 use crate::jobs::engine::Engine;
-use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::{seconds_histogram, HistogramFamily, HttpLabels, Metrics, RouteLabels};
 use crate::pipeline::Pipeline;
 use crate::stats::Query;
 
@@ -53,7 +56,15 @@ pub type AppState = Arc<AppContext>;
 
 pub struct AppContext {
     pub engine: Engine,
+    /// The shared registry (`/metrics` renders it; the series still keep their families
+    /// on it).
     pub metrics: Arc<Metrics>,
+    /// Requests by route and status, and their latency.
+    pub http_metrics: HttpMetrics,
+    /// Open, refused and timed-out connections of every listener.
+    pub server_metrics: Arc<server::ServerMetrics>,
+    /// Values owned by the store and the queue, sampled when `/metrics` is scraped.
+    pub gauges: ops::Gauges,
     /// `Some` when `--auth-token` is set.
     pub auth: Option<Secret>,
     /// Cancelled to ask the application to drain and stop (`/api/graceful_shutdown`).
@@ -227,6 +238,33 @@ fn panicked(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal(format!("a handler panicked: {msg}")).into_response()
 }
 
+/// The HTTP edge's request families (`tally_http_requests`, `..._duration_seconds`).
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: Family<HttpLabels, Counter>,
+    duration: HistogramFamily<RouteLabels>,
+}
+
+impl HttpMetrics {
+    pub fn register(m: &Metrics) -> Self {
+        let h = HttpMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(seconds_histogram),
+        };
+        m.register(
+            "http_requests",
+            "HTTP requests, by route and status",
+            h.requests.clone(),
+        );
+        m.register(
+            "http_request_duration_seconds",
+            "HTTP request latency, by route",
+            h.duration.clone(),
+        );
+        h
+    }
+}
+
 /// Counts every request by route template and status, and times it.
 async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
@@ -248,15 +286,15 @@ async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response
     };
     let started = Instant::now();
     let res = next.run(req).await;
-    st.metrics
-        .http_duration
+    st.http_metrics
+        .duration
         .get_or_create(&RouteLabels {
             method: method.clone(),
             route: route.clone(),
         })
         .observe(started.elapsed().as_secs_f64());
-    st.metrics
-        .http_requests
+    st.http_metrics
+        .requests
         .get_or_create(&HttpLabels {
             method,
             route,

@@ -11,7 +11,10 @@ use super::error::ApiError;
 use super::openapi::wire;
 use super::AppState;
 use crate::jobs::model::JobStatus;
-use crate::metrics::StateLabels;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::{Metrics, StateLabels};
 
 /// Alive: answers without touching the store or the workers.
 #[utoipa::path(
@@ -60,6 +63,43 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
     }
 }
 
+/// Values owned by the store and the queue (which may live in Redis, shared by every
+/// replica), sampled when `/metrics` is scraped rather than kept up to date.
+#[derive(Clone, Default)]
+pub struct Gauges {
+    jobs_in_store: Family<StateLabels, Gauge>,
+    evictions: Gauge,
+    queue_depth: Gauge,
+    queue_leased: Gauge,
+}
+
+impl Gauges {
+    pub fn register(m: &Metrics) -> Self {
+        let g = Gauges::default();
+        m.register(
+            "jobs",
+            "Jobs in the store, by state",
+            g.jobs_in_store.clone(),
+        );
+        m.register(
+            "store_evictions",
+            "Finished results evicted to respect the memory store's cap",
+            g.evictions.clone(),
+        );
+        m.register(
+            "queue_depth",
+            "Jobs waiting for a worker (on every replica)",
+            g.queue_depth.clone(),
+        );
+        m.register(
+            "queue_leased",
+            "Jobs claimed by a worker under a lease (on every replica)",
+            g.queue_leased.clone(),
+        );
+        g
+    }
+}
+
 /// `GET /metrics`: Prometheus/OpenMetrics text.
 #[utoipa::path(
     get,
@@ -72,7 +112,7 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
     if let Ok(c) = st.engine.counts().await {
         let mut c = c;
         for s in JobStatus::ALL {
-            st.metrics
+            st.gauges
                 .jobs_in_store
                 .get_or_create(&StateLabels {
                     state: s.as_str().to_string(),
@@ -80,13 +120,13 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
                 .set(*c.slot(s) as i64);
         }
     }
-    st.metrics
-        .store_evictions
+    st.gauges
+        .evictions
         .set(st.engine.store().evictions() as i64);
     // The queue as a whole (every replica's, with Redis).
     if let Ok(q) = st.engine.queue().stats().await {
-        st.metrics.queue_depth.set(q.waiting as i64);
-        st.metrics.queue_leased.set(q.leased as i64);
+        st.gauges.queue_depth.set(q.waiting as i64);
+        st.gauges.queue_leased.set(q.leased as i64);
     }
     let mut res = st.metrics.render().into_response();
     res.headers_mut().insert(

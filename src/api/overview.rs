@@ -190,7 +190,7 @@ pub(crate) fn replica_views(replicas: Vec<crate::queue::Replica>) -> Vec<Replica
 /// The overview, with what the store could not answer left null.
 pub async fn snapshot(st: &AppState) -> Overview {
     let engine = &st.engine;
-    let m = &st.metrics;
+    let m = engine.metrics();
     let mut store_error = None;
     let jobs = match engine.counts().await {
         Ok(c) => Some(JobCountsView {
@@ -225,7 +225,7 @@ pub async fn snapshot(st: &AppState) -> Overview {
     };
     let outcome = |kind: &str, outcome: &str| {
         counter_of(
-            &m.jobs_finished,
+            &m.finished,
             &OutcomeLabels {
                 kind: kind.to_string(),
                 outcome: outcome.to_string(),
@@ -236,11 +236,11 @@ pub async fn snapshot(st: &AppState) -> Overview {
         .registry()
         .kinds()
         .map(|kind| {
-            let summary = m.recent_durations.summary(kind);
+            let summary = m.recent.summary(kind);
             KindView {
                 kind: kind.to_string(),
                 submitted: counter_of(
-                    &m.jobs_submitted,
+                    &m.submitted,
                     &KindLabels {
                         kind: kind.to_string(),
                     },
@@ -284,7 +284,7 @@ pub async fn snapshot(st: &AppState) -> Overview {
 
 /// The pipeline's counters and buffer.
 pub fn pipeline_view(st: &AppState) -> PipelineView {
-    let m = &st.metrics;
+    let m = st.pipeline.metrics();
     let journaled = |status: &str| {
         counter_of(
             &m.events_journaled,

@@ -33,7 +33,48 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::ServeConfig;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::metrics::{Metrics, ReasonLabels};
+
+/// The HTTP listeners' connection families (`tally_http_connections*`), registered once
+/// and shared by every listener.
+#[derive(Clone, Default)]
+pub struct ServerMetrics {
+    pub http_connections: Gauge,
+    pub http_connections_refused: Counter,
+    pub http_connections_timed_out: Family<ReasonLabels, Counter>,
+}
+
+impl ServerMetrics {
+    pub fn register(m: &Metrics) -> Arc<Self> {
+        let s = ServerMetrics::default();
+        m.register(
+            "http_connections",
+            "Open HTTP connections",
+            s.http_connections.clone(),
+        );
+        m.register(
+            "http_connections_refused",
+            "HTTP connections answered 503 and closed because --max-connections were open",
+            s.http_connections_refused.clone(),
+        );
+        m.register(
+            "http_connections_timed_out",
+            "HTTP connections closed by a timeout, by reason (header: the request head was too slow; idle: no request on a keep-alive connection)",
+            s.http_connections_timed_out.clone(),
+        );
+        // Both reasons show from the start, at 0.
+        for reason in ["header", "idle"] {
+            let _ = s.http_connections_timed_out.get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            });
+        }
+        Arc::new(s)
+    }
+}
 
 /// What a new connection past `--max-connections` is told before it is closed.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -64,11 +105,11 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// Open connections at most; past it a new one gets [`BUSY`] and is closed.
     pub max_connections: usize,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<ServerMetrics>,
 }
 
 impl ServeOptions {
-    pub fn new(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(cfg: &ServeConfig, metrics: Arc<ServerMetrics>) -> Self {
         ServeOptions {
             header_timeout: Duration::from_millis(cfg.http_header_timeout_ms),
             idle_timeout: Duration::from_millis(cfg.http_idle_timeout_ms),
@@ -210,12 +251,12 @@ fn refuse(mut stream: TcpStream, lingering: &Arc<Semaphore>) {
 
 /// Counts an open connection and holds its slot until the connection's task ends.
 struct OpenConnection {
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl OpenConnection {
-    fn new(metrics: Arc<Metrics>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+    fn new(metrics: Arc<ServerMetrics>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
         metrics.http_connections.inc();
         OpenConnection {
             metrics,

@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::metrics::EngineMetrics;
 use super::model::{JobCounts, JobId, JobState, JobStatus, NewJob, Outcome};
 use super::{EngineOptions, JobContext, JobError, Registry};
 use crate::metrics::{KindLabels, Metrics};
@@ -137,7 +138,7 @@ struct Inner {
     queue: Arc<dyn JobQueue>,
     store: Arc<dyn Store>,
     registry: Registry,
-    metrics: Arc<Metrics>,
+    metrics: EngineMetrics,
     opts: EngineOptions,
     live: Mutex<HashMap<JobId, Arc<Live>>>,
     /// No new jobs are admitted.
@@ -244,7 +245,7 @@ impl Engine {
         queue: Arc<dyn JobQueue>,
         store: Arc<dyn Store>,
         registry: Registry,
-        metrics: Arc<Metrics>,
+        metrics: &Metrics,
         opts: EngineOptions,
     ) -> Self {
         let (completions, done_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -252,7 +253,7 @@ impl Engine {
             queue,
             store,
             registry,
-            metrics,
+            metrics: EngineMetrics::register(metrics),
             opts,
             live: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
@@ -280,6 +281,11 @@ impl Engine {
 
     pub fn queue(&self) -> &Arc<dyn JobQueue> {
         &self.inner.queue
+    }
+
+    /// The engine's metric families (the dashboard reads them too).
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.inner.metrics
     }
 
     pub fn registry(&self) -> &Registry {
@@ -320,7 +326,15 @@ impl Engine {
                 })?;
         }
         let admitted = self.admitted(&job.kind);
-        let (id, durable) = inner.queue.push(&job, now_ms(), &admitted).await?;
+        let (id, durable) = match inner.queue.push(&job, now_ms(), &admitted).await {
+            Ok(p) => p,
+            Err(e) => {
+                if matches!(e, PushError::Full { .. }) {
+                    inner.metrics.queue_rejections.inc();
+                }
+                return Err(e.into());
+            }
+        };
         if let Err(e) = durable.await {
             // Never acknowledged: stop the job; its outcome cannot be recorded anyway.
             let live = inner.live.lock().get(&id).cloned();
@@ -335,7 +349,7 @@ impl Engine {
         }
         inner
             .metrics
-            .jobs_submitted
+            .submitted
             .get_or_create(&KindLabels { kind: job.kind })
             .inc();
         Ok(id)
@@ -725,8 +739,8 @@ async fn renew_and_reclaim(inner: &Inner, held: &[(JobId, Arc<Live>)], now: i64)
                     }
                 }
             }
-            inner.metrics.queue_reclaims.inc_by(r.requeued.len() as u64);
-            inner.metrics.queue_dead_letters.inc_by(r.dead.len() as u64);
+            inner.metrics.reclaims.inc_by(r.requeued.len() as u64);
+            inner.metrics.dead_letters.inc_by(r.dead.len() as u64);
             for (id, attempts) in &r.dead {
                 tracing::error!(job = %id, attempts, "job failed for good: {}", gave_up(*attempts));
             }
@@ -821,7 +835,7 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
         // were counted, and it stops here.
         if attempt - retry_base > inner.opts.lease.max_attempts {
             let msg = gave_up(attempt - 1 - retry_base);
-            inner.metrics.queue_dead_letters.inc();
+            inner.metrics.dead_letters.inc();
             complete(
                 inner,
                 id,
@@ -1047,7 +1061,7 @@ fn on_settled(inner: &Arc<Inner>, settled: Settled, retrying: &mut Retrying) {
                     }
                 }
                 Finished::Stale => {
-                    inner.metrics.queue_fenced.inc();
+                    inner.metrics.fenced.inc();
                     tracing::warn!(
                         job = %c.id,
                         attempt = c.attempt,
@@ -1060,7 +1074,7 @@ fn on_settled(inner: &Arc<Inner>, settled: Settled, retrying: &mut Retrying) {
             release(inner, c.id, &c.live);
         }
         Settled::Retry(mut c, outcome, wait) => {
-            inner.metrics.store_outcome_retries.inc();
+            inner.metrics.outcome_retries.inc();
             tracing::warn!(
                 job = %c.id,
                 retry_in_ms = wait.as_millis() as u64,

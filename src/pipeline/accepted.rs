@@ -15,7 +15,7 @@ use super::journal::{JournalMsg, Processed};
 use super::log::Sink;
 use super::record::{process, AcceptedRecord, Event};
 use super::AcceptError;
-use crate::metrics::Metrics;
+use super::PipelineMetrics;
 
 /// Most appends folded into one batch.
 const MAX_BATCH: usize = 4096;
@@ -47,7 +47,7 @@ pub(crate) struct AcceptedWriter {
     pub tasks: tokio_util::task::TaskTracker,
     pub stop: tokio_util::sync::CancellationToken,
     pub delay_max_ms: u64,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<PipelineMetrics>,
     /// Published by the journal writer: every seq up to it is durable in the journal.
     pub durable_upto: Arc<AtomicU64>,
 }
@@ -229,7 +229,7 @@ mod tests {
             tasks: tokio_util::task::TaskTracker::new(),
             stop: tokio_util::sync::CancellationToken::new(),
             delay_max_ms: 0,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(PipelineMetrics::default()),
             durable_upto: Arc::new(AtomicU64::new(0)),
         };
         let thread = std::thread::spawn(move || w.run());

@@ -12,7 +12,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::log::Sink;
 use super::record::{AcceptedRecord, JournalRecord, Outcome};
-use crate::metrics::{EventStatusLabels, Metrics};
+use super::PipelineMetrics;
+use crate::metrics::EventStatusLabels;
 
 /// Most messages taken from the channel before writing what is ready.
 const MAX_GROUP: usize = 8192;
@@ -43,7 +44,7 @@ pub(crate) struct JournalWriter {
     pub rx: Receiver<JournalMsg>,
     pub sink: Sink,
     pub next_to_write: u64,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<PipelineMetrics>,
     /// The highest sequence number durable in the journal (every lower one is too).
     pub durable_upto: Arc<AtomicU64>,
 }
@@ -186,7 +187,7 @@ mod tests {
             rx,
             sink: Sink::file(file, 0),
             next_to_write: 1,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(PipelineMetrics::default()),
             durable_upto: durable.clone(),
         };
         for seq in [3, 5, 1, 4] {

@@ -32,7 +32,53 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, Semaphore};
 
-use crate::metrics::{Metrics, ReasonLabels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::{EventStatusLabels, Metrics, ReasonLabels};
+
+/// The pipeline's metric families (`tally_events_*`, `tally_reorder_buffer`).
+#[derive(Clone, Default)]
+pub struct PipelineMetrics {
+    pub events_accepted: Counter,
+    pub events_journaled: Family<EventStatusLabels, Counter>,
+    pub events_rejected: Family<ReasonLabels, Counter>,
+    pub events_recovered: Counter,
+    pub reorder_buffer: Gauge,
+}
+
+impl PipelineMetrics {
+    pub fn register(m: &Metrics) -> Self {
+        let p = PipelineMetrics::default();
+        m.register(
+            "events_accepted",
+            "Pipeline events acknowledged (durable in the accepted log)",
+            p.events_accepted.clone(),
+        );
+        m.register(
+            "events_journaled",
+            "Pipeline events written to the journal, by status (ok, failed)",
+            p.events_journaled.clone(),
+        );
+        m.register(
+            "events_rejected",
+            "Pipeline events refused, by reason (full, draining)",
+            p.events_rejected.clone(),
+        );
+        m.register(
+            "events_recovered",
+            "Accepted events journaled by the recovery at start",
+            p.events_recovered.clone(),
+        );
+        m.register(
+            "reorder_buffer",
+            "Processed events waiting in the reorder buffer for an earlier one",
+            p.reorder_buffer.clone(),
+        );
+        p
+    }
+}
 
 pub use record::{process, AcceptedRecord, Event, JournalRecord, Outcome};
 pub use recovery::accepted_path;
@@ -95,7 +141,7 @@ struct Inner {
     permits: Arc<Semaphore>,
     capacity: usize,
     draining: AtomicBool,
-    metrics: Arc<Metrics>,
+    metrics: Arc<PipelineMetrics>,
     threads: Mutex<Option<Writers>>,
     journal: Option<PathBuf>,
     /// Records in their processing delay (tasks on the runtime), stopped at `close`.
@@ -106,7 +152,8 @@ struct Inner {
 impl Pipeline {
     /// Recovers the logs (see [`recovery`]) and starts the two writer threads. Must be
     /// called inside a tokio runtime (processing delays run on it).
-    pub fn start(opts: PipelineOptions, metrics: Arc<Metrics>) -> Result<Pipeline, PipelineError> {
+    pub fn start(opts: PipelineOptions, registry: &Metrics) -> Result<Pipeline, PipelineError> {
+        let metrics = Arc::new(PipelineMetrics::register(registry));
         let (journal_sink, accepted_sink, next_seq) = match &opts.journal {
             Some(path) => {
                 let r = recovery::recover(path)?;
@@ -127,7 +174,7 @@ impl Pipeline {
         for status in ["ok", "failed"] {
             metrics
                 .events_journaled
-                .get_or_create(&crate::metrics::EventStatusLabels {
+                .get_or_create(&EventStatusLabels {
                     status: status.to_string(),
                 })
                 .inc_by(0);
@@ -191,6 +238,11 @@ impl Pipeline {
                 journal: opts.journal,
             }),
         })
+    }
+
+    /// The pipeline's metric families (the dashboard reads them too).
+    pub fn metrics(&self) -> &PipelineMetrics {
+        &self.inner.metrics
     }
 
     /// The journal file, if it is on disk.

@@ -23,7 +23,6 @@ use super::{
     gave_up, Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Reclaimed, Renewal,
 };
 use crate::jobs::model::{JobId, NewJob, Outcome};
-use crate::metrics::Metrics;
 use crate::store::{
     Attempt, Durable, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError,
 };
@@ -56,7 +55,6 @@ struct Held {
 
 pub struct LocalQueue {
     store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
     opts: LeaseOptions,
     capacity: usize,
     /// Worker threads of this process (for the replicas listing).
@@ -77,17 +75,10 @@ pub struct LocalQueue {
 }
 
 impl LocalQueue {
-    pub fn new(
-        store: Arc<dyn Store>,
-        capacity: usize,
-        workers: usize,
-        opts: LeaseOptions,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, capacity: usize, workers: usize, opts: LeaseOptions) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         LocalQueue {
             store,
-            metrics,
             opts,
             capacity,
             workers,
@@ -104,7 +95,6 @@ impl LocalQueue {
     }
 
     fn enqueue(&self, w: Waiting) {
-        self.metrics.queue_depth.inc();
         // The receiver lives as long as `self`: sending cannot fail.
         let _ = self.tx.send(Item::Job(w));
     }
@@ -122,7 +112,6 @@ impl LocalQueue {
         match leases.get(&id) {
             Some(h) if h.attempt == attempt => {
                 leases.remove(&id);
-                self.metrics.queue_leased.dec();
                 true
             }
             Some(_) => false,
@@ -141,7 +130,6 @@ impl JobQueue for LocalQueue {
         admitted: Admitted<'_>,
     ) -> Result<(JobId, Durable), PushError> {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            self.metrics.queue_rejections.inc();
             return Err(PushError::Full {
                 capacity: self.capacity,
             });
@@ -177,7 +165,6 @@ impl JobQueue for LocalQueue {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Ok(None),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(Closed),
             };
-            self.metrics.queue_depth.dec();
             if self.cancelled.lock().remove(&w.id) {
                 continue;
             }
@@ -190,7 +177,6 @@ impl JobQueue for LocalQueue {
                     expires: Instant::now() + self.opts.lease,
                 },
             );
-            self.metrics.queue_leased.inc();
             // Recorded now, not when it ends: a job that takes the process down with it
             // counts its attempts across restarts, and stops after `--max-attempts`.
             if let Err(e) = self.store.start(w.id, attempt, crate::now_ms()) {
@@ -272,7 +258,6 @@ impl JobQueue for LocalQueue {
                 .collect();
             for (id, _, _) in &ids {
                 leases.remove(id);
-                self.metrics.queue_leased.dec();
             }
             ids
         };
@@ -328,14 +313,7 @@ impl JobQueue for LocalQueue {
             .await
             .map_err(|f| f.error)?;
         if answer == Finished::Recorded {
-            let leased = {
-                let mut leases = self.leases.lock();
-                let had = leases.remove(&id).is_some();
-                if had {
-                    self.metrics.queue_leased.dec();
-                }
-                had
-            };
+            let leased = self.leases.lock().remove(&id).is_some();
             if !leased {
                 // Waiting in the channel (or about to be recovered): skip it there.
                 self.cancelled.lock().insert(id);
@@ -378,12 +356,7 @@ impl JobQueue for LocalQueue {
         );
         // Recovered jobs take queue slots as they free up, so a backlog after a restart
         // cannot overflow the queue; `close` stops the wait.
-        let (slots, stop, tx, metrics) = (
-            self.slots.clone(),
-            self.stop.clone(),
-            self.tx.clone(),
-            self.metrics.clone(),
-        );
+        let (slots, stop, tx) = (self.slots.clone(), self.stop.clone(), self.tx.clone());
         self.tasks.spawn(async move {
             for rec in jobs {
                 let slot = tokio::select! {
@@ -393,7 +366,6 @@ impl JobQueue for LocalQueue {
                     },
                     _ = stop.cancelled() => return,
                 };
-                metrics.queue_depth.inc();
                 let _ = tx.send(Item::Job(Waiting {
                     id: rec.id,
                     kind: rec.kind,

@@ -35,7 +35,63 @@ use super::{Attempt, FinishFailed, FinishPending, Finished, Requeued, Store, Sto
 use crate::jobs::model::{
     JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{batch_histogram, seconds_histogram, Metrics};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+
+/// The store's metric families (`tally_store_*`).
+#[derive(Clone)]
+pub struct SqliteMetrics {
+    commits: Counter,
+    errors: Counter,
+    batch_size: Histogram,
+    commit_duration: Histogram,
+    checkpoint_duration: Histogram,
+}
+
+impl SqliteMetrics {
+    fn register(m: &Metrics) -> Self {
+        let s = SqliteMetrics {
+            commits: Counter::default(),
+            errors: Counter::default(),
+            batch_size: batch_histogram(),
+            commit_duration: seconds_histogram(),
+            checkpoint_duration: seconds_histogram(),
+        };
+        m.register(
+            "store_commits",
+            "Store transactions committed",
+            s.commits.clone(),
+        );
+        m.register(
+            "store_errors",
+            "Store transactions that failed",
+            s.errors.clone(),
+        );
+        m.register(
+            "store_batch_size",
+            "Operations folded into one store transaction",
+            s.batch_size.clone(),
+        );
+        m.register(
+            "store_commit_duration_seconds",
+            "Time to apply and commit one store transaction",
+            s.commit_duration.clone(),
+        );
+        m.register(
+            "store_checkpoint_duration_seconds",
+            "Time to copy the SQLite write-ahead log into the database file",
+            s.checkpoint_duration.clone(),
+        );
+        s
+    }
+
+    fn commit(&self, ops: usize, took: std::time::Duration) {
+        self.commits.inc();
+        self.batch_size.observe(ops as f64);
+        self.commit_duration.observe(took.as_secs_f64());
+    }
+}
 
 /// Largest number of operations folded into one transaction.
 const MAX_BATCH: usize = 4096;
@@ -346,11 +402,7 @@ type Unfinished = HashMap<i64, Live>;
 
 impl SqliteStore {
     /// Opens (or creates) the file, resets nothing, and starts the writer thread.
-    pub fn open(
-        path: &Path,
-        opts: SqliteOptions,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, opts: SqliteOptions, metrics: &Metrics) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir)?;
@@ -430,7 +482,7 @@ impl SqliteStore {
             conn,
             unfinished,
             counts: counts.clone(),
-            metrics,
+            metrics: SqliteMetrics::register(metrics),
             committed,
             unhealthy: unhealthy.clone(),
             blobs: Blobs::default(),
@@ -627,7 +679,7 @@ struct Writer {
     conn: Connection,
     unfinished: Unfinished,
     counts: Arc<Mutex<JobCounts>>,
-    metrics: Arc<Metrics>,
+    metrics: SqliteMetrics,
     /// Wakes the checkpointer after a commit.
     committed: std::sync::mpsc::SyncSender<()>,
     unhealthy: Arc<Mutex<Option<String>>>,
@@ -712,7 +764,7 @@ impl Writer {
                 }
             }
         }
-        self.metrics.store_commit(n, started.elapsed());
+        self.metrics.commit(n, started.elapsed());
         match res {
             Ok(()) => {
                 self.blobs.committed();
@@ -747,7 +799,7 @@ impl Writer {
                 let f = classify(&e, os_errno(&self.conn));
                 tracing::error!(cause = %f.cause, ops = n, "sqlite commit failed");
                 self.blobs.rolled_back();
-                self.metrics.store_errors.inc();
+                self.metrics.errors.inc();
                 if f.transient {
                     *self.unhealthy.lock() = Some(f.cause.clone());
                 }
@@ -778,7 +830,7 @@ impl Writer {
             }
         }
         self.metrics
-            .store_checkpoint_duration
+            .checkpoint_duration
             .observe(started.elapsed().as_secs_f64());
     }
 }
@@ -1575,7 +1627,7 @@ mod tests {
                 sync: SqliteSync::Normal,
                 commit_delay,
             },
-            Arc::new(Metrics::new()),
+            &Metrics::new(),
         )
         .unwrap()
     }
@@ -1595,7 +1647,7 @@ mod tests {
             SqliteStore::open(
                 &dir.path().join("t.db"),
                 SqliteOptions::default(),
-                Arc::new(Metrics::new()),
+                &Metrics::new(),
             )
         };
         let err = open_second().err().expect("the file is taken").to_string();

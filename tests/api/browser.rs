@@ -140,7 +140,11 @@ async fn a_job_submitted_through_the_api_appears_in_the_list_and_its_page_shows_
     assert_eq!(result, json!({ "greeting": "hello from the test" }));
     let params: Value = serde_json::from_str(&b.text("#job-params").await).unwrap();
     assert_eq!(params, json!({ "greeting": "hello from the test" }));
-    assert_eq!(b.text("#job-attempts").await, "1");
+    b.wait_js(
+        "#job-attempts to read 1",
+        "return document.querySelector('#job-attempts')?.textContent === '1'",
+    )
+    .await;
     assert_eq!(
         b.js("return document.getElementById('job-progress').getAttribute('aria-valuenow')")
             .await,
@@ -205,7 +209,11 @@ async fn cancel_and_retry_work_from_the_job_page_and_are_refused_without_the_tok
     b.click("#token-button").await;
     b.type_into("#token-input", TOKEN).await;
     b.click("#token-save").await;
-    assert_eq!(b.text("#token-button").await, "Token: set");
+    b.wait_js(
+        "#token-button to read Token: set",
+        "return document.querySelector('#token-button')?.textContent === 'Token: set'",
+    )
+    .await;
     b.click_confirmed("#job-cancel").await;
     b.wait_js(
         "the cancelled job",
@@ -217,7 +225,11 @@ async fn cancel_and_retry_work_from_the_job_page_and_are_refused_without_the_tok
     // Retry is refused too without the token ("Forget" clears it)...
     b.click("#token-button").await;
     b.click("#token-clear").await;
-    assert_eq!(b.text("#token-button").await, "Token: none");
+    b.wait_js(
+        "#token-button to read Token: none",
+        "return document.querySelector('#token-button')?.textContent === 'Token: none'",
+    )
+    .await;
     b.click_confirmed("#job-retry").await;
     b.wait_js(
         "the second refusal",

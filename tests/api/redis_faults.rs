@@ -198,7 +198,7 @@ async fn a_hundred_thousand_finished_jobs_give_redis_its_memory_back_once_they_e
             workers: 1,
             response_timeout: Duration::from_secs(5),
         },
-        Arc::new(tally::metrics::Metrics::new()),
+        &tally::metrics::Metrics::new(),
     )
     .await
     .unwrap();

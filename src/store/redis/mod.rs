@@ -201,7 +201,8 @@ struct Inner {
     keys: Vec<String>,
     opts: RedisOptions,
     consumer: String,
-    metrics: Arc<Metrics>,
+    /// `tally_store_expirations_total`: finished jobs this replica's janitor deleted.
+    expirations: prometheus_client::metrics::counter::Counter,
     link: Link,
     /// Claimed jobs handed to worker threads.
     ready_tx: crossbeam_channel::Sender<Lease>,
@@ -255,7 +256,7 @@ impl RedisStore {
     /// Connects (failing at once when Redis cannot be reached: the service does not
     /// start on a store it cannot see), registers this process as a consumer and starts
     /// its fetcher, heartbeat and janitor. Must be called inside a tokio runtime.
-    pub async fn open(opts: RedisOptions, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+    pub async fn open(opts: RedisOptions, metrics: &Metrics) -> Result<Self, StoreError> {
         let client = redis::Client::open(opts.url.as_str()).map_err(|e| StoreError::Rejected {
             store: STORE,
             cause: format!("bad --store URL: {e}"),
@@ -283,7 +284,15 @@ impl RedisStore {
                 scripts: Scripts::new(),
                 keys: KEY_NAMES.iter().map(|k| key(k)).collect(),
                 consumer,
-                metrics,
+                expirations: {
+                    let c = prometheus_client::metrics::counter::Counter::default();
+                    metrics.register(
+                        "store_expirations",
+                        "Finished jobs deleted from the store after --result-ttl",
+                        c.clone(),
+                    );
+                    c
+                },
                 link: Link {
                     down: Mutex::new(None),
                     up_since: Mutex::new(Instant::now()),
@@ -604,7 +613,7 @@ impl RedisStore {
                 match inv.invoke_async::<u64>(&mut self.conn()).await {
                     Ok(n) => {
                         inner.expired.fetch_add(n, Ordering::Relaxed);
-                        inner.metrics.store_expirations.inc_by(n);
+                        inner.expirations.inc_by(n);
                         if n < 1000 {
                             break;
                         }
@@ -1023,7 +1032,6 @@ impl JobQueue for RedisStore {
             .arg(self.inner.opts.capacity);
         let id: u64 = self.seen(inv.invoke_async(&mut self.conn()).await)?;
         if id == 0 {
-            self.inner.metrics.queue_rejections.inc();
             return Err(PushError::Full {
                 capacity: self.inner.opts.capacity,
             });
