@@ -166,7 +166,7 @@ fn job(kind: &str, n: i64) -> NewJob {
 }
 
 async fn submit(s: &Subject, j: &NewJob) -> JobId {
-    let (id, durable) = match s.queue.push(j, 1_000, &|_| {}).await {
+    let (id, durable) = match s.queue.push(j, 1_000, &|_, _| {}).await {
         Ok(p) => p,
         Err(e) => panic!("push failed: {e}"),
     };
@@ -394,7 +394,7 @@ pub async fn counts_follow_every_transition_and_never_go_negative(s: Subject) {
     finish(&s, &la, done("1")).await;
     s.queue.cancel(a, 5_000).await.unwrap();
     assert!(matches!(
-        s.queue.retry(b, 6_000, &|_| {}).await.unwrap(),
+        s.queue.retry(b, 6_000, &|_, _| {}).await.unwrap(),
         Requeued::Yes(_)
     ));
     assert_eq!(s.store.counts().await.unwrap(), counts(1, 0, 1, 0, 1));
@@ -540,7 +540,7 @@ pub async fn a_job_whose_attempts_all_expire_is_a_dead_letter(s: Subject) {
 
 pub async fn writes_about_one_job_apply_in_the_order_they_were_sent(s: Subject) {
     // Sent back to back from a worker thread without waiting: insert, start, finish.
-    let (id, durable) = s.queue.push(&job("k", 1), 1_000, &|_| {}).await.unwrap();
+    let (id, durable) = s.queue.push(&job("k", 1), 1_000, &|_, _| {}).await.unwrap();
     let q = s.queue.clone();
     let pending = tokio::task::spawn_blocking(move || {
         let l = q.claim(PATIENCE).unwrap().unwrap();
@@ -581,21 +581,24 @@ pub async fn a_failed_or_cancelled_job_runs_again_under_its_id(s: Subject) {
     let l = claim_now(&s).await;
     finish(&s, &l, done("2")).await;
     assert!(matches!(
-        s.queue.retry(finished, 5_000, &|_| {}).await.unwrap(),
+        s.queue.retry(finished, 5_000, &|_, _| {}).await.unwrap(),
         Requeued::Done
     ));
     assert!(matches!(
-        s.queue.retry(queued, 5_000, &|_| {}).await.unwrap(),
+        s.queue.retry(queued, 5_000, &|_, _| {}).await.unwrap(),
         Requeued::NotFinished(JobStatus::Queued)
     ));
     assert!(matches!(
-        s.queue.retry(JobId(999_999), 5_000, &|_| {}).await.unwrap(),
+        s.queue
+            .retry(JobId(999_999), 5_000, &|_, _| {})
+            .await
+            .unwrap(),
         Requeued::Unknown
     ));
     let admitted = std::sync::Mutex::new(Vec::new());
     match s
         .queue
-        .retry(failed, 5_000, &|id| admitted.lock().unwrap().push(id))
+        .retry(failed, 5_000, &|id, _| admitted.lock().unwrap().push(id))
         .await
         .unwrap()
     {
@@ -645,7 +648,7 @@ pub async fn a_full_queue_refuses_at_once(s: Subject) {
     for i in 0..CAPACITY {
         submit(&s, &job("k", i as i64)).await;
     }
-    match s.queue.push(&job("k", 99), 1_000, &|_| {}).await {
+    match s.queue.push(&job("k", 99), 1_000, &|_, _| {}).await {
         Err(PushError::Full { capacity }) => assert_eq!(capacity, CAPACITY),
         Err(e) => panic!("{e}"),
         Ok((id, _)) => panic!("admitted {id} past the capacity"),

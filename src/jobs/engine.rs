@@ -293,11 +293,10 @@ impl Engine {
     }
 
     /// Starts tracking a job the queue just admitted, when this process will run it.
-    fn admitted(&self, kind: &str) -> impl Fn(JobId) + Send + Sync + '_ {
-        let local = self.inner.queue.is_local();
+    fn admitted(&self, kind: &str) -> impl Fn(JobId, bool) + Send + Sync + '_ {
         let kind = kind.to_string();
-        move |id| {
-            if local {
+        move |id, runs_here| {
+            if runs_here {
                 self.inner
                     .live
                     .lock()

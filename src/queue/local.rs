@@ -138,7 +138,7 @@ impl JobQueue for LocalQueue {
         // commit, and its outcome often lands in the same group commit); the caller
         // hands out the id only once the record is durable.
         let (id, durable) = self.store.submit_begin(job, now_ms).await?;
-        admitted(id);
+        admitted(id, true);
         self.enqueue(Waiting {
             id,
             kind: job.kind.clone(),
@@ -331,7 +331,7 @@ impl JobQueue for LocalQueue {
         let answer = self.store.requeue(id, now_ms).await?;
         if let Requeued::Yes(rec) = &answer {
             self.cancelled.lock().remove(&id);
-            admitted(id);
+            admitted(id, true);
             self.enqueue(Waiting {
                 id,
                 kind: rec.kind.clone(),

@@ -96,8 +96,9 @@ pub struct Reclaimed {
 }
 
 /// Called with the id of a job the moment the queue has it, before any worker can see
-/// it (the engine starts tracking the jobs it admits there).
-pub type Admitted<'a> = &'a (dyn Fn(JobId) + Send + Sync);
+/// it, and whether a worker of this process will run it (the engine then tracks it from
+/// there, so that polls of it are answered and held here).
+pub type Admitted<'a> = &'a (dyn Fn(JobId, bool) + Send + Sync);
 
 #[async_trait]
 pub trait JobQueue: Send + Sync + 'static {

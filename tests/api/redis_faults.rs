@@ -239,7 +239,7 @@ async fn a_hundred_thousand_finished_jobs_give_redis_its_memory_back_once_they_e
                             params: json!({ "i": i }),
                         },
                         0,
-                        &|_| {},
+                        &|_, _| {},
                     )
                     .await
                     .unwrap();

@@ -434,13 +434,16 @@ impl RedisStore {
                             let _ = self.release_lease(lease.id, lease.attempt).await;
                             continue;
                         }
-                        // This worker's claim is served.
-                        let _ =
-                            inner
-                                .wanting
-                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
-                                    w.checked_sub(1)
-                                });
+                        // This worker's claim is served; if a submit served it first,
+                        // nobody waits for this job: back to the queue at once.
+                        let served = inner
+                            .wanting
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1))
+                            .is_ok();
+                        if !served {
+                            let _ = self.release_lease(lease.id, lease.attempt).await;
+                            continue;
+                        }
                         let _ = inner.ready_tx.send(lease);
                     }
                 }
@@ -787,9 +790,13 @@ fn to_record(
 impl Store for RedisStore {
     async fn submit(&self, job: &NewJob, _now_ms: i64) -> Result<JobId, StoreError> {
         let mut inv = self.invocation(&self.inner.scripts.submit);
-        inv.arg(&job.kind).arg(job.params.to_string()).arg(0);
-        let id: u64 = self.seen(inv.invoke_async(&mut self.conn()).await)?;
-        Ok(JobId(id))
+        inv.arg(&job.kind)
+            .arg(job.params.to_string())
+            .arg(0)
+            .arg("")
+            .arg(0);
+        let answer: Vec<u64> = self.seen(inv.invoke_async(&mut self.conn()).await)?;
+        Ok(JobId(answer.first().copied().unwrap_or(0)))
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
@@ -1026,19 +1033,57 @@ impl JobQueue for RedisStore {
         _now_ms: i64,
         admitted: Admitted<'_>,
     ) -> Result<(JobId, Durable), PushError> {
-        let mut inv = self.invocation(&self.inner.scripts.submit);
+        let inner = &self.inner;
+        // A worker of ours waiting for work gets this job straight from the submit
+        // script: no trip through the queue, no claim round trip, and its poll is held
+        // here. Its claim is taken over now and given back if the job was not leased.
+        let here = !inner.closed.load(Ordering::SeqCst)
+            && inner
+                .wanting
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1))
+                .is_ok();
+        let give_back = || {
+            if here {
+                inner.wanting.fetch_add(1, Ordering::SeqCst);
+                inner.want.notify_one();
+            }
+        };
+        let mut inv = self.invocation(&inner.scripts.submit);
         inv.arg(&job.kind)
             .arg(job.params.to_string())
-            .arg(self.inner.opts.capacity);
-        let id: u64 = self.seen(inv.invoke_async(&mut self.conn()).await)?;
-        if id == 0 {
-            return Err(PushError::Full {
-                capacity: self.inner.opts.capacity,
+            .arg(inner.opts.capacity)
+            .arg(if here { inner.consumer.as_str() } else { "" })
+            .arg(inner.opts.lease.lease.as_millis() as u64);
+        let answer: Vec<u64> = match self.seen(inv.invoke_async(&mut self.conn()).await) {
+            Ok(a) => a,
+            Err(e) => {
+                give_back();
+                return Err(e.into());
+            }
+        };
+        let (id, leased) = match answer.as_slice() {
+            [id, leased] if *id > 0 => (JobId(*id), *leased == 1),
+            _ => {
+                give_back();
+                return Err(PushError::Full {
+                    capacity: inner.opts.capacity,
+                });
+            }
+        };
+        admitted(id, leased);
+        if leased {
+            let _ = inner.ready_tx.send(Lease {
+                id,
+                attempt: 1,
+                retry_base: 0,
+                kind: job.kind.clone(),
+                params: job.params.clone(),
             });
+        } else {
+            give_back();
         }
-        admitted(JobId(id));
         // Acknowledged by Redis: as durable as its persistence settings make it.
-        Ok((JobId(id), Box::pin(std::future::ready(Ok(())))))
+        Ok((id, Box::pin(std::future::ready(Ok(())))))
     }
 
     fn claim(&self, wait: Duration) -> Result<Option<Lease>, Closed> {
@@ -1167,7 +1212,7 @@ impl JobQueue for RedisStore {
     ) -> Result<Requeued, PushError> {
         let answer = self.requeue(id, now_ms).await?;
         if matches!(answer, Requeued::Yes(_)) {
-            admitted(id);
+            admitted(id, false);
         }
         Ok(answer)
     }

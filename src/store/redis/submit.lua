@@ -1,14 +1,23 @@
--- ARGV: kind, params (JSON text), capacity (0 = none). Returns the new id, or 0 when the
--- queue already holds `capacity` jobs.
+-- ARGV: kind, params (JSON text), capacity (0 = none), consumer, lease_ms. Returns
+-- {id, 0} for a job queued, {id, 1} for one leased at once to `consumer` (given when that
+-- replica has a worker waiting: the job skips the queue), or {0} when the queue already
+-- holds `capacity` jobs.
 local capacity = tonumber(ARGV[3])
 if capacity > 0 and redis.call('LLEN', K_WAIT) >= capacity then
-  return 0
+  return { 0 }
 end
 local id = redis.call('INCR', K_NEXT)
 local now = now_ms()
-save(id, { k = ARGV[1], s = 'queued', sub = now, a = 0 })
+local consumer = ARGV[4]
 redis.call('HSET', K_PARAMS, id, ARGV[2])
-redis.call('LPUSH', K_WAIT, id)
 redis.call('ZADD', K_ALL, id, id)
+if consumer ~= '' then
+  save(id, { k = ARGV[1], s = 'running', sub = now, st = now, a = 1, o = consumer })
+  redis.call('ZADD', K_LEASES, now + tonumber(ARGV[5]), id)
+  move(id, nil, 'running')
+  return { id, 1 }
+end
+save(id, { k = ARGV[1], s = 'queued', sub = now, a = 0 })
+redis.call('LPUSH', K_WAIT, id)
 move(id, nil, 'queued')
-return id
+return { id, 0 }
