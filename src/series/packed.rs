@@ -24,10 +24,11 @@
 //!   byte `x = d_i - d1` when `-127 <= x <= 127`, else `0x80` and `zz(x)`. A jittered
 //!   grid costs one byte of ~6 bits of entropy per point, a regular one a byte of zero.
 //! * Values: one mode byte, then
-//!   * mode 0, decimal: an exponent `e`, then `zz(m_i)` for each point, where every value
-//!     is exactly `m_i / 10^e` (`|m_i| <= 2^53`; checked bit for bit, so `-0.0` and NaN
-//!     never take this mode);
-//!   * mode 1, decimal deltas: as mode 0 but `zz(m_0)` then `zz(m_i - m_{i-1})`, for
+//!   * mode 0, decimal: an exponent `e` and a width `w` (bytes), then `zz(m_i)` for each
+//!     point as `w` byte planes (least significant first), where every value is exactly
+//!     `m_i / 10^e` (`|m_i| <= 2^53`; checked bit for bit, so `-0.0` and NaN never take
+//!     this mode);
+//!   * mode 1, decimal deltas: as mode 0 with `zz(m_i - m_{i-1})` (`m_{-1} = 0`), for
 //!     values that move slowly;
 //!   * mode 2, bits: the XOR of each value's bits with the previous one's (the first with
 //!     0), as eight byte planes, most significant byte first (zstd then finds the zero
@@ -202,6 +203,23 @@ fn decimal(points: &[(i64, f64)]) -> Option<(usize, Vec<i64>)> {
         .map(|m| (e, m))
 }
 
+/// `[mode, e, w]` and the values as `w` byte planes of `values.len()` bytes each, least
+/// significant first, `w` the fewest bytes that hold every value: fixed positions keep
+/// each plane's statistics apart, where varints would mix them.
+fn planes(mode: u8, e: u8, values: &[u64]) -> Vec<u8> {
+    let max = values.iter().fold(0, |a, &v| a | v);
+    let w = (8 - max.leading_zeros() as usize / 8).max(1);
+    let n = values.len();
+    let mut out = vec![0u8; 3 + w * n];
+    out[..3].copy_from_slice(&[mode, e, w as u8]);
+    for (i, &v) in values.iter().enumerate() {
+        for (k, byte) in v.to_le_bytes().into_iter().take(w).enumerate() {
+            out[3 + k * n + i] = byte;
+        }
+    }
+    out
+}
+
 /// Entropy of the bytes' histogram, in bits: what a Huffman coder gets near.
 fn entropy_bits(bytes: &[u8]) -> f64 {
     let mut hist = [0u32; 256];
@@ -253,7 +271,7 @@ fn ts_capacity(n: usize) -> usize {
 
 /// Bytes of a value column of `n` points at most.
 fn value_capacity(n: usize) -> usize {
-    2 + n * 10
+    3 + n * 8
 }
 
 /// The packed form (tag byte included) and whether its values are decimal, or `None` if
@@ -282,14 +300,14 @@ fn pack(points: &[(i64, f64)]) -> Option<(Vec<u8>, bool)> {
     let is_decimal = dec.is_some();
     let values = match dec {
         Some((e, m)) => {
-            let mut raw = vec![0u8, e as u8];
-            let mut delta = vec![1u8, e as u8];
-            let mut last = 0i64;
-            for &m in &m {
-                put_varint(&mut raw, zz(m));
-                put_varint(&mut delta, zz(m.wrapping_sub(last)));
-                last = m;
-            }
+            let raw: Vec<u64> = m.iter().map(|&m| zz(m)).collect();
+            let delta: Vec<u64> = std::iter::once(0)
+                .chain(m.iter().copied())
+                .zip(m.iter())
+                .map(|(prev, &m)| zz(m.wrapping_sub(prev)))
+                .collect();
+            let raw = planes(0, e as u8, &raw);
+            let delta = planes(1, e as u8, &delta);
             if entropy_bits(&delta) < entropy_bits(&raw) {
                 delta
             } else {
@@ -362,14 +380,22 @@ fn unpack(b: &[u8], n: usize, out: &mut Vec<(i64, f64)>) -> Option<()> {
     match *values.first()? {
         mode @ (0 | 1) => {
             let scale = *POW10.get(usize::from(*values.get(1)?))?;
-            let mut at = 2;
+            let w = usize::from(*values.get(2)?);
+            let planes = values.get(3..)?;
+            if !(1..=8).contains(&w) || planes.len() != w * n {
+                return None;
+            }
             let mut m = 0i64;
-            for p in pts.iter_mut() {
-                let u = unzz(get_varint(&values, &mut at)?);
+            for (i, p) in pts.iter_mut().enumerate() {
+                let mut x = [0u8; 8];
+                for (k, byte) in x.iter_mut().take(w).enumerate() {
+                    *byte = planes[k * n + i];
+                }
+                let u = unzz(u64::from_le_bytes(x));
                 m = if mode == 0 { u } else { m.wrapping_add(u) };
                 p.1 = m as f64 / scale;
             }
-            (at == values.len()).then_some(())
+            Some(())
         }
         2 => {
             let planes = values.get(1..)?;

@@ -1,6 +1,6 @@
 //! The in-memory series store: per series an open, sorted head of recent points (late
 //! points accepted within `--ooo-window-ms` of the series' newest timestamp, or of the
-//! clock when that is in the future), sealed into Gorilla blocks once `--block-points`
+//! clock when that is in the future), sealed into blocks ([`super::packed`]) once `--block-points`
 //! points are older than that window; retention by age (`--retention`), a global limit on
 //! retained points (`--max-points`, oldest blocks evicted first) and on series
 //! (`--max-series`, new series refused); points too far ahead of the clock
@@ -10,7 +10,10 @@
 //! Concurrency: a map of series behind a `parking_lot::RwLock`, each series behind its own
 //! `Mutex`. A series emptied by retention or eviction is removed from the map and its
 //! all-time total folded into `dropped`, so `/getSum` never loses a point; a writer
-//! that raced with the removal sees `removed` and retries on a fresh series.
+//! that raced with the removal sees `removed` and retries on a fresh series. A batch
+//! ([`SeriesStore::insert_handles`]) reads the map once (writes it once when it creates
+//! series) and locks each of its series once; callers that keep [`SeriesHandle`]s between
+//! batches (the line-protocol ingest) skip the map for the series they know.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -482,23 +485,38 @@ impl SeriesStore {
         let mut report = IngestReport::default();
         let mut updates = Vec::new();
         let mut new = found.into_iter().peekable();
+        // Counted before the points go in (and refusals taken back after), so that an
+        // eviction, which needs a series' lock, never subtracts points not yet counted,
+        // with one update of the shared counter per batch instead of one per series.
+        let points: u64 = items.iter().map(|i| i.points.len() as u64).sum();
+        self.retained.fetch_add(points, Ordering::Relaxed);
         for (i, item) in items.iter().enumerate() {
+            let created;
             let arc = match &item.handle {
-                Some(h) => Some(h.0.clone()),
-                None => new.next_if(|f| f.0 == i).map(|f| f.1),
+                Some(h) => &h.0,
+                None => match new.next_if(|f| f.0 == i) {
+                    Some((_, a)) => {
+                        created = a;
+                        &created
+                    }
+                    None => {
+                        report.series_limit += item.points.len() as u64;
+                        continue;
+                    }
+                },
             };
-            let Some(arc) = arc else {
-                report.series_limit += item.points.len() as u64;
-                continue;
-            };
-            let (r, arc) = self.insert_into(item.name, arc, item.points, now_ms);
+            let (r, replaced) = self.insert_into(item.name, arc, item.points, now_ms);
             report.add(r);
-            match (arc, &item.handle) {
-                (Some(a), Some(h)) if Arc::ptr_eq(&a, &h.0) => {}
-                (Some(a), _) => updates.push((i, SeriesHandle(a))),
-                (None, _) => {}
+            match replaced {
+                Some(a) => updates.push((i, SeriesHandle(a))),
+                None if item.handle.is_none() && r.accepted > 0 => {
+                    updates.push((i, SeriesHandle(arc.clone())));
+                }
+                None => {}
             }
         }
+        self.retained
+            .fetch_sub(points - report.accepted, Ordering::Relaxed);
         for (reason, n) in report.reasons() {
             if n > 0 {
                 self.reject(reason, n);
@@ -510,20 +528,23 @@ impl SeriesStore {
     }
 
     /// Inserts into the series `arc` (named `name`), or into its successor when it was
-    /// removed in the meantime; returns the series written to, if it still exists.
+    /// removed in the meantime, which is then returned if it holds points. The caller
+    /// has counted `points` as retained.
     fn insert_into(
         &self,
         name: &str,
-        mut arc: Arc<Mutex<Series>>,
+        arc: &Arc<Mutex<Series>>,
         points: &[(i64, f64)],
         now_ms: i64,
     ) -> (IngestReport, Option<Arc<Mutex<Series>>>) {
+        let mut successor: Option<Arc<Mutex<Series>>> = None;
         loop {
-            let mut s = arc.lock();
+            let cur = successor.as_ref().unwrap_or(arc);
+            let mut s = cur.lock();
             if s.removed {
                 drop(s);
                 match self.get_or_create(name) {
-                    Some(a) => arc = a,
+                    Some(a) => successor = Some(a),
                     None => {
                         let r = IngestReport {
                             series_limit: points.len() as u64,
@@ -535,16 +556,13 @@ impl SeriesStore {
                 continue;
             }
             let r = self.insert_locked(&mut s, points, now_ms);
-            // Counted under the series lock, so an eviction of these points (which needs
-            // the lock) can never subtract them first.
-            self.retained.fetch_add(r.accepted, Ordering::Relaxed);
             let empty = s.points() == 0;
             drop(s);
             if empty {
-                self.remove_if_empty(name, &arc);
+                self.remove_if_empty(name, cur);
                 return (r, None);
             }
-            return (r, Some(arc));
+            return (r, successor);
         }
     }
 
@@ -608,6 +626,9 @@ impl SeriesStore {
     /// Seals full blocks out of the part of the head older than the out-of-order window
     /// (measured from the same reference as lateness, so sealing never overtakes it).
     fn seal(&self, s: &mut Series, now_ms: i64) {
+        if s.head.len() < self.opts.block_points {
+            return;
+        }
         let Some(newest) = s.newest else { return };
         let limit = newest.min(now_ms).saturating_sub(self.opts.ooo_window_ms);
         let bp = self.opts.block_points;
