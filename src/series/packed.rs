@@ -16,23 +16,23 @@
 //! # Packed format (version 1)
 //!
 //! After one tag byte (`0` Gorilla, `1` packed), a packed block is: a varint with the size
-//! of the compressed timestamp column, that column, then the compressed value column
-//! (each a zstd frame). Varints are LEB128; `zz` is zigzag (0, -1, 1, -2, ... as 0, 1, 2,
-//! 3, ...).
+//! of the compressed timestamp column, that column (a zstd frame), then the value column:
+//! a mode byte, an exponent byte, a width `w` (1 to 8) and `zz(base)`, then `w` byte
+//! planes of `u_i`, least significant first, each a varint size and a zstd frame (each
+//! plane its own frame, so its own Huffman table). Varints are LEB128; `zz` is zigzag
+//! (0, -1, 1, -2, ... as 0, 1, 2, 3, ...).
 //!
 //! * Timestamps: `zz(t0)`, `zz(d1)` with `d1 = t1 - t0`, then for each later point one
 //!   byte `x = d_i - d1` when `-127 <= x <= 127`, else `0x80` and `zz(x)`. A jittered
 //!   grid costs one byte of ~6 bits of entropy per point, a regular one a byte of zero.
-//! * Values: one mode byte, then
-//!   * mode 0, decimal: an exponent `e` and a width `w` (bytes), then `zz(m_i)` for each
-//!     point as `w` byte planes (least significant first), where every value is exactly
-//!     `m_i / 10^e` (`|m_i| <= 2^53`; checked bit for bit, so `-0.0` and NaN never take
-//!     this mode);
-//!   * mode 1, decimal deltas: as mode 0 with `zz(m_i - m_{i-1})` (`m_{-1} = 0`), for
-//!     values that move slowly;
-//!   * mode 2, bits: the XOR of each value's bits with the previous one's (the first with
-//!     0), as eight byte planes, most significant byte first (zstd then finds the zero
-//!     and near-constant planes).
+//! * Values, by mode:
+//!   * 0, decimal: every value is exactly `m_i / 10^e` (`|m_i| <= 2^53`; checked bit for
+//!     bit, so `-0.0` and NaN never take this mode), `u_i = m_i - base` with `base` the
+//!     smallest `m_i` (frame of reference);
+//!   * 1, decimal deltas: as mode 0 with `d_i = m_i - m_{i-1}` (`m_{-1} = 0`) in place of
+//!     `m_i`, for values that move slowly;
+//!   * 2, bits: `u_i` is the XOR of each value's bits with the previous one's (the first
+//!     with 0), `base` 0 (zstd then finds the zero and near-constant planes).
 //!
 //! The encoder builds both decimal modes when they apply and keeps the one whose byte
 //! histogram has less entropy, and it keeps the Gorilla form when that is not larger.
@@ -203,23 +203,6 @@ fn decimal(points: &[(i64, f64)]) -> Option<(usize, Vec<i64>)> {
         .map(|m| (e, m))
 }
 
-/// `[mode, e, w]` and the values as `w` byte planes of `values.len()` bytes each, least
-/// significant first, `w` the fewest bytes that hold every value: fixed positions keep
-/// each plane's statistics apart, where varints would mix them.
-fn planes(mode: u8, e: u8, values: &[u64]) -> Vec<u8> {
-    let max = values.iter().fold(0, |a, &v| a | v);
-    let w = (8 - max.leading_zeros() as usize / 8).max(1);
-    let n = values.len();
-    let mut out = vec![0u8; 3 + w * n];
-    out[..3].copy_from_slice(&[mode, e, w as u8]);
-    for (i, &v) in values.iter().enumerate() {
-        for (k, byte) in v.to_le_bytes().into_iter().take(w).enumerate() {
-            out[3 + k * n + i] = byte;
-        }
-    }
-    out
-}
-
 /// Entropy of the bytes' histogram, in bits: what a Huffman coder gets near.
 fn entropy_bits(bytes: &[u8]) -> f64 {
     let mut hist = [0u32; 256];
@@ -269,11 +252,6 @@ fn ts_capacity(n: usize) -> usize {
     20 + n * 11
 }
 
-/// Bytes of a value column of `n` points at most.
-fn value_capacity(n: usize) -> usize {
-    3 + n * 8
-}
-
 /// The packed form (tag byte included) and whether its values are decimal, or `None` if
 /// zstd failed.
 fn pack(points: &[(i64, f64)]) -> Option<(Vec<u8>, bool)> {
@@ -298,45 +276,84 @@ fn pack(points: &[(i64, f64)]) -> Option<(Vec<u8>, bool)> {
     }
     let dec = decimal(points);
     let is_decimal = dec.is_some();
-    let values = match dec {
+    // (mode, exponent, base, offsets from the base)
+    let (mode, e, base, values) = match dec {
         Some((e, m)) => {
-            let raw: Vec<u64> = m.iter().map(|&m| zz(m)).collect();
-            let delta: Vec<u64> = std::iter::once(0)
+            let delta: Vec<i64> = std::iter::once(0)
                 .chain(m.iter().copied())
                 .zip(m.iter())
-                .map(|(prev, &m)| zz(m.wrapping_sub(prev)))
+                .map(|(prev, &m)| m.wrapping_sub(prev))
                 .collect();
-            let raw = planes(0, e as u8, &raw);
-            let delta = planes(1, e as u8, &delta);
-            if entropy_bits(&delta) < entropy_bits(&raw) {
-                delta
+            let (raw_base, raw) = offsets(&m);
+            let (delta_base, delta) = offsets(&delta);
+            if planes_entropy(&delta) < planes_entropy(&raw) {
+                (1, e, delta_base, delta)
             } else {
-                raw
+                (0, e, raw_base, raw)
             }
         }
         None => {
-            let n = points.len();
-            let mut planes = vec![0u8; 1 + 8 * n];
-            planes[0] = 2;
             let mut last = 0u64;
-            for (i, &(_, v)) in points.iter().enumerate() {
-                let x = v.to_bits() ^ last;
-                last = v.to_bits();
-                for (k, byte) in x.to_be_bytes().into_iter().enumerate() {
-                    planes[1 + k * n + i] = byte;
-                }
-            }
-            planes
+            let x = points
+                .iter()
+                .map(|&(_, v)| {
+                    let x = v.to_bits() ^ last;
+                    last = v.to_bits();
+                    x
+                })
+                .collect();
+            (2, 0, 0, x)
         }
     };
     let ts = compress(&ts)?;
-    let values = compress(&values)?;
-    let mut out = Vec::with_capacity(1 + 5 + ts.len() + values.len());
+    let mut out = Vec::with_capacity(16 + ts.len() + values.len() * 2);
     out.push(1);
     put_varint(&mut out, ts.len() as u64);
     out.extend_from_slice(&ts);
-    out.extend_from_slice(&values);
+    let w = width(&values);
+    out.extend_from_slice(&[mode, e as u8, w as u8]);
+    put_varint(&mut out, zz(base));
+    let n = values.len();
+    let mut plane = vec![0u8; n];
+    for k in 0..w {
+        for (byte, v) in plane.iter_mut().zip(&values) {
+            *byte = (v >> (8 * k)) as u8;
+        }
+        let frame = compress(&plane)?;
+        put_varint(&mut out, frame.len() as u64);
+        out.extend_from_slice(&frame);
+    }
     Some((out, is_decimal))
+}
+
+/// The smallest value and every value's offset from it (frame of reference: the offsets
+/// are small non-negative numbers when the values lie close together).
+fn offsets(values: &[i64]) -> (i64, Vec<u64>) {
+    let base = values.iter().copied().min().unwrap_or(0);
+    (
+        base,
+        values
+            .iter()
+            .map(|&v| v.wrapping_sub(base) as u64)
+            .collect(),
+    )
+}
+
+/// Bytes that hold every value (at least one).
+fn width(values: &[u64]) -> usize {
+    let max = values.iter().fold(0, |a, &v| a | v);
+    (8 - max.leading_zeros() as usize / 8).max(1)
+}
+
+/// The entropy, in bits, of the values' byte planes, each with its own histogram (each
+/// plane is its own zstd frame, so its own Huffman table).
+fn planes_entropy(values: &[u64]) -> f64 {
+    (0..width(values))
+        .map(|k| {
+            let plane: Vec<u8> = values.iter().map(|v| (v >> (8 * k)) as u8).collect();
+            entropy_bits(&plane)
+        })
+        .sum()
 }
 
 /// Appends the `n` points of a packed block (without its tag byte) to `out`.
@@ -346,10 +363,31 @@ fn unpack(b: &[u8], n: usize, out: &mut Vec<(i64, f64)>) -> Option<()> {
     }
     let mut at = 0;
     let ts_len = usize::try_from(get_varint(b, &mut at)?).ok()?;
-    let ts_frame = b.get(at..at.checked_add(ts_len)?)?;
-    let value_frame = b.get(at + ts_len..)?;
-    let ts = decompress(ts_frame, ts_capacity(n))?;
-    let values = decompress(value_frame, value_capacity(n))?;
+    let ts = decompress(b.get(at..at.checked_add(ts_len)?)?, ts_capacity(n))?;
+    at += ts_len;
+    let &[mode, e, w] = b.get(at..at + 3)? else {
+        return None;
+    };
+    at += 3;
+    let (w, base) = (usize::from(w), unzz(get_varint(b, &mut at)?));
+    if !(1..=8).contains(&w) {
+        return None;
+    }
+    let mut values = vec![0u64; n];
+    for k in 0..w {
+        let len = usize::try_from(get_varint(b, &mut at)?).ok()?;
+        let plane = decompress(b.get(at..at.checked_add(len)?)?, n)?;
+        at += len;
+        if plane.len() != n {
+            return None;
+        }
+        for (v, &byte) in values.iter_mut().zip(&plane) {
+            *v |= u64::from(byte) << (8 * k);
+        }
+    }
+    if at != b.len() {
+        return None;
+    }
     let start = out.len();
     out.reserve(n);
     // Timestamps.
@@ -377,44 +415,26 @@ fn unpack(b: &[u8], n: usize, out: &mut Vec<(i64, f64)>) -> Option<()> {
     }
     // Values.
     let pts = &mut out[start..];
-    match *values.first()? {
-        mode @ (0 | 1) => {
-            let scale = *POW10.get(usize::from(*values.get(1)?))?;
-            let w = usize::from(*values.get(2)?);
-            let planes = values.get(3..)?;
-            if !(1..=8).contains(&w) || planes.len() != w * n {
-                return None;
-            }
+    match mode {
+        0 | 1 => {
+            let scale = *POW10.get(usize::from(e))?;
             let mut m = 0i64;
-            for (i, p) in pts.iter_mut().enumerate() {
-                let mut x = [0u8; 8];
-                for (k, byte) in x.iter_mut().take(w).enumerate() {
-                    *byte = planes[k * n + i];
-                }
-                let u = unzz(u64::from_le_bytes(x));
-                m = if mode == 0 { u } else { m.wrapping_add(u) };
+            for (p, &v) in pts.iter_mut().zip(&values) {
+                let v = base.wrapping_add(v as i64);
+                m = if mode == 0 { v } else { m.wrapping_add(v) };
                 p.1 = m as f64 / scale;
             }
-            Some(())
         }
         2 => {
-            let planes = values.get(1..)?;
-            if planes.len() != 8 * n {
-                return None;
-            }
             let mut last = 0u64;
-            for (i, p) in pts.iter_mut().enumerate() {
-                let mut x = [0u8; 8];
-                for (k, byte) in x.iter_mut().enumerate() {
-                    *byte = planes[k * n + i];
-                }
-                last ^= u64::from_be_bytes(x);
+            for (p, &x) in pts.iter_mut().zip(&values) {
+                last ^= x;
                 p.1 = f64::from_bits(last);
             }
-            Some(())
         }
-        _ => None,
+        _ => return None,
     }
+    Some(())
 }
 
 #[cfg(test)]
