@@ -181,7 +181,7 @@ fn decimal(points: &[(i64, f64)]) -> Option<(usize, Vec<i64>)> {
     // Checked on what the decoder computes, so `-0.0` (whose mantissa is 0) fails.
     let exact = |v: f64, e: usize| -> Option<i64> {
         let m = (v * POW10[e]).round();
-        if !(m.abs() <= (1u64 << 53) as f64) {
+        if m.is_nan() || m.abs() > (1u64 << 53) as f64 {
             return None;
         }
         let m = m as i64;

@@ -937,7 +937,7 @@ async fn an_interleaved_payload_keeps_every_series_count_and_sum() {
             // Multiples of 1/8 written with three decimals: every sum is exact.
             let v = ((line * 37 + batch) % 800) as f64 / 8.0;
             let ts_ns = (start_s + round as i64) * 1_000_000_000;
-            if line % 7 == 0 {
+            if line.is_multiple_of(7) {
                 body.push_str(&format!(
                     "sensor,region={region},host={host} value={v:.3} {ts_ns}\n"
                 ));
@@ -989,7 +989,7 @@ async fn an_interleaved_payload_keeps_every_series_count_and_sum() {
         assert_eq!(r["total"]["sum"].as_f64(), Some(sum), "{name}");
         assert_eq!(r["retained"]["sum"].as_f64(), Some(sum), "{name}");
         // Every 50th series read back point by point (most from sealed blocks).
-        if i % 50 == 0 {
+        if i.is_multiple_of(50) {
             let (status, q) = app.get(&format!("/v1/series/{name}")).await;
             assert_eq!(status, StatusCode::OK, "{name}: {q}");
             let got: Vec<(i64, f64)> = q["points"]
