@@ -75,6 +75,9 @@ struct Buffers {
 /// Parts a cache holds before it is emptied (at the start of a batch).
 pub const MAX_CACHED_PARTS: usize = 1 << 16;
 
+/// Points of the largest batch whose buffers a cache keeps (~3 MiB of buffers).
+const SPARE_POINTS: usize = 1 << 16;
+
 struct CachedPart {
     /// Escaped key prefix: `measurement,tag=value...`.
     prefix: Box<str>,
@@ -245,12 +248,15 @@ pub fn ingest_lines(
         let (part, f) = groups[item_group[i]];
         cache.parts[part as usize].fields[f as usize].handle = Some(handle);
     }
-    cache.spare = Buffers {
-        groups,
-        points: by_line,
-        bucketed: points,
-        starts,
-    };
+    // Kept only up to the size of ordinary batches, so idle caches stay small.
+    if by_line.capacity() <= SPARE_POINTS {
+        cache.spare = Buffers {
+            groups,
+            points: by_line,
+            bucketed: points,
+            starts,
+        };
+    }
     store.give_part_cache(cache);
     if out.store.accepted > 0 {
         metrics
