@@ -1,34 +1,48 @@
 #!/usr/bin/env bash
-# Ingest rate of Influx line protocol over HTTP, tally against VictoriaMetrics, in one run
-# with the same client and payload.
+# Ingest rate of Influx line protocol over HTTP, tally against VictoriaMetrics, in one run,
+# with the same client (wrk, not tally's own) and the same payload files.
 #
-#   bench/ingest.sh [SECONDS]      (default: 5; about how long tally's run should take)
+#   bench/ingest.sh [ROUNDS] [PAYLOAD...]     (default: 3 rounds of single interleaved series10k)
 #
-# Both servers run on loopback, one at a time, each fresh for each run: VictoriaMetrics
-# (Debian package `victoria-metrics`, installed if missing) on a temp storage dir, and
-# `tally serve --store memory`. The client is `tally load --mode write`: CONNS connections
-# (one series each, timestamps 1 ms apart), each sending the same number of batches of
-# 10,000 lines to `/write?precision=ms` with no delay. The batch count is sized so that
-# tally at 4 million samples/s takes about SECONDS. Runs for `--values demo` (integers
-# 10..=25, like the demo upstream) and `--values random` (random floats); prints samples/s
-# for each server, the ratio, the rows each server counted, and tally's compressed bytes
-# per sealed point (`tally_series_bytes_per_point`).
+# Payloads (bench/lp_payload.py writes them, one file per 10,000-line batch):
+#   single       one series per connection, `demo,host=hN value=<10..25> <ms>`, 1 ms apart
+#   interleaved  700 series per connection alternating line by line,
+#                `sensor,host=hN,region=rM value=F.FFF <ns>` (as Telegraf sends them)
+#   series10k    10,000 series with 5 tags per connection, one point each per batch
+# CONNS connections (default 4; one wrk thread each, one agent each with its own series)
+# send BATCHES batches in all (default 1200, i.e. 12M lines), each connection its files
+# once and in order. In each round both servers run fresh on loopback, one at a time:
+# VictoriaMetrics (Debian package `victoria-metrics`, temp storage dir) and
+# `tally serve --store memory`; with TALLY_BEFORE=BINARY a second tally build runs in the
+# same rounds (order alternating), for before/after comparisons. Prints samples/s per
+# server and round, the rows each server counted, and the ratio tally / VictoriaMetrics
+# (per round and of the medians).
+#
+# Needs wrk and victoria-metrics; installs both from Debian's packages when missing
+# (`apt-get install -y wrk victoria-metrics`, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECONDS_PER_RUN=${1:-5}
-CONNS=${TALLY_BENCH_CONNS:-8}
-BATCH=10000
-AIM=4000000
-BATCHES=$(( (SECONDS_PER_RUN * AIM + CONNS * BATCH - 1) / (CONNS * BATCH) ))
+ROUNDS=${1:-3}
+shift || true
+PAYLOADS=("$@")
+[ ${#PAYLOADS[@]} -gt 0 ] || PAYLOADS=(single interleaved series10k)
+CONNS=${TALLY_BENCH_CONNS:-4}
+BATCHES=${TALLY_BENCH_BATCHES:-1200}
 VM_PORT=${TALLY_BENCH_VM_PORT:-8428}
 TALLY_PORT=${TALLY_BENCH_PORT:-5098}
 
-if ! command -v victoria-metrics >/dev/null; then
-  apt-get install -y victoria-metrics >/dev/null 2>&1 \
-    || { apt-get update >/dev/null && apt-get install -y victoria-metrics >/dev/null; }
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v victoria-metrics >/dev/null || missing+=(victoria-metrics)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (apt-get install -y ${missing[*]})" >&2
+  apt-get install -y "${missing[@]}" >/dev/null 2>&1 \
+    || { apt-get update >/dev/null && apt-get install -y "${missing[@]}" >/dev/null; }
 fi
-cargo build --release --quiet
-TALLY=target/release/tally
+if [ -z "${TALLY_BIN:-}" ]; then
+  cargo build --release --quiet
+  TALLY_BIN=target/release/tally
+fi
 WORK=$(mktemp -d)
 SERVER=
 stop_server() {
@@ -51,15 +65,18 @@ start_vm() {
 }
 
 start_tally() {
-  "$TALLY" serve --bind "127.0.0.1:$TALLY_PORT" --store memory --log-level warn \
+  "$1" serve --bind "127.0.0.1:$TALLY_PORT" --store memory --log-level warn \
     --log-file "$WORK/tally.log" --max-points 1000000000 --max-write-bytes $((64 << 20)) &
   SERVER=$!
   wait_healthy "http://127.0.0.1:$TALLY_PORT/healthz"
 }
 
-load() {
-  "$TALLY" load --target "$1" --mode write --values "$2" --batch-lines $BATCH \
-    --connection-count "$CONNS" --connection-value "$BATCHES" --delay-range 0 --json --quiet
+# wrk, one thread and connection per agent; prints the script's JSON line.
+drive() {
+  local base=$1 path=$2 dir=$3
+  rm -f "$WORK/done"
+  wrk -t"$CONNS" -c"$CONNS" -d600s --timeout 60s -s bench/wrk_write.lua "$base" \
+    -- "$dir" "$path" "$CONNS" "$WORK/done" | grep '^{'
 }
 
 # A metric summed over its labels, from a server's Prometheus text page.
@@ -68,9 +85,6 @@ metric() {
     END { if (n) printf "%.15g\n", s }'
 }
 
-echo "machine: $(nproc) cores; $CONNS connections x $BATCHES batches x $BATCH lines = $((CONNS * BATCHES * BATCH)) samples per run"
-echo "$(dpkg-query -W victoria-metrics 2>/dev/null || echo victoria-metrics)"
-printf '%-8s %-16s %12s %9s %9s %14s %11s %7s\n' values server samples/s p50_ms p99_ms rows_counted bytes/point ratio
 # Compilers running next to the benchmark (another build on this machine) are noise.
 noise() {
   local n
@@ -78,29 +92,60 @@ noise() {
   [ "${n:-0}" -eq 0 ] || echo "  (noise: $n compiler processes running around the $1 run)"
 }
 
-for values in demo random; do
-  start_vm
-  noise "$values"
-  vm=$(load "http://127.0.0.1:$VM_PORT" "$values")
-  sleep 1 # VictoriaMetrics counts rows once its in-memory buffers are flushed
-  vm_rows=$(metric "http://127.0.0.1:$VM_PORT" vm_rows_inserted_total)
-  stop_server
-  sync # VictoriaMetrics' files must not be written back during tally's run
-  start_tally
-  tally=$(load "http://127.0.0.1:$TALLY_PORT" "$values")
-  noise "$values"
-  tally_rows=$(metric "http://127.0.0.1:$TALLY_PORT" tally_series_points_accepted_total)
-  bpp=$(metric "http://127.0.0.1:$TALLY_PORT" tally_series_bytes_per_point)
-  stop_server
-  python3 - "$values" "$vm" "$vm_rows" "$tally" "$tally_rows" "$bpp" <<'PY'
-import json, sys
-values, vm, vm_rows, tally, tally_rows, bpp = sys.argv[1:]
-vm, tally = json.loads(vm), json.loads(tally)
-for name, r, rows, b in (("victoria-metrics", vm, vm_rows, "-"), ("tally", tally, tally_rows, f"{float(bpp):.2f}")):
-    ratio = r["lines_per_s"] / vm["lines_per_s"]
-    l = r["latency_ms"]
-    print(f'{values:<8} {name:<16} {r["lines_per_s"]:12.0f} {l["p50"]:9.1f} {l["p99"]:9.1f} {rows or "?":>14} {b:>11} {ratio:6.2f}x')
-    if r["errors"]:
-        print(f'  !! {r["errors"]} batches failed: {r["error_kinds"]}')
-PY
+echo "machine: $(nproc) cores; $CONNS connections (wrk $(wrk --version 2>&1 | awk 'NR==1{print $2}')), $BATCHES batches x 10000 lines per run"
+echo "$(dpkg-query -W victoria-metrics 2>/dev/null || echo victoria-metrics); tally: $TALLY_BIN${TALLY_BEFORE:+, before: $TALLY_BEFORE}"
+RESULTS="$WORK/results"
+: >"$RESULTS"
+for payload in "${PAYLOADS[@]}"; do
+  dir="$WORK/payload-$payload"
+  python3 bench/lp_payload.py "$payload" "$dir" "$BATCHES" "$CONNS"
+  precision=ns
+  [ "$payload" = single ] && precision=ms
+  for round in $(seq "$ROUNDS"); do
+    start_vm
+    noise "$payload"
+    r=$(drive "http://127.0.0.1:$VM_PORT" "/write?precision=$precision" "$dir")
+    sleep 1 # VictoriaMetrics counts rows once its in-memory buffers are flushed
+    echo "$payload $round victoria-metrics $(metric "http://127.0.0.1:$VM_PORT" vm_rows_inserted_total) $r" >>"$RESULTS"
+    stop_server
+    sync # VictoriaMetrics' files must not be written back during tally's run
+    builds=("tally=$TALLY_BIN")
+    [ -n "${TALLY_BEFORE:-}" ] && builds+=("before=$TALLY_BEFORE")
+    # Alternate which tally build goes first.
+    if [ $((round % 2)) -eq 0 ] && [ ${#builds[@]} -eq 2 ]; then builds=("${builds[1]}" "${builds[0]}"); fi
+    for b in "${builds[@]}"; do
+      start_tally "${b#*=}"
+      r=$(drive "http://127.0.0.1:$TALLY_PORT" "/write?precision=$precision" "$dir")
+      noise "$payload"
+      echo "$payload $round ${b%%=*} $(metric "http://127.0.0.1:$TALLY_PORT" tally_series_points_accepted_total) $r" >>"$RESULTS"
+      stop_server
+    done
+  done
+  rm -rf "$dir"
 done
+python3 - "$RESULTS" <<'PY'
+import json, statistics, sys
+rows = {}
+order = []
+for line in open(sys.argv[1]):
+    payload, rnd, server, counted, js = line.split(" ", 4)
+    r = json.loads(js)
+    rate = r["ok"] * 10000 / (r["duration_us"] / 1e6)
+    rows.setdefault(payload, []).append((int(rnd), server, counted, rate, r))
+    if payload not in order:
+        order.append(payload)
+print(f'{"payload":<12} {"round":>5} {"server":<16} {"samples/s":>12} {"p50_ms":>8} {"p99_ms":>8} {"rows_counted":>13} {"/ VM":>6}')
+for p in order:
+    vm = {rnd: rate for rnd, s, _, rate, _ in rows[p] if s == "victoria-metrics"}
+    for rnd, server, counted, rate, r in rows[p]:
+        print(f'{p:<12} {rnd:>5} {server:<16} {rate:12.0f} {r["p50_ms"]:8.1f} {r["p99_ms"]:8.1f} {counted or "?":>13} {rate / vm[rnd]:5.2f}x')
+        if r["failed"] or r["socket_errors"]:
+            print(f'  !! {r["failed"]} batches answered non-2xx, {r["socket_errors"]} socket errors')
+    med = {}
+    for _, server, _, rate, _ in rows[p]:
+        med.setdefault(server, []).append(rate)
+    vm_med = statistics.median(med["victoria-metrics"])
+    for server, rates in med.items():
+        m = statistics.median(rates)
+        print(f'{p:<12} {"median":>5} {server:<16} {m:12.0f} {"":>8} {"":>8} {"":>13} {m / vm_med:5.2f}x')
+PY

@@ -461,7 +461,7 @@ pub struct ServeConfig {
     #[arg(long, env = "TALLY_OOO_WINDOW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub ooo_window_ms: u64,
 
-    /// Live series: points per sealed Gorilla block.
+    /// Live series: points per sealed block.
     #[arg(long, env = "TALLY_BLOCK_POINTS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub block_points: u64,
 

@@ -13,8 +13,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::line_protocol::{parse_lines, ParseSummary, Point, Precision};
-use super::store::{validate_name, IngestReport, SeriesStore};
+use super::line_protocol::{
+    parse_lines_cached, push_series_field, FieldValue, ParseSummary, Point, Precision, SeriesSink,
+};
+use super::store::{validate_name, BatchItem, IngestReport, SeriesHandle, SeriesStore};
 use crate::metrics::{Metrics, SourceLabels};
 
 /// Longest line the TCP listener accepts; longer ones are counted as invalid and skipped.
@@ -43,39 +45,151 @@ impl LineIngest {
     }
 }
 
-/// The series of the previous point, as its parts, with buffers reused between points.
+/// Series parts (a line's measurement and tags, as sent) already seen, by their bytes,
+/// kept between batches: a line of a known series costs one hash of those bytes, instead
+/// of parsing, unescaping and sorting its tags, building its escaped series key and
+/// looking that up in the store. Agents send the same series in every batch, hundreds of
+/// them alternating line by line, so after their first batch nearly every line hits.
+///
+/// The store keeps a few of these between batches (`SeriesStore::take_part_cache`); each
+/// holds at most [`MAX_CACHED_PARTS`] parts (then it starts over), plus one batch's new
+/// parts. Handles may go stale (series removed); the store then finds the successor.
 #[derive(Default)]
-struct LastSeries {
-    group: Option<usize>,
-    measurement: String,
-    field: String,
-    tags: Vec<(String, String)>,
+pub struct PartCache {
+    index: HashMap<Box<[u8]>, u32, foldhash::fast::RandomState>,
+    parts: Vec<CachedPart>,
+    /// The batch in progress; a field whose `epoch` is older has no group in it yet.
+    epoch: u32,
+    /// Buffers of the last batch, reused (a batch's points are ~24 bytes per line).
+    spare: Buffers,
 }
 
-impl LastSeries {
-    fn matches(&self, p: &Point<'_>) -> bool {
-        p.measurement() == self.measurement
-            && p.field() == self.field
-            && p.tags().len() == self.tags.len()
-            && p.tags()
-                .iter()
-                .zip(&self.tags)
-                .all(|(t, (k, v))| t.key() == k && t.value() == v)
+#[derive(Default)]
+struct Buffers {
+    groups: Vec<(u32, u32)>,
+    points: Vec<(u32, i64, f64)>,
+    bucketed: Vec<(i64, f64)>,
+    starts: Vec<usize>,
+}
+
+/// Parts a cache holds before it is emptied (at the start of a batch).
+pub const MAX_CACHED_PARTS: usize = 1 << 16;
+
+/// Points of the largest batch whose buffers a cache keeps (~3 MiB of buffers).
+const SPARE_POINTS: usize = 1 << 16;
+
+struct CachedPart {
+    /// Escaped key prefix: `measurement,tag=value...`.
+    prefix: Box<str>,
+    fields: Vec<CachedField>,
+}
+
+struct CachedField {
+    field: Box<str>,
+    /// The series key, `None` when it is not a valid series name.
+    name: Option<Box<str>>,
+    handle: Option<SeriesHandle>,
+    /// Batch in which `group` was assigned.
+    epoch: u32,
+    group: u32,
+}
+
+/// One batch's grouping of points by series, through a [`PartCache`].
+struct Grouper<'c> {
+    cache: &'c mut PartCache,
+    /// `(part, field)` of each group, in order of first appearance.
+    groups: Vec<(u32, u32)>,
+    /// `(group, timestamp_ms, value)` in input order.
+    points: Vec<(u32, i64, f64)>,
+}
+
+impl Grouper<'_> {
+    #[inline]
+    fn group_of(&mut self, part: u32, field: &str) -> u32 {
+        let cp = &mut self.cache.parts[part as usize];
+        let f = match cp.fields.iter().position(|f| &*f.field == field) {
+            Some(f) => f,
+            None => {
+                let mut name = String::with_capacity(cp.prefix.len() + field.len() + 1);
+                name.push_str(&cp.prefix);
+                push_series_field(&mut name, field);
+                let valid = validate_name(&name).is_ok();
+                cp.fields.push(CachedField {
+                    field: field.into(),
+                    name: valid.then(|| name.into_boxed_str()),
+                    handle: None,
+                    epoch: self.cache.epoch.wrapping_sub(1),
+                    group: 0,
+                });
+                cp.fields.len() - 1
+            }
+        };
+        let cf = &mut cp.fields[f];
+        if cf.epoch != self.cache.epoch {
+            cf.epoch = self.cache.epoch;
+            cf.group = self.groups.len() as u32;
+            self.groups.push((part, f as u32));
+        }
+        cf.group
     }
 
-    fn remember(&mut self, p: &Point<'_>, group: usize) {
-        self.group = Some(group);
-        self.measurement.clear();
-        self.measurement.push_str(p.measurement());
-        self.field.clear();
-        self.field.push_str(p.field());
-        self.tags.resize_with(p.tags().len(), Default::default);
-        for (t, (k, v)) in p.tags().iter().zip(self.tags.iter_mut()) {
-            k.clear();
-            k.push_str(t.key());
-            v.clear();
-            v.push_str(t.value());
+    /// Puts the groups' points in `out`, contiguous per group (input order kept within a
+    /// group), and where each group starts in `starts` (one more entry than groups).
+    fn bucket(&self, out: &mut Vec<(i64, f64)>, starts: &mut Vec<usize>) {
+        starts.clear();
+        starts.resize(self.groups.len() + 1, 0);
+        for &(g, _, _) in &self.points {
+            starts[g as usize + 1] += 1;
         }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        out.clear();
+        out.resize(self.points.len(), (0, 0.0));
+        // `starts[g]` is used as group g's write position, then shifted back.
+        for &(g, t, v) in &self.points {
+            let at = &mut starts[g as usize];
+            out[*at] = (t, v);
+            *at += 1;
+        }
+        for g in (1..starts.len()).rev() {
+            starts[g] = starts[g - 1];
+        }
+        starts[0] = 0;
+    }
+}
+
+impl<'i> SeriesSink<'i> for Grouper<'_> {
+    type Part = u32;
+
+    #[inline]
+    fn lookup(&mut self, raw: &'i [u8]) -> Option<u32> {
+        self.cache.index.get(raw).copied()
+    }
+
+    #[inline]
+    fn known(&mut self, part: u32, field: &str, value: FieldValue<'_>, timestamp_ms: i64) {
+        let Some(v) = value.as_f64() else { return };
+        let g = self.group_of(part, field);
+        self.points.push((g, timestamp_ms, v));
+    }
+
+    fn point(&mut self, raw: &'i [u8], p: Point<'_>) {
+        let part = match self.cache.index.get(raw) {
+            Some(&part) => part,
+            None => {
+                let mut prefix = String::new();
+                p.write_series_prefix(&mut prefix);
+                let part = self.cache.parts.len() as u32;
+                self.cache.parts.push(CachedPart {
+                    prefix: prefix.into_boxed_str(),
+                    fields: Vec::new(),
+                });
+                self.cache.index.insert(raw.into(), part);
+                part
+            }
+        };
+        self.known(part, p.field(), p.value(), p.timestamp_ms());
     }
 }
 
@@ -89,43 +203,61 @@ pub fn ingest_lines(
     now_ms: i64,
     source: &str,
 ) -> LineIngest {
-    let mut groups: Vec<(String, Vec<(i64, f64)>)> = Vec::new();
-    let mut index: HashMap<String, usize, foldhash::fast::RandomState> = HashMap::default();
-    let mut key = String::new();
-    // Batches usually hold runs of lines of one series: compare the parts of the previous
-    // point (cheap) before building and hashing an escaped key (measured: ~20% of ingest).
-    let mut last = LastSeries::default();
-    let parse = parse_lines(body, precision, now_ms, |p| {
-        let Some(v) = p.value().as_f64() else { return };
-        let point = (p.timestamp_ms(), v);
-        if let Some(g) = last.group.filter(|_| last.matches(&p)) {
-            groups[g].1.push(point);
-            return;
-        }
-        key.clear();
-        p.write_series_key(&mut key);
-        let g = match index.get(key.as_str()) {
-            Some(&g) => g,
-            None => {
-                index.insert(key.clone(), groups.len());
-                groups.push((key.clone(), Vec::new()));
-                groups.len() - 1
-            }
-        };
-        groups[g].1.push(point);
-        last.remember(&p, g);
-    });
+    let mut cache = store.take_part_cache();
+    if cache.parts.len() >= MAX_CACHED_PARTS {
+        cache = PartCache::default();
+    }
+    cache.epoch = cache.epoch.wrapping_add(1);
+    let mut buf = std::mem::take(&mut cache.spare);
+    buf.groups.clear();
+    buf.points.clear();
+    let mut grouper = Grouper {
+        cache: &mut cache,
+        groups: buf.groups,
+        points: buf.points,
+    };
+    let parse = parse_lines_cached(body, precision, now_ms, &mut grouper);
     let mut out = LineIngest {
         parse,
         ..LineIngest::default()
     };
-    for (name, pts) in &groups {
-        if validate_name(name).is_err() {
-            out.bad_names += pts.len() as u64;
-            continue;
+    let (mut points, mut starts) = (buf.bucketed, buf.starts);
+    grouper.bucket(&mut points, &mut starts);
+    let (groups, by_line) = (grouper.groups, grouper.points);
+    let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(groups.len());
+    let mut item_group: Vec<usize> = Vec::with_capacity(groups.len());
+    for (g, &(part, f)) in groups.iter().enumerate() {
+        let pts = &points[starts[g]..starts[g + 1]];
+        let cf = &cache.parts[part as usize].fields[f as usize];
+        match &cf.name {
+            Some(name) => {
+                items.push(BatchItem {
+                    name,
+                    handle: cf.handle.as_ref(),
+                    points: pts,
+                });
+                item_group.push(g);
+            }
+            None => out.bad_names += pts.len() as u64,
         }
-        out.store.add(store.insert(name, pts, now_ms));
     }
+    let (report, updates) = store.insert_handles(&items, now_ms);
+    drop(items);
+    out.store = report;
+    for (i, handle) in updates {
+        let (part, f) = groups[item_group[i]];
+        cache.parts[part as usize].fields[f as usize].handle = Some(handle);
+    }
+    // Kept only up to the size of ordinary batches, so idle caches stay small.
+    if by_line.capacity() <= SPARE_POINTS {
+        cache.spare = Buffers {
+            groups,
+            points: by_line,
+            bucketed: points,
+            starts,
+        };
+    }
+    store.give_part_cache(cache);
     if out.store.accepted > 0 {
         metrics
             .series_points_accepted

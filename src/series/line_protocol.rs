@@ -268,6 +268,25 @@ impl<'a> Point<'a> {
             self.field,
         );
     }
+
+    /// Appends the series key without its field (`measurement,tag=value...`): with
+    /// [`push_series_field`], the key of any field of this line.
+    pub fn write_series_prefix(&self, out: &mut String) {
+        push_key_escaped(out, self.measurement);
+        for t in self.tags {
+            out.push(',');
+            push_key_escaped(out, t.key());
+            out.push('=');
+            push_key_escaped(out, t.value());
+        }
+    }
+}
+
+/// Appends `:` and the escaped field key: after [`Point::write_series_prefix`], the
+/// series key.
+pub fn push_series_field(out: &mut String, field: &str) {
+    out.push(':');
+    push_key_escaped(out, field);
 }
 
 /// Builds the series key for a measurement, tags and field key. Tags may be
@@ -512,10 +531,164 @@ where
     summary
 }
 
+/// The receiver of [`parse_lines_cached`]: it remembers the series parts it has seen, so
+/// that lines of a known series skip parsing, unescaping and sorting their tags.
+///
+/// A line's *series part* is its bytes before the first unescaped space: the measurement
+/// and tags exactly as sent. The same bytes always parse to the same measurement and
+/// tags, so a part that once parsed without error can be looked up by its bytes alone.
+pub trait SeriesSink<'i> {
+    /// What the sink keeps for a series part.
+    type Part: Copy;
+
+    /// The part remembered for these bytes, if any. Called once per line (not for a line
+    /// whose series part is byte for byte the previous line's, when that one was found).
+    fn lookup(&mut self, raw: &'i [u8]) -> Option<Self::Part>;
+
+    /// A field of a valid line whose series part `lookup` found.
+    fn known(&mut self, part: Self::Part, field: &str, value: FieldValue<'_>, timestamp_ms: i64);
+
+    /// A field of a valid line whose series part `lookup` did not find: the whole point,
+    /// and `raw`, the bytes the sink may remember it by.
+    fn point(&mut self, raw: &'i [u8], p: Point<'_>);
+}
+
+/// [`parse_lines`] for a [`SeriesSink`]: the same lines accepted, the same points (in the
+/// same order, for `known` and `point` together), the same summary and errors; only the
+/// tags of lines whose series part the sink knows are not parsed again.
+pub fn parse_lines_cached<'i, S: SeriesSink<'i>>(
+    input: &'i [u8],
+    precision: Precision,
+    default_ts_ms: i64,
+    sink: &mut S,
+) -> ParseSummary {
+    let mut summary = ParseSummary::default();
+    let mut scratch = Scratch::default();
+    let text = std::str::from_utf8(input).ok();
+    let mut last: Option<(&'i [u8], S::Part)> = None;
+    let mut start = 0;
+    let mut line_no = 0;
+    let mut ends = memchr_iter(b'\n', input);
+    loop {
+        let (end, next) = match ends.next() {
+            Some(nl) => (nl, nl + 1),
+            None if start < input.len() => (input.len(), input.len()),
+            None => break,
+        };
+        let line = &input[start..end];
+        let line_text = text.map(|t| (t, start));
+        start = next;
+        line_no += 1;
+        summary.lines += 1;
+        parse_one_cached(
+            LineRef {
+                bytes: line,
+                whole: line_text,
+                no: line_no,
+            },
+            precision,
+            default_ts_ms,
+            &mut scratch,
+            &mut summary,
+            sink,
+            &mut last,
+        );
+    }
+    summary
+}
+
+#[inline]
+fn parse_one_cached<'i, S: SeriesSink<'i>>(
+    LineRef {
+        bytes: line,
+        whole,
+        no: line_no,
+    }: LineRef<'i>,
+    precision: Precision,
+    default_ts_ms: i64,
+    scratch: &mut Scratch<'i>,
+    summary: &mut ParseSummary,
+    sink: &mut S,
+    last: &mut Option<(&'i [u8], S::Part)>,
+) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let skip = line
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    let line = &line[skip..];
+    let text = whole.and_then(|(t, at)| t.get(at + skip..at + skip + line.len()));
+    if line.is_empty() || line[0] == b'#' {
+        summary.skipped_lines += 1;
+        return;
+    }
+    scratch.tags.clear();
+    scratch.fields.clear();
+    let text = match text.map_or_else(|| std::str::from_utf8(line), Ok) {
+        Ok(text) => text,
+        Err(_) => return line_error(summary, line_no, LineErrorKind::InvalidUtf8),
+    };
+    // Where the series part ends when it parses (see `SeriesSink`): the first space not
+    // escaped (found with SIMD up to the first backslash, if any).
+    let end = match memchr2(b' ', b'\\', line) {
+        Some(at) if line[at] == b'\\' => scan_name(line, at, C_SPACE).0,
+        Some(at) => at,
+        None => line.len(),
+    };
+    let raw = &line[..end];
+    let part = match *last {
+        Some((prev, part)) if prev == raw => Some(part),
+        _ => sink.lookup(raw),
+    };
+    *last = part.map(|p| (raw, p));
+    match part {
+        Some(part) => match parse_fields(text, end, precision, default_ts_ms, scratch) {
+            Ok(timestamp_ms) => {
+                summary.ok_lines += 1;
+                for f in &scratch.fields {
+                    let value = f.value.field_value(summary);
+                    sink.known(part, &f.key, value, timestamp_ms);
+                }
+            }
+            Err(kind) => line_error(summary, line_no, kind),
+        },
+        None => match parse_line(text, precision, default_ts_ms, scratch) {
+            Ok((measurement, timestamp_ms)) => {
+                summary.ok_lines += 1;
+                for f in &scratch.fields {
+                    let value = f.value.field_value(summary);
+                    sink.point(
+                        raw,
+                        Point {
+                            measurement: &measurement,
+                            tags: &scratch.tags,
+                            field: &f.key,
+                            value,
+                            timestamp_ms,
+                            line: line_no,
+                        },
+                    );
+                }
+            }
+            Err(kind) => line_error(summary, line_no, kind),
+        },
+    }
+}
+
+fn line_error(summary: &mut ParseSummary, line: usize, kind: LineErrorKind) {
+    summary.error_lines += 1;
+    if summary.errors.len() < MAX_REPORTED_ERRORS {
+        summary.errors.push(LineError { line, kind });
+    }
+}
+
 #[derive(Default)]
 struct Scratch<'i> {
     tags: Vec<Tag<'i>>,
     fields: Vec<RawField<'i>>,
+    /// The last field key without escapes: most lines repeat it (`value`), and bytes that
+    /// start with it and `=` scan to the same key.
+    last_key: &'i str,
 }
 
 struct RawField<'i> {
@@ -529,6 +702,24 @@ enum RawValue<'i> {
     UInt(u64),
     Bool(bool),
     Str(Cow<'i, str>),
+}
+
+impl RawValue<'_> {
+    /// The value handed to a sink; counts strings and points in `summary`.
+    #[inline]
+    fn field_value(&self, summary: &mut ParseSummary) -> FieldValue<'_> {
+        summary.points += 1;
+        match self {
+            RawValue::Float(v) => FieldValue::Float(*v),
+            RawValue::Int(v) => FieldValue::Int(*v),
+            RawValue::UInt(v) => FieldValue::UInt(*v),
+            RawValue::Bool(v) => FieldValue::Bool(*v),
+            RawValue::Str(s) => {
+                summary.non_numeric += 1;
+                FieldValue::Str(s)
+            }
+        }
+    }
 }
 
 /// One line of the input.
@@ -575,17 +766,7 @@ fn parse_one<'i, F: FnMut(Point<'_>)>(
         Ok((measurement, timestamp_ms)) => {
             summary.ok_lines += 1;
             for f in &scratch.fields {
-                let value = match &f.value {
-                    RawValue::Float(v) => FieldValue::Float(*v),
-                    RawValue::Int(v) => FieldValue::Int(*v),
-                    RawValue::UInt(v) => FieldValue::UInt(*v),
-                    RawValue::Bool(v) => FieldValue::Bool(*v),
-                    RawValue::Str(s) => {
-                        summary.non_numeric += 1;
-                        FieldValue::Str(s)
-                    }
-                };
-                summary.points += 1;
+                let value = f.value.field_value(summary);
                 sink(Point {
                     measurement: &measurement,
                     tags: &scratch.tags,
@@ -596,15 +777,7 @@ fn parse_one<'i, F: FnMut(Point<'_>)>(
                 });
             }
         }
-        Err(kind) => {
-            summary.error_lines += 1;
-            if summary.errors.len() < MAX_REPORTED_ERRORS {
-                summary.errors.push(LineError {
-                    line: line_no,
-                    kind,
-                });
-            }
-        }
+        Err(kind) => line_error(summary, line_no, kind),
     }
 }
 
@@ -664,6 +837,7 @@ fn skip_spaces(b: &[u8], mut i: usize) -> usize {
 }
 
 /// Removes name escapes (`\,` `\=` `\ ` `\\`).
+#[inline]
 fn unescape_name(raw: &str, escaped: bool) -> Cow<'_, str> {
     if !escaped {
         return Cow::Borrowed(raw);
@@ -713,8 +887,18 @@ fn parse_line<'i>(
     default_ts_ms: i64,
     scratch: &mut Scratch<'i>,
 ) -> Result<(Cow<'i, str>, i64), LineErrorKind> {
+    let (measurement, i) = parse_series(line, scratch)?;
+    let ts = parse_fields(line, i, precision, default_ts_ms, scratch)?;
+    Ok((measurement, ts))
+}
+
+/// Parses the measurement and tag set into `scratch.tags`; returns the measurement and
+/// where the series part ends (the first unescaped space, or the end of the line).
+fn parse_series<'i>(
+    line: &'i str,
+    scratch: &mut Scratch<'i>,
+) -> Result<(Cow<'i, str>, usize), LineErrorKind> {
     let b = line.as_bytes();
-    let len = b.len();
 
     // Measurement.
     let (m_end, m_esc) = scan_name(b, 0, C_COMMA | C_SPACE);
@@ -750,6 +934,20 @@ fn parse_line<'i>(
             return Err(LineErrorKind::DuplicateTag(snippet(&w[0].key)));
         }
     }
+    Ok((measurement, i))
+}
+
+/// Parses the field set (from `i`, the end of the series part) into `scratch.fields`
+/// and the timestamp; returns the timestamp in ms.
+fn parse_fields<'i>(
+    line: &'i str,
+    mut i: usize,
+    precision: Precision,
+    default_ts_ms: i64,
+    scratch: &mut Scratch<'i>,
+) -> Result<i64, LineErrorKind> {
+    let b = line.as_bytes();
+    let len = b.len();
 
     // Field set.
     i = skip_spaces(b, i);
@@ -758,9 +956,20 @@ fn parse_line<'i>(
     }
     loop {
         let ks = i;
-        let (k_end, k_esc) = scan_name(b, ks, C_COMMA | C_SPACE | C_EQ);
+        let hint = scratch.last_key.len();
+        let (k_end, k_esc) = if hint > 0
+            && b.get(ks + hint) == Some(&b'=')
+            && b[ks..].starts_with(scratch.last_key.as_bytes())
+        {
+            (ks + hint, false)
+        } else {
+            scan_name(b, ks, C_COMMA | C_SPACE | C_EQ)
+        };
         if k_end == ks {
             return Err(LineErrorKind::EmptyFieldKey);
+        }
+        if !k_esc {
+            scratch.last_key = &line[ks..k_end];
         }
         let key = unescape_name(&line[ks..k_end], k_esc);
         if b.get(k_end) != Some(&b'=') {
@@ -769,6 +978,8 @@ fn parse_line<'i>(
         let vs = k_end + 1;
         let (value, v_end) = if b.get(vs) == Some(&b'"') {
             parse_string(line, vs, &key)?
+        } else if let Some((v, v_end)) = float_at(b, vs) {
+            (RawValue::Float(v), v_end)
         } else {
             let v_end = scan_plain(b, vs, C_COMMA | C_SPACE);
             if v_end == vs {
@@ -788,16 +999,20 @@ fn parse_line<'i>(
     // Timestamp.
     i = skip_spaces(b, i);
     if i >= len {
-        return Ok((measurement, default_ts_ms));
+        return Ok(default_ts_ms);
     }
-    let t_end = scan_plain(b, i, C_SPACE);
-    let raw = &line[i..t_end];
-    let ts = parse_timestamp(raw, precision)?;
+    let (ts, t_end) = match timestamp_at(b, i, precision) {
+        Some(fast) => fast,
+        None => {
+            let t_end = scan_plain(b, i, C_SPACE);
+            (parse_timestamp(&line[i..t_end], precision)?, t_end)
+        }
+    };
     let rest = skip_spaces(b, t_end);
     if rest < len {
         return Err(LineErrorKind::TrailingData(snippet(&line[rest..])));
     }
-    Ok((measurement, ts))
+    Ok(ts)
 }
 
 /// Parses a quoted string starting at the opening quote `b[q]`; returns the
@@ -930,13 +1145,23 @@ fn parse_int(b: &[u8]) -> Result<i64, IntError> {
     if !is_digits(digits) {
         return Err(IntError::Invalid);
     }
-    if digits.len() <= 18 {
-        // 10^18 - 1 < i64::MAX: no overflow possible.
-        let mut v: i64 = 0;
+    if digits.len() <= 19 {
+        // 10^19 - 1 < u64::MAX: no overflow before the range check (19 digits is every
+        // nanosecond timestamp from 2001 to 2286).
+        let mut v: u64 = 0;
         for &c in digits {
-            v = v * 10 + i64::from(c - b'0');
+            v = v * 10 + u64::from(c - b'0');
         }
-        return Ok(if neg { -v } else { v });
+        return if neg {
+            // Up to 2^63, which is i64::MIN.
+            if v <= 1 << 63 {
+                Ok((v as i64).wrapping_neg())
+            } else {
+                Err(IntError::Overflow)
+            }
+        } else {
+            i64::try_from(v).map_err(|_| IntError::Overflow)
+        };
     }
     // Accumulate negatively so that i64::MIN parses.
     let mut v: i64 = 0;
@@ -951,6 +1176,106 @@ fn parse_int(b: &[u8]) -> Result<i64, IntError> {
     } else {
         v.checked_neg().ok_or(IntError::Overflow)
     }
+}
+
+/// The common float value (`-12.345`) parsed where it starts, at `b[vs]`, in one pass:
+/// the value and where it ends, when it is plain decimal digits (with a sign and a point)
+/// followed by `,`, a space or the end, and Clinger's fast path applies. `None` sends the
+/// value to the general path, which gives the same result or the error.
+#[inline]
+fn float_at(b: &[u8], vs: usize) -> Option<(f64, usize)> {
+    let mut i = vs;
+    let neg = match b.get(i) {
+        Some(b'-') => {
+            i += 1;
+            true
+        }
+        Some(b'+') => {
+            i += 1;
+            false
+        }
+        _ => false,
+    };
+    let mut m: u64 = 0;
+    let mut digits = 0u32;
+    let mut point: Option<usize> = None;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'0'..=b'9' => {
+                if digits >= 19 {
+                    return None;
+                }
+                m = m * 10 + u64::from(c - b'0');
+                digits += 1;
+            }
+            b'.' if point.is_none() => point = Some(i),
+            _ => break,
+        }
+        i += 1;
+    }
+    if !matches!(b.get(i), None | Some(b',' | b' ')) || digits == 0 || m > (1u64 << 53) {
+        return None;
+    }
+    let frac = point.map_or(0, |p| i - p - 1);
+    let v = m as f64 / *POW10.get(frac)?;
+    Some((if neg { -v } else { v }, i))
+}
+
+/// The common timestamp (up to 19 digits, optionally `-`, followed by a space or the end)
+/// parsed where it starts, in one pass: the time in ms and where it ends. `None` sends
+/// it to the general path (which also words the errors).
+#[inline]
+fn timestamp_at(b: &[u8], start: usize, precision: Precision) -> Option<(i64, usize)> {
+    let neg = b.get(start) == Some(&b'-');
+    let mut i = start + usize::from(neg);
+    let first = i;
+    let mut v: u64 = 0;
+    // Eight digits at a time for the first sixteen (a nanosecond timestamp has 19).
+    while i - first < 16 {
+        match b.get(i..i + 8).and_then(eight_digits) {
+            Some(d) => {
+                v = v * 100_000_000 + d;
+                i += 8;
+            }
+            None => break,
+        }
+    }
+    while let Some(&c) = b.get(i) {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        v = v.wrapping_mul(10).wrapping_add(u64::from(d));
+        i += 1;
+    }
+    let n = i - first;
+    if n == 0 || n > 19 || !matches!(b.get(i), None | Some(b' ')) {
+        return None;
+    }
+    let ts = if neg {
+        if v > 1 << 63 {
+            return None;
+        }
+        (v as i64).wrapping_neg()
+    } else {
+        i64::try_from(v).ok()?
+    };
+    Some((precision.to_millis(ts)?, i))
+}
+
+/// The value of eight ASCII digits, `None` if one is not a digit (SWAR: the classic
+/// check and three multiplications that combine digit pairs, then pairs of pairs).
+#[inline]
+fn eight_digits(b: &[u8]) -> Option<u64> {
+    let v = u64::from_le_bytes(b.try_into().ok()?);
+    let high = v & 0xF0F0_F0F0_F0F0_F0F0;
+    let carry = (v.wrapping_add(0x0606_0606_0606_0606) & 0xF0F0_F0F0_F0F0_F0F0) >> 4;
+    if high | carry != 0x3333_3333_3333_3333 {
+        return None;
+    }
+    let v = ((v & 0x0F0F_0F0F_0F0F_0F0F).wrapping_mul(2561)) >> 8;
+    let v = ((v & 0x00FF_00FF_00FF_00FF).wrapping_mul(6_553_601)) >> 16;
+    Some(((v & 0x0000_FFFF_0000_FFFF).wrapping_mul(42_949_672_960_001)) >> 32)
 }
 
 /// Exact powers of ten representable in `f64`.
@@ -1094,6 +1419,170 @@ mod tests {
                 s.parse::<f64>().ok().map(f64::to_bits),
                 "{s}"
             );
+        }
+    }
+
+    /// A sink that caches every series part, rebuilding keys from what it kept.
+    #[derive(Default)]
+    struct Caching<'i> {
+        parts: std::collections::HashMap<&'i [u8], usize>,
+        prefixes: Vec<String>,
+        points: Vec<String>,
+    }
+
+    impl<'i> SeriesSink<'i> for Caching<'i> {
+        type Part = usize;
+        fn lookup(&mut self, raw: &'i [u8]) -> Option<usize> {
+            self.parts.get(raw).copied()
+        }
+        fn known(&mut self, part: usize, field: &str, value: FieldValue<'_>, ts: i64) {
+            let mut key = self.prefixes[part].clone();
+            push_series_field(&mut key, field);
+            self.points.push(format!("{key} {value} {ts}"));
+        }
+        fn point(&mut self, raw: &'i [u8], p: Point<'_>) {
+            if !self.parts.contains_key(raw) {
+                let mut prefix = String::new();
+                p.write_series_prefix(&mut prefix);
+                self.parts.insert(raw, self.prefixes.len());
+                self.prefixes.push(prefix);
+            }
+            self.points.push(format!(
+                "{} {} {}",
+                p.series_key(),
+                p.value(),
+                p.timestamp_ms()
+            ));
+        }
+    }
+
+    #[test]
+    fn the_cached_parser_gives_what_the_plain_one_gives() {
+        let measurements = ["m", "cpu", "a\\ b", "x\\,y", "", ",", "c=d", "\\", "é"];
+        let tags = [
+            "",
+            ",t=1",
+            ",t=2",
+            ",a=b",
+            ",t=",
+            ",=v",
+            ",k",
+            ",k\\ x=v\\=1",
+            ",t=1,t=1",
+            ",z=1,a=2",
+            ",a=2,z=1",
+            ",t=a b",
+            ",t=a\\",
+            ",t=\\,",
+        ];
+        let fields = [
+            " v=1",
+            " v=1.5",
+            " v=-2e3",
+            " v=1i",
+            " v=t",
+            " v=\"s\"",
+            " v=",
+            " =1",
+            " v=1,w=2",
+            " v=abc",
+            "  v=9007199254740993",
+            " v=1.",
+            " v=+.5",
+            " v=-0",
+            " v=1u",
+            " v=-1u",
+            " v=12.345,s=\"a b\"",
+            " v=\"x",
+            " v=1e400",
+            "",
+            " v=0.1234567890123456789012",
+            " v=1..2",
+        ];
+        let stamps = [
+            "",
+            " 1700000000000",
+            " -5",
+            " 99999999999999999999",
+            " 1x",
+            " 1 2",
+            " 1700000000000000000",
+            " +5",
+            " 9223372036854775807",
+            " -9223372036854775808",
+            " 9223372036854775808",
+            "  7  ",
+            " 00000000000000000001",
+        ];
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let mut lines = Vec::new();
+        for _ in 0..3000 {
+            let lead = ["", "", "  ", "\t", "#"][next(5)];
+            lines.push(format!(
+                "{lead}{}{}{}{}",
+                measurements[next(measurements.len())],
+                tags[next(tags.len())],
+                fields[next(fields.len())],
+                stamps[next(stamps.len())],
+            ));
+        }
+        // Each line twice, the second time mostly far from the first.
+        let mut input = String::new();
+        for i in 0..lines.len() * 2 {
+            input.push_str(&lines[if i % 2 == 0 { i / 2 } else { next(lines.len()) }]);
+            input.push_str(["\n", "\r\n"][next(2)]);
+        }
+        let mut bytes = input.into_bytes();
+        for precision in [Precision::Nanoseconds, Precision::Seconds] {
+            for text in [true, false] {
+                if !text {
+                    // Not UTF-8 as a whole: checked line by line.
+                    bytes.extend_from_slice(b"m v=1 5\n\xff v=1\nm v=2 5\n");
+                }
+                let mut plain = Vec::new();
+                let want = parse_lines(&bytes, precision, 42, |p| {
+                    plain.push(format!(
+                        "{} {} {}",
+                        p.series_key(),
+                        p.value(),
+                        p.timestamp_ms()
+                    ));
+                });
+                let mut sink = Caching::default();
+                let got = parse_lines_cached(&bytes, precision, 42, &mut sink);
+                assert_eq!(got, want);
+                assert_eq!(sink.points, plain);
+                assert!(want.points > 500 && want.error_lines > 1000, "{want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn eight_digits_at_a_time_match_one_at_a_time() {
+        for s in [
+            "00000000",
+            "12345678",
+            "99999999",
+            "17957877",
+            "1234567/",
+            "1234567:",
+            "a2345678",
+            "1234 678",
+            "-1234567",
+            "0000000\u{b0}",
+        ] {
+            let b = s.as_bytes();
+            let want = s
+                .parse::<u64>()
+                .ok()
+                .filter(|_| b.iter().all(u8::is_ascii_digit));
+            assert_eq!(b.get(..8).and_then(eight_digits), want, "{s}");
         }
     }
 

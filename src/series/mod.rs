@@ -1,4 +1,5 @@
-//! Live time series: compressed blocks of `(timestamp_ms, f64)` points ([`gorilla`]), the
+//! Live time series: compressed blocks of `(timestamp_ms, f64)` points ([`gorilla`], and
+//! [`packed`], the smaller of Gorilla and zstd-compressed columns, as sealed blocks), the
 //! InfluxDB line-protocol parser ([`line_protocol`]), the in-memory series store
 //! ([`store`]), rollups and their scheduler ([`rollup`]), and line-protocol ingest with the
 //! TCP listener ([`ingest`]), the supervised upstream pollers ([`sources`]) and the slow
@@ -11,6 +12,7 @@
 pub mod gorilla;
 pub mod ingest;
 pub mod line_protocol;
+pub mod packed;
 pub mod rollup;
 pub mod sources;
 pub mod store;

@@ -1,6 +1,6 @@
 //! The in-memory series store: per series an open, sorted head of recent points (late
 //! points accepted within `--ooo-window-ms` of the series' newest timestamp, or of the
-//! clock when that is in the future), sealed into Gorilla blocks once `--block-points`
+//! clock when that is in the future), sealed into blocks ([`super::packed`]) once `--block-points`
 //! points are older than that window; retention by age (`--retention`), a global limit on
 //! retained points (`--max-points`, oldest blocks evicted first) and on series
 //! (`--max-series`, new series refused); points too far ahead of the clock
@@ -10,7 +10,10 @@
 //! Concurrency: a map of series behind a `parking_lot::RwLock`, each series behind its own
 //! `Mutex`. A series emptied by retention or eviction is removed from the map and its
 //! all-time total folded into `dropped`, so `/getSum` never loses a point; a writer
-//! that raced with the removal sees `removed` and retries on a fresh series.
+//! that raced with the removal sees `removed` and retries on a fresh series. A batch
+//! ([`SeriesStore::insert_handles`]) reads the map once (writes it once when it creates
+//! series) and locks each of its series once; callers that keep [`SeriesHandle`]s between
+//! batches (the line-protocol ingest) skip the map for the series they know.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +22,8 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
-use super::gorilla::{BlockEncoder, SealedBlock};
+use super::ingest::PartCache;
+use super::packed::Block as SealedBlock;
 use super::rollup::{Agg, AggFn, SeriesRollup};
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::neumaier::Neumaier;
@@ -270,20 +274,43 @@ struct Dropped {
     sum: WideSum,
 }
 
+type SeriesMap = HashMap<Arc<str>, Arc<Mutex<Series>>, foldhash::fast::RandomState>;
+
+/// A series of the store, kept by callers between batches (the ingest's part caches) so
+/// that a known series costs no lookup by name. It may outlive its series (removed by
+/// retention or eviction): [`SeriesStore::insert_handles`] then finds its successor.
+#[derive(Clone)]
+pub struct SeriesHandle(Arc<Mutex<Series>>);
+
+/// One series' points for [`SeriesStore::insert_handles`].
+pub struct BatchItem<'a> {
+    /// A valid series name (see [`validate_name`]).
+    pub name: &'a str,
+    /// The series, when the caller kept its handle.
+    pub handle: Option<&'a SeriesHandle>,
+    pub points: &'a [(i64, f64)],
+}
+
 /// The store. Cheap to share behind an `Arc`.
 pub struct SeriesStore {
     opts: StoreOptions,
     metrics: Arc<Metrics>,
     /// foldhash: keys come from clients, so the hasher is seeded (no flooding), and it is
     /// several times faster than SipHash on short keys, which showed in ingest profiles.
-    series: RwLock<HashMap<Arc<str>, Arc<Mutex<Series>>, foldhash::fast::RandomState>>,
+    series: RwLock<SeriesMap>,
     /// All-time totals of series removed after retention or eviction emptied them.
     dropped: Mutex<Dropped>,
     retained: AtomicU64,
     sealed_bytes: AtomicU64,
     sealed_points: AtomicU64,
     evicting: Mutex<()>,
+    /// Part caches of the line-protocol ingest, one per batch in progress at most, kept
+    /// between batches (at most `MAX_PART_CACHES`; each bounded by itself).
+    part_caches: Mutex<Vec<PartCache>>,
 }
+
+/// Part caches kept between batches: as many as batches usually run at once.
+const MAX_PART_CACHES: usize = 8;
 
 impl SeriesStore {
     pub fn new(opts: StoreOptions, metrics: Arc<Metrics>) -> Self {
@@ -302,6 +329,19 @@ impl SeriesStore {
             sealed_bytes: AtomicU64::new(0),
             sealed_points: AtomicU64::new(0),
             evicting: Mutex::new(()),
+            part_caches: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A part cache for one ingest batch (see `ingest::PartCache`); give it back after.
+    pub(super) fn take_part_cache(&self) -> PartCache {
+        self.part_caches.lock().pop().unwrap_or_default()
+    }
+
+    pub(super) fn give_part_cache(&self, cache: PartCache) {
+        let mut caches = self.part_caches.lock();
+        if caches.len() < MAX_PART_CACHES {
+            caches.push(cache);
         }
     }
 
@@ -335,10 +375,18 @@ impl SeriesStore {
             return Some(s.clone());
         }
         let mut map = self.series.write();
+        Self::get_or_create_locked(&mut map, name, self.opts.max_series)
+    }
+
+    fn get_or_create_locked(
+        map: &mut SeriesMap,
+        name: &str,
+        max_series: u64,
+    ) -> Option<Arc<Mutex<Series>>> {
         if let Some(s) = map.get(name) {
             return Some(s.clone());
         }
-        if map.len() as u64 >= self.opts.max_series {
+        if map.len() as u64 >= max_series {
             return None;
         }
         let s = Arc::new(Mutex::new(Series::default()));
@@ -378,28 +426,97 @@ impl SeriesStore {
     /// Inserts points into one series (any order), then enforces `--max-points`. The name
     /// must have passed [`validate_name`].
     pub fn insert(&self, name: &str, points: &[(i64, f64)], now_ms: i64) -> IngestReport {
-        let report = loop {
-            let Some(arc) = self.get_or_create(name) else {
-                break IngestReport {
-                    series_limit: points.len() as u64,
-                    ..IngestReport::default()
-                };
+        self.insert_batch(&[(name, points)], now_ms)
+    }
+
+    /// Inserts the points of several series (each in any order; names valid).
+    pub fn insert_batch(&self, batch: &[(&str, &[(i64, f64)])], now_ms: i64) -> IngestReport {
+        let items: Vec<BatchItem<'_>> = batch
+            .iter()
+            .map(|&(name, points)| BatchItem {
+                name,
+                handle: None,
+                points,
+            })
+            .collect();
+        self.insert_handles(&items, now_ms).0
+    }
+
+    /// Inserts the points of several series (each in any order; names valid, possibly
+    /// repeated) into the series their handles name, or found by name when they have none:
+    /// the series map is locked once for the whole batch (twice when it creates series),
+    /// each series once per item, and refusals, `--max-points` and the gauges are dealt
+    /// with once at the end. Returns, by item index, the handles that callers keeping
+    /// them should store: new ones, and successors of series removed in the meantime.
+    pub fn insert_handles(
+        &self,
+        items: &[BatchItem<'_>],
+        now_ms: i64,
+    ) -> (IngestReport, Vec<(usize, SeriesHandle)>) {
+        let mut found: Vec<(usize, Arc<Mutex<Series>>)> = Vec::new();
+        let missing: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].handle.is_none())
+            .collect();
+        if !missing.is_empty() {
+            let mut still = Vec::new();
+            {
+                let map = self.series.read();
+                for &i in &missing {
+                    match map.get(items[i].name) {
+                        Some(s) => found.push((i, s.clone())),
+                        None => still.push(i),
+                    }
+                }
+            }
+            if !still.is_empty() {
+                // Created under the write lock, in item order, while there is room: the
+                // limit stays exact.
+                let mut map = self.series.write();
+                for i in still {
+                    if let Some(s) =
+                        Self::get_or_create_locked(&mut map, items[i].name, self.opts.max_series)
+                    {
+                        found.push((i, s));
+                    }
+                }
+            }
+            found.sort_unstable_by_key(|f| f.0);
+        }
+        let mut report = IngestReport::default();
+        let mut updates = Vec::new();
+        let mut new = found.into_iter().peekable();
+        // Counted before the points go in (and refusals taken back after), so that an
+        // eviction, which needs a series' lock, never subtracts points not yet counted,
+        // with one update of the shared counter per batch instead of one per series.
+        let points: u64 = items.iter().map(|i| i.points.len() as u64).sum();
+        self.retained.fetch_add(points, Ordering::Relaxed);
+        for (i, item) in items.iter().enumerate() {
+            let created;
+            let arc = match &item.handle {
+                Some(h) => &h.0,
+                None => match new.next_if(|f| f.0 == i) {
+                    Some((_, a)) => {
+                        created = a;
+                        &created
+                    }
+                    None => {
+                        report.series_limit += item.points.len() as u64;
+                        continue;
+                    }
+                },
             };
-            let mut s = arc.lock();
-            if s.removed {
-                continue;
+            let (r, replaced) = self.insert_into(item.name, arc, item.points, now_ms);
+            report.add(r);
+            match replaced {
+                Some(a) => updates.push((i, SeriesHandle(a))),
+                None if item.handle.is_none() && r.accepted > 0 => {
+                    updates.push((i, SeriesHandle(arc.clone())));
+                }
+                None => {}
             }
-            let r = self.insert_locked(&mut s, points, now_ms);
-            // Counted under the series lock, so an eviction of these points (which needs
-            // the lock) can never subtract them first.
-            self.retained.fetch_add(r.accepted, Ordering::Relaxed);
-            let empty = s.points() == 0;
-            drop(s);
-            if empty {
-                self.remove_if_empty(name, &arc);
-            }
-            break r;
-        };
+        }
+        self.retained
+            .fetch_sub(points - report.accepted, Ordering::Relaxed);
         for (reason, n) in report.reasons() {
             if n > 0 {
                 self.reject(reason, n);
@@ -407,7 +524,46 @@ impl SeriesStore {
         }
         self.enforce_memory();
         self.publish_gauges();
-        report
+        (report, updates)
+    }
+
+    /// Inserts into the series `arc` (named `name`), or into its successor when it was
+    /// removed in the meantime, which is then returned if it holds points. The caller
+    /// has counted `points` as retained.
+    fn insert_into(
+        &self,
+        name: &str,
+        arc: &Arc<Mutex<Series>>,
+        points: &[(i64, f64)],
+        now_ms: i64,
+    ) -> (IngestReport, Option<Arc<Mutex<Series>>>) {
+        let mut successor: Option<Arc<Mutex<Series>>> = None;
+        loop {
+            let cur = successor.as_ref().unwrap_or(arc);
+            let mut s = cur.lock();
+            if s.removed {
+                drop(s);
+                match self.get_or_create(name) {
+                    Some(a) => successor = Some(a),
+                    None => {
+                        let r = IngestReport {
+                            series_limit: points.len() as u64,
+                            ..IngestReport::default()
+                        };
+                        return (r, None);
+                    }
+                }
+                continue;
+            }
+            let r = self.insert_locked(&mut s, points, now_ms);
+            let empty = s.points() == 0;
+            drop(s);
+            if empty {
+                self.remove_if_empty(name, cur);
+                return (r, None);
+            }
+            return (r, successor);
+        }
     }
 
     /// Counts points refused for `reason` in `/metrics`.
@@ -470,19 +626,17 @@ impl SeriesStore {
     /// Seals full blocks out of the part of the head older than the out-of-order window
     /// (measured from the same reference as lateness, so sealing never overtakes it).
     fn seal(&self, s: &mut Series, now_ms: i64) {
+        if s.head.len() < self.opts.block_points {
+            return;
+        }
         let Some(newest) = s.newest else { return };
         let limit = newest.min(now_ms).saturating_sub(self.opts.ooo_window_ms);
         let bp = self.opts.block_points;
         while s.head.partition_point(|p| p.0 < limit) >= bp {
             let pts: Vec<(i64, f64)> = s.head.drain(..bp).collect();
-            let mut enc = BlockEncoder::with_capacity(bp);
             let mut agg = Agg::EMPTY;
             let mut windows: Vec<(i64, Agg)> = Vec::new();
             for &(ts, v) in &pts {
-                // The head is sorted and smaller than u32::MAX: push cannot fail.
-                if enc.push(ts, v).is_err() {
-                    continue;
-                }
                 agg.push(ts, v);
                 let w = ts.div_euclid(self.opts.window_ms) * self.opts.window_ms;
                 match windows.last_mut() {
@@ -494,7 +648,8 @@ impl SeriesStore {
                     }
                 }
             }
-            let sealed = enc.finish();
+            // The head is sorted and holds fewer than u32::MAX points.
+            let sealed = SealedBlock::encode(&pts);
             let (first_ts, last_ts) = (pts[0].0, pts[pts.len() - 1].0);
             if !s.sealed_dirty {
                 s.sealed_agg.merge(&agg);
@@ -745,12 +900,15 @@ impl SeriesStore {
                     out.push(p);
                     Ok(())
                 };
+                let mut buf = Vec::new();
                 for b in s
                     .blocks
                     .iter()
                     .filter(|b| b.last_ts >= from && b.first_ts < to)
                 {
-                    for p in b.sealed.iter().filter(|p| in_range(p.0)) {
+                    buf.clear();
+                    b.sealed.decode_into(&mut buf);
+                    for &p in buf.iter().filter(|p| in_range(p.0)) {
                         push(p)?;
                     }
                 }
@@ -778,6 +936,7 @@ impl SeriesStore {
                 }
                 let bucket = |t: i64| t.div_euclid(step) * step;
                 let mut buckets: BTreeMap<i64, Agg> = BTreeMap::new();
+                let mut buf = Vec::new();
                 for b in s
                     .blocks
                     .iter()
@@ -790,7 +949,9 @@ impl SeriesStore {
                         // Whole block inside one bucket: its precomputed aggregate.
                         buckets.entry(bucket(b.first_ts)).or_default().merge(&b.agg);
                     } else {
-                        for (t, v) in b.sealed.iter().filter(|p| in_range(p.0)) {
+                        buf.clear();
+                        b.sealed.decode_into(&mut buf);
+                        for &(t, v) in buf.iter().filter(|p| in_range(p.0)) {
                             buckets.entry(bucket(t)).or_default().push(t, v);
                         }
                     }

@@ -910,3 +910,97 @@ async fn idle_tcp_connections_are_closed_so_a_new_connection_is_served_after_the
     assert_eq!(get_sum(&app.client, &app.addr).await, 7.0);
     app.stop().await;
 }
+
+/// The payload agents send: 700 series alternating line by line (a line per series per
+/// round), two tags, nanosecond timestamps, three decimals; every 7th line writes the
+/// tags in the other order, which is the same series. Three batches, so the later ones
+/// meet series the server has seen.
+#[tokio::test]
+async fn an_interleaved_payload_keeps_every_series_count_and_sum() {
+    let app = spawn_series(|c| {
+        // Small blocks, so most points are sealed and read back from blocks.
+        c.block_points = 8;
+        c.ooo_window_ms = 0;
+    })
+    .await;
+    const SERIES: usize = 700;
+    let start_s = now_ms() / 1000 - 3600;
+    // name -> points (ms, value) in time order
+    let mut expect: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+    let mut total = 0.0;
+    let mut line = 0usize;
+    for batch in 0..3 {
+        let mut body = String::new();
+        for _ in 0..10_000 {
+            let (round, s) = (line / SERIES, line % SERIES);
+            let (host, region) = (format!("h{s}"), format!("r{}", s % 8));
+            // Multiples of 1/8 written with three decimals: every sum is exact.
+            let v = ((line * 37 + batch) % 800) as f64 / 8.0;
+            let ts_ns = (start_s + round as i64) * 1_000_000_000;
+            if line.is_multiple_of(7) {
+                body.push_str(&format!(
+                    "sensor,region={region},host={host} value={v:.3} {ts_ns}\n"
+                ));
+            } else {
+                body.push_str(&format!(
+                    "sensor,host={host},region={region} value={v:.3} {ts_ns}\n"
+                ));
+            }
+            expect
+                .entry(format!("sensor,host={host},region={region}:value"))
+                .or_default()
+                .push((ts_ns / 1_000_000, v));
+            total += v;
+            line += 1;
+        }
+        let (status, r) = write(&app, "?precision=ns", body).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "batch {batch}: {r}");
+    }
+    refresh(&app).await;
+
+    let (status, page) = app.get("/v1/series?limit=10000").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let listed: BTreeMap<String, u64> = page["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["points"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let counts: BTreeMap<String, u64> = expect
+        .iter()
+        .map(|(n, p)| (n.clone(), p.len() as u64))
+        .collect();
+    assert_eq!(listed, counts);
+
+    for (i, (name, pts)) in expect.iter().enumerate() {
+        let (status, r) = app.get(&format!("/v1/series/{name}/rollups")).await;
+        assert_eq!(status, StatusCode::OK, "{name}: {r}");
+        let sum: f64 = pts.iter().map(|p| p.1).sum();
+        assert_eq!(
+            r["total"]["count"].as_u64(),
+            Some(pts.len() as u64),
+            "{name}"
+        );
+        assert_eq!(r["total"]["sum"].as_f64(), Some(sum), "{name}");
+        assert_eq!(r["retained"]["sum"].as_f64(), Some(sum), "{name}");
+        // Every 50th series read back point by point (most from sealed blocks).
+        if i.is_multiple_of(50) {
+            let (status, q) = app.get(&format!("/v1/series/{name}")).await;
+            assert_eq!(status, StatusCode::OK, "{name}: {q}");
+            let got: Vec<(i64, f64)> = q["points"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p["t"].as_i64().unwrap(), p["v"].as_f64().unwrap()))
+                .collect();
+            assert_eq!(&got, pts, "{name}");
+        }
+    }
+    assert_eq!(get_sum(&app.client, &app.url("")).await, total);
+    app.stop().await;
+}
