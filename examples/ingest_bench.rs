@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tally::metrics::Metrics;
-use tally::series::ingest::ingest_lines;
+use tally::series::ingest::Ingester;
 use tally::series::line_protocol::Precision;
 use tally::series::store::{SeriesStore, StoreOptions};
 
@@ -49,18 +49,17 @@ fn main() {
     println!("{} batches, {lines} lines, {precision}", batches.len());
     let now = tally::now_ms();
     for _ in 0..rounds {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Metrics::new();
         let opts = StoreOptions {
             max_points: u64::MAX,
             ..StoreOptions::default()
         };
-        let store = SeriesStore::new(opts, metrics.clone());
+        let ingester = Ingester::new(Arc::new(SeriesStore::new(opts, &metrics)), &metrics);
+        let store = ingester.store();
         let t = Instant::now();
         let mut accepted = 0;
         for b in &batches {
-            accepted += ingest_lines(&store, &metrics, b, precision, now, "write")
-                .store
-                .accepted;
+            accepted += ingester.ingest(b, precision, now, "write").store.accepted;
         }
         let s = t.elapsed().as_secs_f64();
         println!(

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::queue::local::LocalQueue;
 use crate::queue::{JobQueue, LeaseOptions};
-use crate::series::ingest::{self, TcpOptions};
+use crate::series::ingest::{self, Ingester, TcpOptions};
 use crate::series::rollup::Rollups;
 use crate::series::sources::{self, FlagDefaults, Sources};
 use crate::series::store::SeriesStore;
@@ -89,9 +89,10 @@ impl Application {
             cfg.enable_test_jobs,
         )?;
         let metrics = Arc::new(Metrics::new());
-        let series = Arc::new(SeriesStore::new(cfg.series_options(), metrics.clone()));
-        let sources = Arc::new(Sources::new(source_specs, series.clone(), metrics.clone()));
-        let rollups = Rollups::new(series.clone(), metrics.clone());
+        let series = Arc::new(SeriesStore::new(cfg.series_options(), &metrics));
+        let ingest = Arc::new(Ingester::new(series.clone(), &metrics));
+        let sources = Arc::new(Sources::new(source_specs, series.clone(), &metrics));
+        let rollups = Rollups::new(series.clone(), &metrics);
         let lease = LeaseOptions {
             lease: Duration::from_millis(cfg.lease_ms),
             max_attempts: cfg.max_attempts,
@@ -216,6 +217,7 @@ impl Application {
             max_upload_bytes: cfg.max_upload_bytes,
             pipeline,
             series,
+            ingest,
             rollups,
             max_write_bytes: cfg.max_write_bytes,
             sources,
@@ -388,8 +390,7 @@ impl SeriesTasks {
         if let Some(l) = line_listener {
             tasks.spawn(ingest::serve_tcp(
                 l,
-                state.series.clone(),
-                state.metrics.clone(),
+                state.ingest.clone(),
                 TcpOptions {
                     precision: cfg.line_precision,
                     max_connections: cfg.line_max_connections as usize,

@@ -56,8 +56,8 @@ pub type AppState = Arc<AppContext>;
 
 pub struct AppContext {
     pub engine: Engine,
-    /// The shared registry (`/metrics` renders it; the series still keep their families
-    /// on it).
+    /// The shared registry (`/metrics` renders it; each subsystem registered its own
+    /// families on it when it was built).
     pub metrics: Arc<Metrics>,
     /// Requests by route and status, and their latency.
     pub http_metrics: HttpMetrics,
@@ -79,6 +79,8 @@ pub struct AppContext {
     pub pipeline: Pipeline,
     /// The in-memory live series.
     pub series: Arc<crate::series::store::SeriesStore>,
+    /// Line-protocol ingest into `series` (`POST /write` and the TCP listener).
+    pub ingest: Arc<crate::series::ingest::Ingester>,
     /// The published rollups of the live series and their refresh.
     pub rollups: Arc<crate::series::rollup::Rollups>,
     /// `--max-write-bytes`: largest `POST /write` body.

@@ -15,9 +15,8 @@ use serde_json::{json, Value};
 use super::error::{ApiError, ApiJson};
 use super::openapi::wire;
 use super::{ops, AppState};
-use crate::series::ingest::ingest_lines;
+use crate::series::agg::{AggFn, SeriesRollup};
 use crate::series::line_protocol::Precision;
-use crate::series::rollup::{AggFn, SeriesRollup};
 use crate::series::store::{validate_name, RangeQuery, SeriesError};
 
 impl From<SeriesError> for ApiError {
@@ -170,11 +169,10 @@ pub async fn write(
         return Err(ApiError::PayloadTooLarge(st.max_write_bytes));
     }
     let body = read_pooled(body, st.max_write_bytes).await?;
-    let store = st.series.clone();
-    let metrics = st.metrics.clone();
+    let ingest = st.ingest.clone();
     let now = crate::now_ms();
     let r = tokio::task::spawn_blocking(move || {
-        let r = ingest_lines(&store, &metrics, &body, precision, now, "write");
+        let r = ingest.ingest(&body, precision, now, "write");
         give_back(body);
         r
     })
@@ -282,17 +280,9 @@ pub async fn post_points(
         .map(|(i, p)| point_of(i, p))
         .collect::<Result<Vec<_>, _>>()?;
     let store = st.series.clone();
-    let metrics = st.metrics.clone();
     let r = tokio::task::spawn_blocking(move || {
         let r = store.insert(&name, &points, crate::now_ms());
-        if r.accepted > 0 {
-            metrics
-                .series_points_accepted
-                .get_or_create(&crate::metrics::SourceLabels {
-                    source: "json".into(),
-                })
-                .inc_by(r.accepted);
-        }
+        store.metrics().accepted("json", r.accepted);
         r
     })
     .await

@@ -1,13 +1,16 @@
 //! Ingest of line protocol into the series store, shared by `POST /write` and the TCP
-//! listener (`--line-listen`): parse, group points by series, insert, count. The TCP
-//! listener itself (bounded lines, bounded connections, idle connections closed, bad
-//! lines counted) lives here too.
+//! listener (`--line-listen`): parse, group points by series, insert, count. The
+//! [`Ingester`] owns what ingest keeps between batches (the part caches); the store knows
+//! nothing of line protocol. The TCP listener itself (bounded lines, bounded connections,
+//! idle connections closed, bad lines counted) lives here too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -17,7 +20,7 @@ use super::line_protocol::{
     parse_lines_cached, push_series_field, FieldValue, ParseSummary, Point, Precision, SeriesSink,
 };
 use super::store::{validate_name, BatchItem, IngestReport, SeriesHandle, SeriesStore};
-use crate::metrics::{Metrics, SourceLabels};
+use crate::metrics::Metrics;
 
 /// Longest line the TCP listener accepts; longer ones are counted as invalid and skipped.
 pub const MAX_TCP_LINE_BYTES: usize = 64 * 1024;
@@ -51,8 +54,7 @@ impl LineIngest {
 /// looking that up in the store. Agents send the same series in every batch, hundreds of
 /// them alternating line by line, so after their first batch nearly every line hits.
 ///
-/// The store keeps a few of these between batches (`SeriesStore::take_part_cache`); each
-/// holds at most [`MAX_CACHED_PARTS`] parts (then it starts over), plus one batch's new
+/// The [`Ingester`] keeps a few of these between batches; each holds at most [`MAX_CACHED_PARTS`] parts (then it starts over), plus one batch's new
 /// parts. Handles may go stale (series removed); the store then finds the successor.
 #[derive(Default)]
 pub struct PartCache {
@@ -193,17 +195,66 @@ impl<'i> SeriesSink<'i> for Grouper<'_> {
     }
 }
 
-/// Parses `body` and stores its numeric points; string fields are skipped (counted as
-/// rejected, reason `non_numeric`), bad lines are counted (reason `invalid`).
-pub fn ingest_lines(
+/// Part caches kept between batches: as many as batches usually run at once.
+const MAX_PART_CACHES: usize = 8;
+
+/// Line-protocol ingest into one store, shared by `POST /write` and the TCP listener.
+pub struct Ingester {
+    store: Arc<SeriesStore>,
+    /// One per batch in progress at most, kept between batches (at most
+    /// [`MAX_PART_CACHES`]; each bounded by itself). Handles in them belong to `store`.
+    part_caches: Mutex<Vec<PartCache>>,
+    idle_closed: Counter,
+}
+
+impl Ingester {
+    /// Registers `tally_series_line_idle_closed_total` on `metrics`.
+    pub fn new(store: Arc<SeriesStore>, metrics: &Metrics) -> Self {
+        let idle_closed = Counter::default();
+        metrics.register(
+            "series_line_idle_closed",
+            "TCP line-protocol connections closed after --line-idle-timeout-ms without data",
+            idle_closed.clone(),
+        );
+        Ingester {
+            store,
+            part_caches: Mutex::new(Vec::new()),
+            idle_closed,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<SeriesStore> {
+        &self.store
+    }
+
+    /// Parses `body` and stores its numeric points; string fields are skipped (counted as
+    /// rejected, reason `non_numeric`), bad lines are counted (reason `invalid`). Accepted
+    /// points are counted under `source`.
+    pub fn ingest(
+        &self,
+        body: &[u8],
+        precision: Precision,
+        now_ms: i64,
+        source: &str,
+    ) -> LineIngest {
+        let cache = self.part_caches.lock().pop().unwrap_or_default();
+        let (out, cache) = ingest_with(&self.store, cache, body, precision, now_ms, source);
+        let mut caches = self.part_caches.lock();
+        if caches.len() < MAX_PART_CACHES {
+            caches.push(cache);
+        }
+        out
+    }
+}
+
+fn ingest_with(
     store: &SeriesStore,
-    metrics: &Metrics,
+    mut cache: PartCache,
     body: &[u8],
     precision: Precision,
     now_ms: i64,
     source: &str,
-) -> LineIngest {
-    let mut cache = store.take_part_cache();
+) -> (LineIngest, PartCache) {
     if cache.parts.len() >= MAX_CACHED_PARTS {
         cache = PartCache::default();
     }
@@ -257,15 +308,7 @@ pub fn ingest_lines(
             starts,
         };
     }
-    store.give_part_cache(cache);
-    if out.store.accepted > 0 {
-        metrics
-            .series_points_accepted
-            .get_or_create(&SourceLabels {
-                source: source.to_string(),
-            })
-            .inc_by(out.store.accepted);
-    }
+    store.metrics().accepted(source, out.store.accepted);
     let invalid = out.parse.error_lines as u64 + out.bad_names;
     if invalid > 0 {
         store.reject("invalid", invalid);
@@ -273,7 +316,7 @@ pub fn ingest_lines(
     if out.parse.non_numeric > 0 {
         store.reject("non_numeric", out.parse.non_numeric as u64);
     }
-    out
+    (out, cache)
 }
 
 /// Options of the TCP line-protocol listener.
@@ -290,8 +333,7 @@ pub struct TcpOptions {
 /// are ingested as they arrive.
 pub async fn serve_tcp(
     listener: TcpListener,
-    store: Arc<SeriesStore>,
-    metrics: Arc<Metrics>,
+    ingester: Arc<Ingester>,
     opts: TcpOptions,
     stop: CancellationToken,
 ) {
@@ -309,12 +351,12 @@ pub async fn serve_tcp(
             };
             match accepted {
                 Ok((sock, peer)) => {
-                    let (store, metrics) = (store.clone(), metrics.clone());
+                    let ingester = ingester.clone();
                     let stop = stop.clone();
                     conns.spawn(async move {
                         let _permit = permit;
                         tokio::select! {
-                            _ = serve_connection(sock, peer, &store, &metrics, opts) => {}
+                            _ = serve_connection(sock, peer, &ingester, opts) => {}
                             _ = stop.cancelled() => {}
                         }
                     });
@@ -330,10 +372,10 @@ pub async fn serve_tcp(
 async fn serve_connection(
     mut sock: tokio::net::TcpStream,
     peer: SocketAddr,
-    store: &SeriesStore,
-    metrics: &Metrics,
+    ingester: &Ingester,
     opts: TcpOptions,
 ) {
+    let store = ingester.store();
     let precision = opts.precision;
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     // True while skipping the rest of an over-long line.
@@ -351,7 +393,7 @@ async fn serve_connection(
             }
             Err(_) => {
                 tracing::debug!(%peer, "idle line-protocol connection closed");
-                metrics.series_line_idle_closed.inc();
+                ingester.idle_closed.inc();
                 idle = true;
                 break;
             }
@@ -372,7 +414,7 @@ async fn serve_connection(
             None => 0,
         };
         if complete > 0 {
-            ingest_tcp(store, metrics, &buf[..complete], precision);
+            ingest_tcp(ingester, &buf[..complete], precision);
             buf.drain(..complete);
         }
         if buf.len() > MAX_TCP_LINE_BYTES {
@@ -387,13 +429,13 @@ async fn serve_connection(
             // Cut off mid-line: the rest may never have been sent (`value=12` as `value=1`).
             store.reject("invalid", 1);
         } else {
-            ingest_tcp(store, metrics, &buf, precision);
+            ingest_tcp(ingester, &buf, precision);
         }
     }
 }
 
-fn ingest_tcp(store: &SeriesStore, metrics: &Metrics, lines: &[u8], precision: Precision) {
-    let r = ingest_lines(store, metrics, lines, precision, crate::now_ms(), "tcp");
+fn ingest_tcp(ingester: &Ingester, lines: &[u8], precision: Precision) {
+    let r = ingester.ingest(lines, precision, crate::now_ms(), "tcp");
     if let Some(e) = r.parse.errors.first() {
         tracing::debug!(error = %e, bad_lines = r.parse.error_lines, "bad line protocol over TCP");
     }
@@ -406,19 +448,16 @@ mod tests {
 
     #[test]
     fn lines_are_grouped_per_series_and_bad_names_and_strings_are_not_stored() {
-        let metrics = Arc::new(Metrics::new());
-        let store = SeriesStore::new(StoreOptions::default(), metrics.clone());
+        let metrics = Metrics::new();
+        let ingester = Ingester::new(
+            Arc::new(SeriesStore::new(StoreOptions::default(), &metrics)),
+            &metrics,
+        );
+        let store = ingester.store();
         let long = "m".repeat(300);
         let body =
             format!("a,h=1 x=1,y=2 1000\na,h=1 x=3 1001\n{long} x=5 1000\ns t=\"str\" 1000\nbad\n");
-        let r = ingest_lines(
-            &store,
-            &metrics,
-            body.as_bytes(),
-            Precision::Milliseconds,
-            2000,
-            "write",
-        );
+        let r = ingester.ingest(body.as_bytes(), Precision::Milliseconds, 2000, "write");
         assert_eq!(r.store.accepted, 3);
         assert_eq!(
             (r.bad_names, r.parse.error_lines, r.parse.non_numeric),
@@ -431,20 +470,17 @@ mod tests {
 
     #[test]
     fn interleaved_series_that_differ_in_one_part_are_kept_apart() {
-        let metrics = Arc::new(Metrics::new());
-        let store = SeriesStore::new(StoreOptions::default(), metrics.clone());
+        let metrics = Metrics::new();
+        let ingester = Ingester::new(
+            Arc::new(SeriesStore::new(StoreOptions::default(), &metrics)),
+            &metrics,
+        );
+        let store = ingester.store();
         // Each line differs from the one before in exactly one part: tag value, tag key,
         // field, measurement, number of tags; the last repeats the first series.
         let body = "a,h=1 v=1 1000\na,h=2 v=2 1000\na,k=2 v=4 1000\na,k=2 w=8 1000\n\
                     b,k=2 w=16 1000\nb w=32 1000\na,h=1 v=64 1001\n";
-        let r = ingest_lines(
-            &store,
-            &metrics,
-            body.as_bytes(),
-            Precision::Milliseconds,
-            2000,
-            "write",
-        );
+        let r = ingester.ingest(body.as_bytes(), Precision::Milliseconds, 2000, "write");
         assert_eq!(r.store.accepted, 7);
         let mut got: Vec<(String, f64)> = store
             .list()

@@ -1,7 +1,8 @@
 //! Live time series: compressed blocks of `(timestamp_ms, f64)` points ([`gorilla`], and
 //! [`packed`], the smaller of Gorilla and zstd-compressed columns, as sealed blocks), the
 //! InfluxDB line-protocol parser ([`line_protocol`]), the in-memory series store
-//! ([`store`]), rollups and their scheduler ([`rollup`]), and line-protocol ingest with the
+//! ([`store`]), the mergeable aggregates it keeps ([`agg`]), the published rollups and
+//! their scheduler ([`rollup`]), and line-protocol ingest with the
 //! TCP listener ([`ingest`]), the supervised upstream pollers ([`sources`]) and the slow
 //! demo upstream of `tally upstream` ([`upstream_demo`]). The HTTP routes are in
 //! `api::series` and `api::sources`.
@@ -9,9 +10,11 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod agg;
 pub mod gorilla;
 pub mod ingest;
 pub mod line_protocol;
+pub mod metrics;
 pub mod packed;
 pub mod rollup;
 pub mod sources;

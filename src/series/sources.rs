@@ -25,8 +25,55 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
 use super::store::{validate_name, SeriesStore};
-use crate::metrics::{Metrics, SourceLabels, SourceOutcomeLabels, SourceStateLabels};
+use crate::metrics::{Metrics, SourceLabels};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceOutcomeLabels {
+    source: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceStateLabels {
+    source: String,
+    state: String,
+}
+
+/// The pollers' metric families (`tally_source_*`); `source` is a configured source name.
+#[derive(Default)]
+struct SourceMetrics {
+    requests: Family<SourceOutcomeLabels, Counter>,
+    state: Family<SourceStateLabels, Gauge>,
+    restarts: Family<SourceLabels, Counter>,
+}
+
+impl SourceMetrics {
+    fn register(m: &Metrics) -> Self {
+        let s = SourceMetrics::default();
+        m.register(
+            "source_requests",
+            "Requests of the polled sources, by source and outcome (ok, error, timeout, bad_body)",
+            s.requests.clone(),
+        );
+        m.register(
+            "source_state",
+            "1 for the current supervision state of each polled source (running, restarting)",
+            s.state.clone(),
+        );
+        m.register(
+            "source_restarts",
+            "Restarts of a polled source after its poll loop failed or panicked",
+            s.restarts.clone(),
+        );
+        s
+    }
+}
 
 /// Smallest poll interval accepted.
 pub const MIN_INTERVAL_MS: u64 = 10;
@@ -367,7 +414,7 @@ impl Outcome {
 struct Shared {
     entry: Arc<Entry>,
     store: Arc<SeriesStore>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<SourceMetrics>,
 }
 
 impl Shared {
@@ -375,7 +422,7 @@ impl Shared {
         self.entry.status.lock().state = state;
         for s in [SourceState::Running, SourceState::Restarting] {
             self.metrics
-                .source_state
+                .state
                 .get_or_create(&SourceStateLabels {
                     source: self.entry.spec.name.clone(),
                     state: s.as_str().to_string(),
@@ -386,7 +433,7 @@ impl Shared {
 
     fn count(&self, outcome: Outcome) {
         self.metrics
-            .source_requests
+            .requests
             .get_or_create(&SourceOutcomeLabels {
                 source: self.entry.spec.name.clone(),
                 outcome: outcome.as_str().to_string(),
@@ -431,12 +478,7 @@ impl Shared {
         self.count(Outcome::Ok);
         if r.accepted > 0 {
             self.entry.points.fetch_add(r.accepted, Ordering::Relaxed);
-            self.metrics
-                .series_points_accepted
-                .get_or_create(&SourceLabels {
-                    source: "upstream".into(),
-                })
-                .inc_by(r.accepted);
+            self.store.metrics().accepted("upstream", r.accepted);
         }
         let mut st = self.entry.status.lock();
         st.last_success_ms = Some(now);
@@ -448,11 +490,12 @@ impl Shared {
 pub struct Sources {
     entries: Vec<Arc<Entry>>,
     store: Arc<SeriesStore>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<SourceMetrics>,
 }
 
 impl Sources {
-    pub fn new(specs: Vec<SourceSpec>, store: Arc<SeriesStore>, metrics: Arc<Metrics>) -> Self {
+    /// Registers the `tally_source_*` families on `metrics`.
+    pub fn new(specs: Vec<SourceSpec>, store: Arc<SeriesStore>, metrics: &Metrics) -> Self {
         let entries = specs
             .into_iter()
             .map(|spec| {
@@ -474,7 +517,7 @@ impl Sources {
         Sources {
             entries,
             store,
-            metrics,
+            metrics: Arc::new(SourceMetrics::register(metrics)),
         }
     }
 
@@ -529,7 +572,7 @@ impl Sources {
                     "polling source"
                 );
                 // Present (at 0) from the start, so dashboards see every source.
-                let _ = self.metrics.source_restarts.get_or_create(&SourceLabels {
+                let _ = self.metrics.restarts.get_or_create(&SourceLabels {
                     source: entry.spec.name.clone(),
                 });
                 supervise(shared, stop.clone())
@@ -597,7 +640,7 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
         shared.set_state(SourceState::Restarting);
         shared
             .metrics
-            .source_restarts
+            .restarts
             .get_or_create(&SourceLabels {
                 source: shared.entry.spec.name.clone(),
             })

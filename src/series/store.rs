@@ -22,10 +22,10 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
-use super::ingest::PartCache;
+use super::agg::{Agg, AggFn, SeriesRollup};
+use super::metrics::SeriesMetrics;
 use super::packed::Block as SealedBlock;
-use super::rollup::{Agg, AggFn, SeriesRollup};
-use crate::metrics::{Metrics, ReasonLabels};
+use crate::metrics::Metrics;
 use crate::neumaier::Neumaier;
 
 /// Largest series name, in bytes.
@@ -294,7 +294,7 @@ pub struct BatchItem<'a> {
 /// The store. Cheap to share behind an `Arc`.
 pub struct SeriesStore {
     opts: StoreOptions,
-    metrics: Arc<Metrics>,
+    metrics: SeriesMetrics,
     /// foldhash: keys come from clients, so the hasher is seeded (no flooding), and it is
     /// several times faster than SipHash on short keys, which showed in ingest profiles.
     series: RwLock<SeriesMap>,
@@ -304,16 +304,11 @@ pub struct SeriesStore {
     sealed_bytes: AtomicU64,
     sealed_points: AtomicU64,
     evicting: Mutex<()>,
-    /// Part caches of the line-protocol ingest, one per batch in progress at most, kept
-    /// between batches (at most `MAX_PART_CACHES`; each bounded by itself).
-    part_caches: Mutex<Vec<PartCache>>,
 }
 
-/// Part caches kept between batches: as many as batches usually run at once.
-const MAX_PART_CACHES: usize = 8;
-
 impl SeriesStore {
-    pub fn new(opts: StoreOptions, metrics: Arc<Metrics>) -> Self {
+    /// Registers the store's metric families (`tally_series_*`) on `metrics`.
+    pub fn new(opts: StoreOptions, metrics: &Metrics) -> Self {
         let opts = StoreOptions {
             block_points: opts.block_points.clamp(1, u32::MAX as usize),
             window_ms: opts.window_ms.max(1),
@@ -322,27 +317,19 @@ impl SeriesStore {
         };
         SeriesStore {
             opts,
-            metrics,
+            metrics: SeriesMetrics::register(metrics),
             series: RwLock::new(HashMap::default()),
             dropped: Mutex::new(Dropped::default()),
             retained: AtomicU64::new(0),
             sealed_bytes: AtomicU64::new(0),
             sealed_points: AtomicU64::new(0),
             evicting: Mutex::new(()),
-            part_caches: Mutex::new(Vec::new()),
         }
     }
 
-    /// A part cache for one ingest batch (see `ingest::PartCache`); give it back after.
-    pub(super) fn take_part_cache(&self) -> PartCache {
-        self.part_caches.lock().pop().unwrap_or_default()
-    }
-
-    pub(super) fn give_part_cache(&self, cache: PartCache) {
-        let mut caches = self.part_caches.lock();
-        if caches.len() < MAX_PART_CACHES {
-            caches.push(cache);
-        }
+    /// The store's metric families, for the ingest paths to count what they store.
+    pub fn metrics(&self) -> &SeriesMetrics {
+        &self.metrics
     }
 
     pub fn options(&self) -> &StoreOptions {
@@ -568,12 +555,7 @@ impl SeriesStore {
 
     /// Counts points refused for `reason` in `/metrics`.
     pub fn reject(&self, reason: &str, n: u64) {
-        self.metrics
-            .series_points_rejected
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_string(),
-            })
-            .inc_by(n);
+        self.metrics.rejected(reason, n);
     }
 
     fn insert_locked(&self, s: &mut Series, points: &[(i64, f64)], now_ms: i64) -> IngestReport {
@@ -681,12 +663,7 @@ impl SeriesStore {
             self.sealed_points.fetch_sub(n, Ordering::Relaxed);
             self.sealed_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
         }
-        self.metrics
-            .series_evictions
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_string(),
-            })
-            .inc_by(points);
+        self.metrics.evicted(reason, points);
     }
 
     /// Drops the oldest data (whole blocks first, then head points) until at most
@@ -753,9 +730,9 @@ impl SeriesStore {
 
     fn publish_gauges(&self) {
         let m = &self.metrics;
-        m.series_count.set(self.series_count() as i64);
-        m.series_points_retained.set(self.retained_points() as i64);
-        m.series_bytes_per_point.set(self.bytes_per_point());
+        m.series.set(self.series_count() as i64);
+        m.points_retained.set(self.retained_points() as i64);
+        m.bytes_per_point.set(self.bytes_per_point());
     }
 
     /// The sum of every accepted point of every series, including series since removed
@@ -1005,7 +982,7 @@ mod tests {
     fn store(f: impl FnOnce(&mut StoreOptions)) -> SeriesStore {
         let mut o = StoreOptions::default();
         f(&mut o);
-        SeriesStore::new(o, Arc::new(Metrics::new()))
+        SeriesStore::new(o, &Metrics::new())
     }
 
     fn raw(s: &SeriesStore, name: &str) -> Vec<(i64, f64)> {
@@ -1172,10 +1149,12 @@ mod tests {
     }
 
     fn late_points(st: &SeriesStore) -> u64 {
-        let page = st.metrics.render();
-        page.lines()
-            .find_map(|l| l.strip_prefix("tally_series_points_rejected_total{reason=\"late\"} "))
-            .map_or(0, |v| v.trim().parse().unwrap())
+        st.metrics()
+            .points_rejected
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: "late".into(),
+            })
+            .get()
     }
 
     #[test]
