@@ -509,6 +509,36 @@ pub async fn a_stale_attempt_is_fenced_and_the_newer_attempt_wins(s: Subject) {
     assert_eq!(s.store.counts().await.unwrap(), counts(0, 0, 1, 0, 0));
 }
 
+pub async fn a_stale_attempt_is_fenced_while_its_reclaimed_job_waits(s: Subject) {
+    // Between the reclaim and the next claim the job holds no lease: the stalled
+    // attempt's outcome (whatever it is) must not end it.
+    let id = submit(&s, &job("k", 1)).await;
+    let first = claim_now(&s).await;
+    let r = reclaim(&s, 1).await;
+    assert_eq!(r.requeued, vec![(id, 1)]);
+    for outcome in [
+        Outcome::Cancelled("cancelled".into()),
+        Outcome::Failed("boom".into()),
+        done("\"one\""),
+    ] {
+        assert_eq!(finish(&s, &first, outcome).await, Finished::Stale);
+    }
+    let rec = s.store.get(id).await.unwrap().unwrap();
+    assert_eq!(rec.status, JobStatus::Queued, "{rec:?}");
+    assert_eq!(s.store.counts().await.unwrap(), counts(1, 0, 0, 0, 0));
+    let second = claim_now(&s).await;
+    assert_eq!((second.id, second.attempt), (id, 2));
+    assert_eq!(
+        finish(&s, &second, done("\"two\"")).await,
+        Finished::Recorded
+    );
+    let rec = s.store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.status, rec.result.as_deref(), rec.attempts),
+        (JobStatus::Done, Some("\"two\""), 2)
+    );
+}
+
 pub async fn a_job_whose_attempts_all_expire_is_a_dead_letter(s: Subject) {
     let id = submit(&s, &job("k", 1)).await;
     for attempt in 1..=MAX_ATTEMPTS {
@@ -690,6 +720,7 @@ macro_rules! conformance {
             case!(counts_follow_every_transition_and_never_go_negative);
             case!(flush_makes_every_earlier_write_durable_and_visible);
             case!(a_stale_attempt_is_fenced_and_the_newer_attempt_wins);
+            case!(a_stale_attempt_is_fenced_while_its_reclaimed_job_waits);
             case!(a_job_whose_attempts_all_expire_is_a_dead_letter);
             case!(writes_about_one_job_apply_in_the_order_they_were_sent);
             case!(a_failed_or_cancelled_job_runs_again_under_its_id);

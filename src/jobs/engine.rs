@@ -784,8 +784,12 @@ fn adopt(inner: &Inner, lease: &Lease) -> Arc<Live> {
         if l.attempt
             .compare_exchange(0, lease.attempt, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
-            || l.attempt.load(Ordering::SeqCst) == lease.attempt
         {
+            // Tracked from its admission: this is its first claim.
+            l.ctx.set_attempt(lease.attempt);
+            return l.clone();
+        }
+        if l.attempt.load(Ordering::SeqCst) == lease.attempt {
             return l.clone();
         }
     }

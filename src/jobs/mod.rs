@@ -5,7 +5,7 @@
 //! a [`JobContext`]; it knows nothing of HTTP, the store or the queue.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,14 +56,15 @@ pub struct JobContext {
     /// When the job last showed it is alive (ms since epoch; 0 = not yet): its lease is
     /// renewed only while it does (see [`JobContext::checkpoint`]).
     beat: AtomicI64,
-    /// Which attempt this is (1 for the first run).
-    attempt: u32,
+    /// Which attempt this is (1 for the first run; 0 until the job is claimed, for a job
+    /// tracked from its admission).
+    attempt: AtomicU32,
 }
 
 impl JobContext {
     pub fn new(attempt: u32) -> Self {
         JobContext {
-            attempt,
+            attempt: AtomicU32::new(attempt),
             ..JobContext::default()
         }
     }
@@ -71,7 +72,12 @@ impl JobContext {
     /// Which attempt of the job this run is: 1 for the first, more after its worker died
     /// or stalled, or after a retry.
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.attempt.load(Ordering::Relaxed)
+    }
+
+    /// Sets the attempt when the job is claimed (before it runs).
+    pub(crate) fn set_attempt(&self, attempt: u32) {
+        self.attempt.store(attempt, Ordering::Relaxed);
     }
 
     /// Err(Cancelled) once the job was cancelled or timed out. Also tells the engine the

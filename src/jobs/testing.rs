@@ -1,6 +1,6 @@
 //! Job kinds for tests and benchmarks, registered only with `--enable-test-jobs`:
 //! `test.sleep` (a slow job that honours cancellation), `test.panic` (a job that takes
-//! its worker down), `test.echo` (returns its params, after `ms` when given), `test.stall` (a worker that
+//! its worker down), `test.echo` (returns its params, after `ms` when given, or `first_ms` in its first attempt), `test.stall` (a worker that
 //! stalls without a sign of life in its first attempts, then answers which attempt it
 //! is) and `test.blob` (a large result, after a pause).
 
@@ -57,9 +57,12 @@ impl JobHandler for Panic {
 }
 
 impl JobHandler for Echo {
-    /// Its params back; after `ms` milliseconds (checkpointing) when they say so.
+    /// Its params back; after `ms` milliseconds (checkpointing) when they say so, or after
+    /// `first_ms` in the first attempt when given (a job that holds its first worker until
+    /// that worker dies or stalls, and is quick when taken over).
     fn run(&self, params: &Value, ctx: &JobContext) -> Result<Value, JobError> {
-        if let Some(ms) = params.get("ms").and_then(Value::as_u64) {
+        let first = params.get("first_ms").filter(|_| ctx.attempt() == 1);
+        if let Some(ms) = first.or(params.get("ms")).and_then(Value::as_u64) {
             let until = Instant::now() + Duration::from_millis(ms.min(3_600_000));
             while Instant::now() < until {
                 ctx.checkpoint()?;

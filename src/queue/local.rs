@@ -42,6 +42,8 @@ struct Waiting {
     attempts: u32,
     /// Attempts used before its last retry.
     retry_base: u32,
+    /// Queued again by a reclaim (its stale attempt is fenced until it is claimed).
+    reclaimed: bool,
     /// The queue slot, given back when a worker takes the job. Recovered and reclaimed
     /// jobs take one when one is free.
     _slot: Option<OwnedSemaphorePermit>,
@@ -66,6 +68,10 @@ pub struct LocalQueue {
     leases: Mutex<HashMap<JobId, Held>>,
     /// Cancelled while waiting in the channel: skipped when claimed.
     cancelled: Mutex<HashSet<JobId>>,
+    /// Reclaimed jobs waiting for their next claim, with the attempt the reclaim took
+    /// them from. The store still counts that attempt as the newest (the next claim
+    /// counts the next one), so its late outcome is refused here.
+    reclaimed: Mutex<HashMap<JobId, u32>>,
     closed: AtomicBool,
     /// Claims blocked in the channel, to wake at `close`.
     sleepers: AtomicUsize,
@@ -87,6 +93,7 @@ impl LocalQueue {
             slots: Arc::new(Semaphore::new(capacity)),
             leases: Mutex::new(HashMap::new()),
             cancelled: Mutex::new(HashSet::new()),
+            reclaimed: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             stop: CancellationToken::new(),
@@ -115,7 +122,17 @@ impl LocalQueue {
                 true
             }
             Some(_) => false,
-            // No lease here: finished already or reclaimed; the store decides.
+            // Reclaimed and not claimed again yet: stale.
+            None if self
+                .reclaimed
+                .lock()
+                .get(&id)
+                .is_some_and(|taken| attempt <= *taken) =>
+            {
+                false
+            }
+            // No lease here: finished already (or the outcome's write is retried); the
+            // store decides.
             None => true,
         }
     }
@@ -145,6 +162,7 @@ impl JobQueue for LocalQueue {
             params: job.params.clone(),
             attempts: 0,
             retry_base: 0,
+            reclaimed: false,
             _slot: Some(slot),
         });
         Ok((id, durable))
@@ -165,6 +183,9 @@ impl JobQueue for LocalQueue {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Ok(None),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(Closed),
             };
+            if w.reclaimed {
+                self.reclaimed.lock().remove(&w.id);
+            }
             if self.cancelled.lock().remove(&w.id) {
                 continue;
             }
@@ -242,7 +263,7 @@ impl JobQueue for LocalQueue {
         if self.take_lease(id, attempt) {
             // The channel is gone with the process: the store keeps it queued for the
             // next start.
-            self.store.release(id, attempt).await?;
+            self.store.release(id, attempt, false).await?;
         }
         Ok(())
     }
@@ -287,12 +308,19 @@ impl JobQueue for LocalQueue {
             if rec.status.is_finished() {
                 continue;
             }
+            // Queued again in the store too (the attempt stays counted). Should that
+            // write fail, the job still runs again here; the store shows it running.
+            if let Err(e) = self.store.release(id, attempt, true).await {
+                tracing::warn!(job = %id, error = %e, "could not record a reclaimed job as queued");
+            }
+            self.reclaimed.lock().insert(id, attempt);
             self.enqueue(Waiting {
                 id,
                 kind: rec.kind,
                 params: rec.params,
                 attempts: attempt,
                 retry_base,
+                reclaimed: true,
                 _slot: self.slots.clone().try_acquire_owned().ok(),
             });
             out.requeued.push((id, attempt));
@@ -313,6 +341,7 @@ impl JobQueue for LocalQueue {
             .await
             .map_err(|f| f.error)?;
         if answer == Finished::Recorded {
+            self.reclaimed.lock().remove(&id);
             let leased = self.leases.lock().remove(&id).is_some();
             if !leased {
                 // Waiting in the channel (or about to be recovered): skip it there.
@@ -338,6 +367,7 @@ impl JobQueue for LocalQueue {
                 params: rec.params.clone(),
                 attempts: rec.attempts,
                 retry_base: rec.retry_base,
+                reclaimed: false,
                 _slot: self.slots.clone().try_acquire_owned().ok(),
             });
         }
@@ -372,6 +402,7 @@ impl JobQueue for LocalQueue {
                     params: rec.params,
                     attempts: rec.attempts,
                     retry_base: rec.retry_base,
+                    reclaimed: false,
                     _slot: Some(slot),
                 }));
             }

@@ -146,7 +146,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError> {
+    async fn release(&self, id: JobId, attempt: u32, spent: bool) -> Result<(), StoreError> {
         let mut g = self.inner.lock();
         let Some(rec) = g.jobs.get_mut(&id) else {
             return Ok(());
@@ -154,7 +154,11 @@ impl Store for MemoryStore {
         if rec.status == JobStatus::Running && rec.attempts == attempt {
             rec.status = JobStatus::Queued;
             rec.started_at = None;
-            rec.attempts = attempt.saturating_sub(1);
+            rec.attempts = if spent {
+                attempt
+            } else {
+                attempt.saturating_sub(1)
+            };
             g.counts.running -= 1;
             g.counts.queued += 1;
         }

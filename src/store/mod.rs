@@ -157,9 +157,10 @@ pub trait Store: Send + Sync + 'static {
     /// when the job finished or this attempt is not newer than the recorded one.
     fn start(&self, id: JobId, attempt: u32, now_ms: i64) -> Result<(), StoreError>;
 
-    /// Running → queued for `attempt` (an unstarted claim handed back at shutdown); the
-    /// attempt is not counted. Ignored unless `attempt` is the one recorded as running.
-    async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError>;
+    /// Running → queued for `attempt`: an unstarted claim handed back at shutdown (the
+    /// attempt is not counted), or, when `spent`, a job whose lease expired (reclaimed:
+    /// the attempt stays counted). Ignored unless `attempt` is the one recorded as running.
+    async fn release(&self, id: JobId, attempt: u32, spent: bool) -> Result<(), StoreError>;
 
     /// Queued or running → the outcome's state, with the start time when the job ran,
     /// unless the job already finished or a newer attempt than `attempt` was recorded.

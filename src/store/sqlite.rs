@@ -211,6 +211,8 @@ enum Op {
     Release {
         id: JobId,
         attempt: u32,
+        /// The attempt ran (its lease expired): it stays counted.
+        spent: bool,
         ack: Ack,
     },
     Finish {
@@ -986,10 +988,14 @@ impl<'a> Folded<'a> {
                 }
                 Answer::None
             }
-            Op::Release { attempt, .. } => {
+            Op::Release { attempt, spent, .. } => {
                 if self.status == JobStatus::Running && self.attempts == *attempt {
                     self.status = JobStatus::Queued;
-                    self.attempts = attempt.saturating_sub(1);
+                    self.attempts = if *spent {
+                        *attempt
+                    } else {
+                        attempt.saturating_sub(1)
+                    };
                     self.started_at = None;
                 }
                 Answer::None
@@ -1167,7 +1173,9 @@ fn apply_batch(
                         out.moved(Some(live.status), JobStatus::Running);
                     }
                 }
-                Op::Release { id, attempt, .. } => {
+                Op::Release {
+                    id, attempt, spent, ..
+                } => {
                     let key = id.0 as i64;
                     let cur = out
                         .changes
@@ -1176,7 +1184,11 @@ fn apply_batch(
                         .copied();
                     if cur.is_some_and(|l| l.status == JobStatus::Running && l.attempts == *attempt)
                     {
-                        let attempts = attempt.saturating_sub(1);
+                        let attempts = if *spent {
+                            *attempt
+                        } else {
+                            attempt.saturating_sub(1)
+                        };
                         release.execute(params![key, attempts])?;
                         out.changes.insert(
                             key,
@@ -1429,9 +1441,15 @@ impl Store for SqliteStore {
             .map_err(|_| StoreError::Closed)
     }
 
-    async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError> {
+    async fn release(&self, id: JobId, attempt: u32, spent: bool) -> Result<(), StoreError> {
         let (ack, rx) = oneshot::channel();
-        self.send(Op::Release { id, attempt, ack }).await?;
+        self.send(Op::Release {
+            id,
+            attempt,
+            spent,
+            ack,
+        })
+        .await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 

@@ -139,3 +139,18 @@ async fn retrying_needs_the_token_when_one_is_set() {
     let (status, _) = app.post("/v1/jobs/job_id_1/retry", &json!({})).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn a_job_sees_its_attempt_number_from_its_first_run() {
+    // Tracked from its admission, the job's record and its running code agree.
+    let app = TestApp::spawn().await;
+    let id = app
+        .submit("test.stall", json!({ "ms": 0, "stall_attempts": 0 }))
+        .await;
+    let job = app.wait_job(&id).await;
+    assert_eq!(
+        (job["result"].clone(), job["attempts"].clone()),
+        (json!({ "attempt": 1 }), json!(1)),
+        "{job}"
+    );
+}

@@ -15,8 +15,11 @@ use crate::redis_server::RedisServer;
 const JOBS: usize = 5000;
 /// Each job sleeps this long (checkpointing), so that many are running at any moment.
 const JOB_MS: u64 = 15;
-/// The jobs the stalled replica holds when it stalls.
-const LONG_MS: u64 = 3000;
+/// The long jobs the killed and the stalled replica hold when they fail: their first
+/// attempt outlasts the test (it can only end by being taken over), later ones take
+/// `LONG_MS`.
+const FIRST_MS: u64 = 600_000;
+const LONG_MS: u64 = 500;
 
 fn start_replica(dir: &std::path::Path, url: &str) -> Proc {
     Proc::start(
@@ -81,7 +84,10 @@ async fn replicas_on_one_redis_finish_every_job_once_through_a_kill_and_a_stall(
     ] {
         let n = JOBS + k;
         let id = c
-            .submit("test.echo", json!({ "n": n, "ms": LONG_MS }))
+            .submit(
+                "test.echo",
+                json!({ "n": n, "ms": LONG_MS, "first_ms": FIRST_MS }),
+            )
             .await;
         c.wait_until("the long job to run", async |c| {
             c.status_of(&id).await == "running"
@@ -112,19 +118,27 @@ async fn replicas_on_one_redis_finish_every_job_once_through_a_kill_and_a_stall(
         procs.next().unwrap(),
     );
     // Replica 2 stalls past its lease while running the long jobs: the others take its
-    // jobs over (the first reclaims can only be its own: nothing else has expired), then
-    // it wakes.
+    // jobs over (its long ones leave `running` only when reclaimed), then it wakes.
     p2.signal(libc::SIGSTOP);
-    let (c0, c1) = (clients[0].clone(), clients[1].clone());
-    c0.wait_until(
-        "the others to reclaim the stalled replica's jobs",
-        async |c| {
-            metric_of(c, "tally_queue_reclaims_total").await
-                + metric_of(&c1, "tally_queue_reclaims_total").await
-                > 0.0
-        },
-    )
-    .await;
+    let stalled: Vec<String> = long
+        .iter()
+        .filter(|(_, n)| **n >= JOBS + 2)
+        .map(|(id, _)| id.clone())
+        .collect();
+    clients[0]
+        .wait_until(
+            "the others to reclaim the stalled replica's long jobs",
+            async |c| {
+                for id in &stalled {
+                    let (_, job) = c.get(&format!("/v1/jobs/{id}")).await;
+                    if job["status"] == "running" && job["attempts"] == 1 {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
     p2.signal(libc::SIGCONT);
     // Replica 1 dies with its long jobs in its hands.
     p1.kill9();
@@ -146,7 +160,11 @@ async fn replicas_on_one_redis_finish_every_job_once_through_a_kill_and_a_stall(
     assert_eq!(views[0].len(), JOBS + long.len());
     for (id, n) in &long {
         let job = &views[0][id];
-        assert_eq!(job["result"], json!({ "n": n, "ms": LONG_MS }), "{job}");
+        assert_eq!(
+            job["result"],
+            json!({ "n": n, "ms": LONG_MS, "first_ms": FIRST_MS }),
+            "{job}"
+        );
         assert!(job["attempts"].as_u64().unwrap() >= 2, "taken over: {job}");
     }
     let mut reran = 0;

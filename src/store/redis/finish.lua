@@ -7,13 +7,16 @@ local r = load(id)
 if not r then return 0 end
 if attempt >= 0 and attempt < (r.a or 0) then return 3 end
 if finished(r.s) then return 2 end
-if attempt >= 0 and attempt > (r.a or 0) then r.a = attempt end
+-- A worker's outcome counts only while its attempt holds the lease: a job reclaimed (or
+-- handed back) and not claimed again keeps that attempt's number, but not its lease.
+if attempt >= 0 and (r.s ~= 'running' or attempt ~= (r.a or 0)) then return 3 end
 if not r.st and started > 0 then r.st = started end
 if status == 'done' then
   redis.call('HSET', K_RESULT, id, body)
 else
   r.e = body
 end
+-- Only a cancel (any attempt) finishes a job that waits.
 if r.s == 'queued' then redis.call('LREM', K_WAIT, 1, id) end
 finish(id, r, status, now_ms(), ttl_ms)
 return 1

@@ -431,7 +431,7 @@ impl RedisStore {
                     for lease in leases {
                         if inner.closed.load(Ordering::SeqCst) {
                             // Closed meanwhile: straight back to the queue.
-                            let _ = self.release_lease(lease.id, lease.attempt).await;
+                            let _ = self.release_lease(lease.id, lease.attempt, false).await;
                             continue;
                         }
                         // This worker's claim is served; if a submit served it first,
@@ -441,7 +441,7 @@ impl RedisStore {
                             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1))
                             .is_ok();
                         if !served {
-                            let _ = self.release_lease(lease.id, lease.attempt).await;
+                            let _ = self.release_lease(lease.id, lease.attempt, false).await;
                             continue;
                         }
                         let _ = inner.ready_tx.send(lease);
@@ -660,9 +660,15 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn release_lease(&self, id: JobId, attempt: u32) -> Result<bool, StoreError> {
+    /// Hands a lease back (see `release.lua`); `spent`: the attempt stays counted.
+    async fn release_lease(
+        &self,
+        id: JobId,
+        attempt: u32,
+        spent: bool,
+    ) -> Result<bool, StoreError> {
         let mut inv = self.invocation(&self.inner.scripts.release);
-        inv.arg(id.0).arg(attempt);
+        inv.arg(id.0).arg(attempt).arg(u8::from(spent));
         let n: i64 = self.seen(inv.invoke_async(&mut self.conn()).await)?;
         Ok(n == 1)
     }
@@ -826,8 +832,8 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError> {
-        self.release_lease(id, attempt).await.map(|_| ())
+    async fn release(&self, id: JobId, attempt: u32, spent: bool) -> Result<(), StoreError> {
+        self.release_lease(id, attempt, spent).await.map(|_| ())
     }
 
     async fn finish(
@@ -1162,7 +1168,7 @@ impl JobQueue for RedisStore {
     }
 
     async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError> {
-        self.release_lease(id, attempt).await.map(|_| ())
+        self.release_lease(id, attempt, false).await.map(|_| ())
     }
 
     async fn reclaim_expired(&self, _now_ms: i64) -> Result<Reclaimed, StoreError> {
@@ -1229,7 +1235,7 @@ impl JobQueue for RedisStore {
         let me = self.clone();
         drop(self.inner.tasks.spawn(async move {
             while let Ok(lease) = me.inner.ready_rx.try_recv() {
-                if let Err(e) = me.release_lease(lease.id, lease.attempt).await {
+                if let Err(e) = me.release_lease(lease.id, lease.attempt, false).await {
                     tracing::warn!(job = %lease.id, error = %e, "could not hand an unstarted job back; its lease will expire");
                 }
             }

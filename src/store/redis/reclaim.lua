@@ -17,6 +17,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 
     else
       r.s = 'queued'
       r.o = nil
+      r.st = nil
       save(id, r)
       redis.call('RPUSH', K_WAIT, id)
       move(id, 'running', 'queued')
