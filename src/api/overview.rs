@@ -28,7 +28,8 @@ pub struct JobCountsView {
     pub in_progress: u64,
 }
 
-/// This process's job counters since it started: the client derives rates from them.
+/// Job counters: this process's since it started (`totals`) or every replica's
+/// (`cluster_totals`); the client derives rates from them.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Totals {
     pub submitted: u64,
@@ -115,6 +116,10 @@ pub struct Overview {
     /// Null when the store could not answer (`store_error` says why).
     pub jobs: Option<JobCountsView>,
     pub totals: Totals,
+    /// Every replica's totals (a shared store: Redis), which the dashboard's rates come
+    /// from; null with an in-process queue (`totals` is then the whole) or when the store
+    /// could not answer.
+    pub cluster_totals: Option<Totals>,
     /// Null when the store could not answer.
     pub queue: Option<QueueView>,
     pub workers: Workers,
@@ -216,6 +221,18 @@ pub async fn snapshot(st: &AppState) -> Overview {
             None
         }
     };
+    let cluster_totals = match engine.queue().cluster_totals().await {
+        Ok(t) => t.map(|t| Totals {
+            submitted: t.submitted,
+            done: t.done,
+            failed: t.failed,
+            cancelled: t.cancelled,
+        }),
+        Err(e) => {
+            store_error.get_or_insert(e.to_string());
+            None
+        }
+    };
     let replicas = match engine.queue().replicas().await {
         Ok(r) => Some(replica_views(r)),
         Err(e) => {
@@ -266,6 +283,7 @@ pub async fn snapshot(st: &AppState) -> Overview {
         draining: engine.is_draining(),
         jobs,
         totals,
+        cluster_totals,
         queue,
         workers: Workers {
             alive: m.workers.get(),

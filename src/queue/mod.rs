@@ -86,6 +86,16 @@ pub struct QueueStats {
     pub leased: u64,
 }
 
+/// Jobs submitted and ended on every replica since the shared store began (counted where
+/// states change, never lowered by expiry): the dashboard's rates across replicas.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterTotals {
+    pub submitted: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
 /// Leases that expired, as one reclaim pass found them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reclaimed {
@@ -179,6 +189,12 @@ pub trait JobQueue: Send + Sync + 'static {
 
     /// The queue as a whole: jobs waiting and jobs leased (on every replica).
     async fn stats(&self) -> Result<QueueStats, StoreError>;
+
+    /// Every replica's totals, for a queue shared between processes; `None` for an
+    /// in-process queue, whose process counters are already the whole.
+    async fn cluster_totals(&self) -> Result<Option<ClusterTotals>, StoreError> {
+        Ok(None)
+    }
 
     /// The processes taking work from this queue, this one included (an in-process
     /// queue has only this one).

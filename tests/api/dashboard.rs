@@ -103,6 +103,11 @@ async fn the_overview_counts_jobs_and_gives_percentiles_of_recent_run_times() {
         o["totals"],
         json!({ "submitted": 4, "done": 3, "failed": 1, "cancelled": 0 })
     );
+    assert_eq!(
+        o["cluster_totals"],
+        Value::Null,
+        "an in-process queue is the whole"
+    );
     assert_eq!(o["workers"]["alive"], 2);
     assert_eq!(o["queue"], json!({ "waiting": 0, "leased": 0 }));
     let kind = |name: &str| {

@@ -198,6 +198,15 @@ async fn two_applications_on_one_redis_share_ids_results_counters_and_cancels() 
     let list: &Vec<Value> = replicas["replicas"].as_array().unwrap();
     assert_eq!(list.len(), 2, "{replicas}");
     assert_eq!(list.iter().filter(|r| r["this"] == true).count(), 1);
+    // The dashboard's rates: every replica's totals, the same on both; each process's
+    // own counters only its share.
+    let (_, oa) = a.get("/v1/overview").await;
+    let (_, ob) = b.get("/v1/overview").await;
+    let everything = json!({ "submitted": 21, "done": 20, "failed": 0, "cancelled": 1 });
+    assert_eq!(oa["cluster_totals"], everything, "{oa}");
+    assert_eq!(ob["cluster_totals"], everything, "{ob}");
+    assert_eq!(oa["totals"]["submitted"], 11);
+    assert_eq!(ob["totals"]["submitted"], 10);
     a.stop().await;
     b.stop().await;
 }

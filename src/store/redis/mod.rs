@@ -1322,6 +1322,28 @@ impl JobQueue for RedisStore {
         Ok(crate::queue::QueueStats { waiting, leased })
     }
 
+    async fn cluster_totals(&self) -> Result<Option<crate::queue::ClusterTotals>, StoreError> {
+        let mut c = self.conn();
+        let (submitted, ended): (Option<u64>, Vec<Option<u64>>) = self.seen(
+            redis::pipe()
+                .get(key("next_id"))
+                .cmd("HMGET")
+                .arg(key("counts"))
+                .arg("ever:done")
+                .arg("ever:failed")
+                .arg("ever:cancelled")
+                .query_async(&mut c)
+                .await,
+        )?;
+        let ended = |i: usize| ended.get(i).copied().flatten().unwrap_or(0);
+        Ok(Some(crate::queue::ClusterTotals {
+            submitted: submitted.unwrap_or(0),
+            done: ended(0),
+            failed: ended(1),
+            cancelled: ended(2),
+        }))
+    }
+
     fn is_local(&self) -> bool {
         false
     }

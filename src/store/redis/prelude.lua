@@ -32,7 +32,9 @@ local function finished(s)
 end
 
 -- Moves a job between states: its status index and the counters, in one place, so the
--- counts can never disagree with the records (and never go below zero).
+-- counts can never disagree with the records (and never go below zero). `ever:<state>`
+-- counts every move into a final state (expiry never lowers it: the dashboard's rates
+-- across replicas come from it and from next_id).
 local function move(id, from, to)
   if from then
     if tonumber(redis.call('HGET', K_COUNTS, from) or '0') > 0 then
@@ -40,6 +42,7 @@ local function move(id, from, to)
     end
     redis.call('ZREM', ST[from], id)
   end
+  if finished(to) then redis.call('HINCRBY', K_COUNTS, 'ever:' .. to, 1) end
   redis.call('HINCRBY', K_COUNTS, to, 1)
   redis.call('ZADD', ST[to], id, id)
 end

@@ -25,7 +25,7 @@ export function mount(main) {
     h(
       "section",
       { class: "card" },
-      h("h2", {}, "Jobs per second ", h("small", {}, "(this server)")),
+      h("h2", {}, "Jobs per second ", h("small", {}, "(", h("span", { id: "r-scope" }, "this process"), ")")),
       h(
         "p",
         { class: "rates" },
@@ -74,7 +74,9 @@ export function mount(main) {
     setText("c-workers", `${o.workers.busy} / ${o.workers.alive}`);
     setText("c-sum", o.series.get_sum);
     setText("store-name", `(store: ${o.store})`);
-    if (rates.push(o.now, o.totals)) {
+    // Every replica's counters when the store is shared, else this process's.
+    setText("r-scope", o.cluster_totals ? "all replicas" : "this process");
+    if (rates.push(o.now, o.cluster_totals || o.totals)) {
       chart.setData(rates.data);
       chartEl.dataset.samples = String(rates.data[0].length);
       setText("r-submitted", fmtNum(rates.last.submitted, 1));
