@@ -54,12 +54,16 @@ impl LineIngest {
 /// looking that up in the store. Agents send the same series in every batch, hundreds of
 /// them alternating line by line, so after their first batch nearly every line hits.
 ///
-/// The [`Ingester`] keeps a few of these between batches; each holds at most [`MAX_CACHED_PARTS`] parts (then it starts over), plus one batch's new
-/// parts. Handles may go stale (series removed); the store then finds the successor.
+/// The [`Ingester`] keeps a few of these between batches; each holds at most
+/// [`MAX_CACHED_PARTS`] parts and [`MAX_CACHED_FIELDS`] fields (past either it is dropped
+/// after its batch, or emptied before the next), plus one batch's new ones. Handles may go
+/// stale (series removed); the store then finds the successor.
 #[derive(Default)]
 pub struct PartCache {
     index: HashMap<Box<[u8]>, u32, foldhash::fast::RandomState>,
     parts: Vec<CachedPart>,
+    /// Fields cached across all parts.
+    fields: usize,
     /// The batch in progress; a field whose `epoch` is older has no group in it yet.
     epoch: u32,
     /// Buffers of the last batch, reused (a batch's points are ~24 bytes per line).
@@ -77,6 +81,19 @@ struct Buffers {
 /// Parts a cache holds before it is emptied (at the start of a batch).
 pub const MAX_CACHED_PARTS: usize = 1 << 16;
 
+/// Fields (series) a cache holds before it is emptied.
+pub const MAX_CACHED_FIELDS: usize = 1 << 17;
+
+/// A part's fields are found by a linear scan up to this many (agents send one to a few
+/// per measurement), through a map past it (a client may send millions).
+const FIELD_SCAN: usize = 8;
+
+impl PartCache {
+    fn is_full(&self) -> bool {
+        self.parts.len() >= MAX_CACHED_PARTS || self.fields >= MAX_CACHED_FIELDS
+    }
+}
+
 /// Points of the largest batch whose buffers a cache keeps (~3 MiB of buffers).
 const SPARE_POINTS: usize = 1 << 16;
 
@@ -84,6 +101,37 @@ struct CachedPart {
     /// Escaped key prefix: `measurement,tag=value...`.
     prefix: Box<str>,
     fields: Vec<CachedField>,
+    /// Index of `fields` by name, once there are more than [`FIELD_SCAN`].
+    by_field: Option<HashMap<Box<str>, u32, foldhash::fast::RandomState>>,
+}
+
+impl CachedPart {
+    #[inline]
+    fn find(&self, field: &str) -> Option<usize> {
+        match &self.by_field {
+            None => self.fields.iter().position(|f| &*f.field == field),
+            Some(map) => map.get(field).map(|&i| i as usize),
+        }
+    }
+
+    fn push(&mut self, f: CachedField) -> usize {
+        let i = self.fields.len();
+        match &mut self.by_field {
+            Some(map) => {
+                map.insert(f.field.clone(), i as u32);
+            }
+            None if i + 1 > FIELD_SCAN => {
+                let mut map = HashMap::with_capacity_and_hasher(i + 1, Default::default());
+                for (j, g) in self.fields.iter().chain([&f]).enumerate() {
+                    map.insert(g.field.clone(), j as u32);
+                }
+                self.by_field = Some(map);
+            }
+            None => {}
+        }
+        self.fields.push(f);
+        i
+    }
 }
 
 struct CachedField {
@@ -109,21 +157,21 @@ impl Grouper<'_> {
     #[inline]
     fn group_of(&mut self, part: u32, field: &str) -> u32 {
         let cp = &mut self.cache.parts[part as usize];
-        let f = match cp.fields.iter().position(|f| &*f.field == field) {
+        let f = match cp.find(field) {
             Some(f) => f,
             None => {
                 let mut name = String::with_capacity(cp.prefix.len() + field.len() + 1);
                 name.push_str(&cp.prefix);
                 push_series_field(&mut name, field);
                 let valid = validate_name(&name).is_ok();
-                cp.fields.push(CachedField {
+                self.cache.fields += 1;
+                cp.push(CachedField {
                     field: field.into(),
                     name: valid.then(|| name.into_boxed_str()),
                     handle: None,
                     epoch: self.cache.epoch.wrapping_sub(1),
                     group: 0,
-                });
-                cp.fields.len() - 1
+                })
             }
         };
         let cf = &mut cp.fields[f];
@@ -186,6 +234,7 @@ impl<'i> SeriesSink<'i> for Grouper<'_> {
                 self.cache.parts.push(CachedPart {
                     prefix: prefix.into_boxed_str(),
                     fields: Vec::new(),
+                    by_field: None,
                 });
                 self.cache.index.insert(raw.into(), part);
                 part
@@ -239,9 +288,12 @@ impl Ingester {
     ) -> LineIngest {
         let cache = self.part_caches.lock().pop().unwrap_or_default();
         let (out, cache) = ingest_with(&self.store, cache, body, precision, now_ms, source);
-        let mut caches = self.part_caches.lock();
-        if caches.len() < MAX_PART_CACHES {
-            caches.push(cache);
+        // A cache that outgrew its bounds in this batch is not kept for the next one.
+        if !cache.is_full() {
+            let mut caches = self.part_caches.lock();
+            if caches.len() < MAX_PART_CACHES {
+                caches.push(cache);
+            }
         }
         out
     }
@@ -255,7 +307,7 @@ fn ingest_with(
     now_ms: i64,
     source: &str,
 ) -> (LineIngest, PartCache) {
-    if cache.parts.len() >= MAX_CACHED_PARTS {
+    if cache.is_full() {
         cache = PartCache::default();
     }
     cache.epoch = cache.epoch.wrapping_add(1);
@@ -496,5 +548,54 @@ mod tests {
         let points: Vec<f64> = got.iter().map(|(_, n)| *n).collect();
         assert_eq!(points, [2.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
         assert_eq!(store.total_sum(), 127.0);
+    }
+
+    #[test]
+    fn a_part_with_many_fields_finds_each_through_its_index_across_batches() {
+        let metrics = Metrics::new();
+        let ingester = Ingester::new(
+            Arc::new(SeriesStore::new(StoreOptions::default(), &metrics)),
+            &metrics,
+        );
+        // 3 × FIELD_SCAN fields on one part: past the linear scan.
+        let n = 3 * FIELD_SCAN;
+        let line = |ts: i64| {
+            let fields: Vec<String> = (0..n).map(|f| format!("f{f}={f}")).collect();
+            format!("m,h=1 {} {ts}\n", fields.join(","))
+        };
+        for (batch, ts) in [1000, 1001, 1002].into_iter().enumerate() {
+            let r = ingester.ingest(line(ts).as_bytes(), Precision::Milliseconds, 2000, "write");
+            assert_eq!(r.store.accepted, n as u64, "batch {batch}");
+        }
+        let store = ingester.store();
+        assert_eq!(store.series_count(), n);
+        for s in store.list() {
+            assert_eq!(s.points, 3, "{}", s.name);
+        }
+        let expected: f64 = (0..n).map(|f| 3.0 * f as f64).sum();
+        assert_eq!(store.total_sum(), expected);
+    }
+
+    #[test]
+    fn a_cache_that_outgrew_its_bounds_is_not_kept_for_the_next_batch() {
+        let metrics = Metrics::new();
+        let ingester = Ingester::new(
+            Arc::new(SeriesStore::new(StoreOptions::default(), &metrics)),
+            &metrics,
+        );
+        ingester.ingest(b"m v=1 1000\n", Precision::Milliseconds, 2000, "write");
+        assert_eq!(
+            ingester.part_caches.lock().len(),
+            1,
+            "an ordinary cache is kept"
+        );
+        let fields: Vec<String> = (0..=MAX_CACHED_FIELDS).map(|f| format!("f{f}=1")).collect();
+        let body = format!("big {} 1000\n", fields.join(","));
+        ingester.ingest(body.as_bytes(), Precision::Milliseconds, 2000, "write");
+        assert_eq!(
+            ingester.part_caches.lock().len(),
+            0,
+            "the outgrown cache was dropped"
+        );
     }
 }
