@@ -31,30 +31,9 @@ BATCHES=${TALLY_BENCH_BATCHES:-1200}
 VM_PORT=${TALLY_BENCH_VM_PORT:-8428}
 TALLY_PORT=${TALLY_BENCH_PORT:-5098}
 
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v victoria-metrics >/dev/null || missing+=(victoria-metrics)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing ${missing[*]} (apt-get install -y ${missing[*]})" >&2
-  apt-get install -y "${missing[@]}" >/dev/null 2>&1 \
-    || { apt-get update >/dev/null && apt-get install -y "${missing[@]}" >/dev/null; }
-fi
-if [ -z "${TALLY_BIN:-}" ]; then
-  cargo build --release --quiet
-  TALLY_BIN=target/release/tally
-fi
-WORK=$(mktemp -d)
-SERVER=
-stop_server() {
-  if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; fi
-  SERVER=
-}
-trap 'stop_server; rm -rf "$WORK"' EXIT
-
-wait_healthy() {
-  for _ in $(seq 200); do curl -sf "$1" >/dev/null && return; sleep 0.05; done
-  echo "server at $1 did not start" >&2; exit 1
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+need wrk victoria-metrics
 
 start_vm() {
   rm -rf "$WORK/vm"
@@ -77,12 +56,6 @@ drive() {
   rm -f "$WORK/done"
   wrk -t"$CONNS" -c"$CONNS" -d600s --timeout 60s -s bench/wrk_write.lua "$base" \
     -- "$dir" "$path" "$CONNS" "$WORK/done" | grep '^{'
-}
-
-# A metric summed over its labels, from a server's Prometheus text page.
-metric() {
-  curl -sf "$1/metrics" | awk -v m="$2" '$1 == m || index($1, m "{") == 1 { s += $2; n++ }
-    END { if (n) printf "%.15g\n", s }'
 }
 
 # Compilers running next to the benchmark (another build on this machine) are noise.

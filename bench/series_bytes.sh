@@ -24,30 +24,9 @@ VM_PORT=${TALLY_BENCH_VM_PORT:-8428}
 TALLY_PORT=${TALLY_BENCH_PORT:-5098}
 RETENTION_DAYS=$(( POINTS / 86400 + 3 ))
 
-command -v victoria-metrics >/dev/null || {
-  echo "installing victoria-metrics (apt-get install -y victoria-metrics)" >&2
-  apt-get install -y victoria-metrics >/dev/null 2>&1 \
-    || { apt-get update >/dev/null && apt-get install -y victoria-metrics >/dev/null; }
-}
-if [ -z "${TALLY_BIN:-}" ]; then
-  cargo build --release --quiet
-  TALLY_BIN=target/release/tally
-fi
-WORK=$(mktemp -d)
-SERVER=
-stop_server() {
-  if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; fi
-  SERVER=
-}
-trap 'stop_server; rm -rf "$WORK"' EXIT
-wait_healthy() {
-  for _ in $(seq 200); do curl -sf "$1" >/dev/null && return; sleep 0.05; done
-  echo "server at $1 did not start" >&2; exit 1
-}
-metric() {
-  curl -sf "$1/metrics" | awk -v m="$2" -v f="${3:-}" '($1 == m || index($1, m "{") == 1) && index($1, f) { s += $2; n++ }
-    END { if (n) printf "%.15g\n", s }'
-}
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+need victoria-metrics
 send() {
   for f in "$WORK"/points.*; do
     curl -sf -XPOST "$1/write?precision=ms" --data-binary "@$f" -o /dev/null

@@ -360,8 +360,7 @@ fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
-    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i].as_secs_f64() * 1000.0
+    sorted[crate::metrics::nearest_rank(sorted.len(), q)].as_secs_f64() * 1000.0
 }
 
 fn summarize(args: &LoadArgs, reports: &[ConnReport], elapsed: Duration) -> Value {

@@ -64,6 +64,12 @@ pub fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00005, 2.5, 20))
 }
 
+/// The index of the nearest-rank `q` quantile (0 < q <= 1) in a sorted slice of `len`
+/// (> 0) values.
+pub fn nearest_rank(len: usize, q: f64) -> usize {
+    ((q * len as f64).ceil() as usize).clamp(1, len) - 1
+}
+
 /// Counts of things in a batch, 1 .. 8192.
 pub fn batch_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 14))

@@ -115,6 +115,27 @@ async fn matching(
     Ok((ids, more))
 }
 
+/// The jobs a bulk `action` applies to (validated filter, newest first) and the result
+/// to fill in as it goes.
+async fn select(
+    st: &AppState,
+    filter: &BulkFilter,
+    allowed: [JobStatus; 2],
+    action: &str,
+) -> Result<(Vec<JobId>, BulkResult), ApiError> {
+    let statuses = statuses(filter, allowed, action)?;
+    let limit = limit_of(filter)?;
+    let (ids, more) = matching(st, &statuses, filter.kind.as_deref(), limit).await?;
+    let out = BulkResult {
+        matched: ids.len(),
+        affected: 0,
+        skipped: Vec::new(),
+        more,
+        stopped: None,
+    };
+    Ok((ids, out))
+}
+
 /// `POST /v1/jobs/cancel`: cancels the newest queued or running jobs that match.
 #[utoipa::path(
     post,
@@ -134,16 +155,13 @@ pub async fn cancel(
     State(st): State<AppState>,
     ApiJson(filter): ApiJson<BulkFilter>,
 ) -> Result<Json<BulkResult>, ApiError> {
-    let statuses = statuses(&filter, [JobStatus::Queued, JobStatus::Running], "cancel")?;
-    let limit = limit_of(&filter)?;
-    let (ids, more) = matching(&st, &statuses, filter.kind.as_deref(), limit).await?;
-    let mut out = BulkResult {
-        matched: ids.len(),
-        affected: 0,
-        skipped: Vec::new(),
-        more,
-        stopped: None,
-    };
+    let (ids, mut out) = select(
+        &st,
+        &filter,
+        [JobStatus::Queued, JobStatus::Running],
+        "cancel",
+    )
+    .await?;
     for id in ids {
         match st.engine.cancel(id).await {
             Ok(()) => out.affected += 1,
@@ -178,16 +196,13 @@ pub async fn retry(
     State(st): State<AppState>,
     ApiJson(filter): ApiJson<BulkFilter>,
 ) -> Result<Json<BulkResult>, ApiError> {
-    let statuses = statuses(&filter, [JobStatus::Failed, JobStatus::Cancelled], "retry")?;
-    let limit = limit_of(&filter)?;
-    let (ids, more) = matching(&st, &statuses, filter.kind.as_deref(), limit).await?;
-    let mut out = BulkResult {
-        matched: ids.len(),
-        affected: 0,
-        skipped: Vec::new(),
-        more,
-        stopped: None,
-    };
+    let (ids, mut out) = select(
+        &st,
+        &filter,
+        [JobStatus::Failed, JobStatus::Cancelled],
+        "retry",
+    )
+    .await?;
     for id in ids {
         match st.engine.retry(id).await {
             Ok(()) => out.affected += 1,

@@ -440,7 +440,9 @@ impl Engine {
     /// moment it is true instead of "running" now and a new poll later (long polling).
     pub async fn wait_finished(&self, id: JobId, hold: Duration) {
         let Some(live) = self.inner.live.lock().get(&id).cloned() else {
-            // Not here: on a shared queue it may run on another replica.
+            // Not here: on a shared queue it may run on another replica. (An in-process
+            // queue would return at once; skipping the call spares the boxed future on
+            // every poll of a finished job.)
             if !self.inner.queue.is_local() {
                 self.inner.queue.wait_finished(id, hold).await;
             }

@@ -164,10 +164,7 @@ impl RecentDurations {
             return None;
         }
         v.sort_unstable();
-        let rank = |p: f64| {
-            let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-            v[i] as f64 / 1000.0
-        };
+        let rank = |p: f64| v[crate::metrics::nearest_rank(v.len(), p)] as f64 / 1000.0;
         Some(DurationSummary {
             count: v.len(),
             p50_ms: rank(0.50),

@@ -42,8 +42,6 @@ struct Waiting {
     attempts: u32,
     /// Attempts used before its last retry.
     retry_base: u32,
-    /// Queued again by a reclaim (its stale attempt is fenced until it is claimed).
-    reclaimed: bool,
     /// The queue slot, given back when a worker takes the job. Recovered and reclaimed
     /// jobs take one when one is free.
     _slot: Option<OwnedSemaphorePermit>,
@@ -68,10 +66,6 @@ pub struct LocalQueue {
     leases: Mutex<HashMap<JobId, Held>>,
     /// Cancelled while waiting in the channel: skipped when claimed.
     cancelled: Mutex<HashSet<JobId>>,
-    /// Reclaimed jobs waiting for their next claim, with the attempt the reclaim took
-    /// them from. The store still counts that attempt as the newest (the next claim
-    /// counts the next one), so its late outcome is refused here.
-    reclaimed: Mutex<HashMap<JobId, u32>>,
     closed: AtomicBool,
     /// Claims blocked in the channel, to wake at `close`.
     sleepers: AtomicUsize,
@@ -93,7 +87,6 @@ impl LocalQueue {
             slots: Arc::new(Semaphore::new(capacity)),
             leases: Mutex::new(HashMap::new()),
             cancelled: Mutex::new(HashSet::new()),
-            reclaimed: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             stop: CancellationToken::new(),
@@ -122,16 +115,8 @@ impl LocalQueue {
                 true
             }
             Some(_) => false,
-            // Reclaimed and not claimed again yet: stale.
-            None if self
-                .reclaimed
-                .lock()
-                .get(&id)
-                .is_some_and(|taken| attempt <= *taken) =>
-            {
-                false
-            }
-            // No lease here: finished already (or the outcome's write is retried); the
+            // No lease here: finished already, reclaimed (the store refuses an attempt
+            // whose job waits for its next claim), or the outcome's write is retried: the
             // store decides.
             None => true,
         }
@@ -162,7 +147,6 @@ impl JobQueue for LocalQueue {
             params: job.params.clone(),
             attempts: 0,
             retry_base: 0,
-            reclaimed: false,
             _slot: Some(slot),
         });
         Ok((id, durable))
@@ -183,9 +167,6 @@ impl JobQueue for LocalQueue {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Ok(None),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(Closed),
             };
-            if w.reclaimed {
-                self.reclaimed.lock().remove(&w.id);
-            }
             if self.cancelled.lock().remove(&w.id) {
                 continue;
             }
@@ -308,19 +289,18 @@ impl JobQueue for LocalQueue {
             if rec.status.is_finished() {
                 continue;
             }
-            // Queued again in the store too (the attempt stays counted). Should that
-            // write fail, the job still runs again here; the store shows it running.
+            // Queued again in the store too, the attempt still counted: from then on the
+            // store refuses that attempt's late outcome. Should that write fail, the job
+            // still runs again here (its next claim fences the old attempt).
             if let Err(e) = self.store.release(id, attempt, true).await {
                 tracing::warn!(job = %id, error = %e, "could not record a reclaimed job as queued");
             }
-            self.reclaimed.lock().insert(id, attempt);
             self.enqueue(Waiting {
                 id,
                 kind: rec.kind,
                 params: rec.params,
                 attempts: attempt,
                 retry_base,
-                reclaimed: true,
                 _slot: self.slots.clone().try_acquire_owned().ok(),
             });
             out.requeued.push((id, attempt));
@@ -341,7 +321,6 @@ impl JobQueue for LocalQueue {
             .await
             .map_err(|f| f.error)?;
         if answer == Finished::Recorded {
-            self.reclaimed.lock().remove(&id);
             let leased = self.leases.lock().remove(&id).is_some();
             if !leased {
                 // Waiting in the channel (or about to be recovered): skip it there.
@@ -367,7 +346,6 @@ impl JobQueue for LocalQueue {
                 params: rec.params.clone(),
                 attempts: rec.attempts,
                 retry_base: rec.retry_base,
-                reclaimed: false,
                 _slot: self.slots.clone().try_acquire_owned().ok(),
             });
         }
@@ -402,7 +380,6 @@ impl JobQueue for LocalQueue {
                     params: rec.params,
                     attempts: rec.attempts,
                     retry_base: rec.retry_base,
-                    reclaimed: false,
                     _slot: Some(slot),
                 }));
             }

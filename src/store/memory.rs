@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{Attempt, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
+use super::{
+    finish_rule, released_attempts, Attempt, FinishFailed, FinishPending, Finished, Requeued,
+    Store, StoreError,
+};
 use crate::jobs::model::{JobCounts, JobId, JobRecord, JobStatus, ListFilter, NewJob, Outcome};
 
 pub struct MemoryStore {
@@ -70,14 +73,10 @@ impl MemoryStore {
         let Some(rec) = g.jobs.get_mut(&id) else {
             return Finished::Unknown;
         };
-        if let Attempt::Of(a) = attempt {
-            if a < rec.attempts {
-                return Finished::Stale;
-            }
-        }
         let before = rec.status;
-        if before.is_finished() {
-            return Finished::AlreadyFinished;
+        match finish_rule(before, rec.attempts, attempt) {
+            Finished::Recorded => {}
+            refused => return refused,
         }
         let after = outcome.status();
         rec.status = after;
@@ -154,11 +153,7 @@ impl Store for MemoryStore {
         if rec.status == JobStatus::Running && rec.attempts == attempt {
             rec.status = JobStatus::Queued;
             rec.started_at = None;
-            rec.attempts = if spent {
-                attempt
-            } else {
-                attempt.saturating_sub(1)
-            };
+            rec.attempts = released_attempts(attempt, spent);
             g.counts.running -= 1;
             g.counts.queued += 1;
         }

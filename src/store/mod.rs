@@ -118,6 +118,32 @@ pub enum Attempt {
     Any,
 }
 
+/// Whether an outcome of `attempt` may finish a job that stands at `status` with
+/// `attempts` recorded (the rule every store applies; Redis in `finish.lua`). A worker's
+/// outcome is stale when a newer attempt was recorded, or when its attempt's lease
+/// expired and the job waits for its next claim (queued with that attempt counted);
+/// only a cancel (`Attempt::Any`) finishes a waiting job.
+pub(crate) fn finish_rule(status: JobStatus, attempts: u32, attempt: Attempt) -> Finished {
+    match attempt {
+        Attempt::Of(a)
+            if a < attempts || (a == attempts && a > 0 && status == JobStatus::Queued) =>
+        {
+            Finished::Stale
+        }
+        _ if status.is_finished() => Finished::AlreadyFinished,
+        _ => Finished::Recorded,
+    }
+}
+
+/// The attempts a job counts once `attempt` hands it back (see [`Store::release`]).
+pub(crate) fn released_attempts(attempt: u32, spent: bool) -> u32 {
+    if spent {
+        attempt
+    } else {
+        attempt.saturating_sub(1)
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Allocates an id and records the job as queued. Returns only once the record is

@@ -31,7 +31,10 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Attempt, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
+use super::{
+    finish_rule, released_attempts, Attempt, FinishFailed, FinishPending, Finished, Requeued,
+    Store, StoreError,
+};
 use crate::jobs::model::{
     JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome,
 };
@@ -991,11 +994,7 @@ impl<'a> Folded<'a> {
             Op::Release { attempt, spent, .. } => {
                 if self.status == JobStatus::Running && self.attempts == *attempt {
                     self.status = JobStatus::Queued;
-                    self.attempts = if *spent {
-                        *attempt
-                    } else {
-                        attempt.saturating_sub(1)
-                    };
+                    self.attempts = released_attempts(*attempt, *spent);
                     self.started_at = None;
                 }
                 Answer::None
@@ -1024,15 +1023,6 @@ impl<'a> Folded<'a> {
             }),
             _ => Answer::None,
         }
-    }
-}
-
-/// Whether an outcome of `attempt` may finish a job that stands at `status`, `attempts`.
-fn finish_rule(status: JobStatus, attempts: u32, attempt: Attempt) -> Finished {
-    match attempt {
-        Attempt::Of(a) if a < attempts => Finished::Stale,
-        _ if status.is_finished() => Finished::AlreadyFinished,
-        _ => Finished::Recorded,
     }
 }
 
@@ -1184,11 +1174,7 @@ fn apply_batch(
                         .copied();
                     if cur.is_some_and(|l| l.status == JobStatus::Running && l.attempts == *attempt)
                     {
-                        let attempts = if *spent {
-                            *attempt
-                        } else {
-                            attempt.saturating_sub(1)
-                        };
+                        let attempts = released_attempts(*attempt, *spent);
                         release.execute(params![key, attempts])?;
                         out.changes.insert(
                             key,

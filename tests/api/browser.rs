@@ -263,16 +263,14 @@ async fn cancel_and_retry_work_from_the_job_page_and_are_refused_without_the_tok
         "console errors: {errors:#?}"
     );
     b.check_clean(&["401"]).await;
-    let (status, _) = (
-        app.client
-            .delete(app.url(&format!("/v1/jobs/{id}")))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        (),
-    );
+    let status = app
+        .client
+        .delete(app.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(status, StatusCode::OK);
     b.close().await;
     app.stop().await;
@@ -338,7 +336,7 @@ async fn a_series_chart_draws_the_points_the_test_wrote() {
         "return document.getElementById('get-sum').textContent === '12.75'",
     )
     .await;
-    // A step with an aggregate: one bucket per minute holding all five (sum 12.75) or
+    // A step with an aggregate: one bucket per hour holding all five (sum 12.75) or
     // two (their sums add up to it).
     b.js("const s = document.getElementById('step'); s.value = '3600000'; s.dispatchEvent(new Event('change'))")
         .await;

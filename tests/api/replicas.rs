@@ -243,13 +243,19 @@ async fn a_replica_told_to_stop_hands_its_jobs_to_the_others_at_once() {
     a.signal(libc::SIGTERM);
     let (status, _) = a.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
-    // B runs them now, as the same attempt (a hand-back does not count one).
+    // B runs them now (both its workers busy: nothing else was submitted), as the same
+    // attempt (a hand-back does not count one).
+    cb.wait_until("B to take over the handed-back jobs", async |c| {
+        metric_of(c, "tally_busy_workers").await == 2.0
+    })
+    .await;
     for id in &long {
-        cb.wait_until("B to take over the handed-back job", async |c| {
-            let (_, job) = c.get(&format!("/v1/jobs/{id}")).await;
-            job["status"] == "running" && job["attempts"] == 1
-        })
-        .await;
+        let (_, job) = cb.get(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(
+            (job["status"].clone(), job["attempts"].clone()),
+            (json!("running"), json!(1)),
+            "{job}"
+        );
     }
     let (_, replicas) = cb.get("/v1/replicas").await;
     assert_eq!(

@@ -3,8 +3,6 @@
 //! rendered for loopback replicas, everything it writes in its own directory. It fails
 //! loudly when nginx is missing (`.ci/run` installs it); tests never skip.
 
-#![allow(dead_code)]
-
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -33,7 +33,7 @@
 //! after a reconnect this replica waits one lease period before reclaiming leases (their
 //! holders get a chance to renew them first).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -217,7 +217,6 @@ struct Inner {
     closed: AtomicBool,
     stop: CancellationToken,
     tasks: TaskTracker,
-    expired: AtomicU64,
     runtime: tokio::runtime::Handle,
     /// Polls waiting for a job to finish anywhere (see `wait_finished`), woken by the
     /// finished-jobs channel.
@@ -304,7 +303,6 @@ impl RedisStore {
                 closed: AtomicBool::new(false),
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),
-                expired: AtomicU64::new(0),
                 runtime: tokio::runtime::Handle::current(),
                 waiters: Mutex::new(std::collections::HashMap::new()),
                 in_flight: std::sync::atomic::AtomicUsize::new(0),
@@ -327,6 +325,13 @@ impl RedisStore {
         self.inner.stop.cancel();
     }
 
+    /// A job's status alone: one small read, without its result.
+    async fn status(&self, id: JobId) -> Result<Option<JobStatus>, StoreError> {
+        let rec: Option<String> = self.seen(self.conn().hget(key("rec"), id.0).await)?;
+        rec.map(|rec| to_record(id, &rec, None, None).map(|r| r.status))
+            .transpose()
+    }
+
     /// This process's consumer name.
     pub fn consumer(&self) -> &str {
         &self.inner.consumer
@@ -334,7 +339,7 @@ impl RedisStore {
 
     /// Finished jobs deleted after `--result-ttl` by this process.
     pub fn expirations(&self) -> u64 {
-        self.inner.expired.load(Ordering::Relaxed)
+        self.inner.expirations.get()
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -615,7 +620,6 @@ impl RedisStore {
                 inv.arg(1000);
                 match inv.invoke_async::<u64>(&mut self.conn()).await {
                     Ok(n) => {
-                        inner.expired.fetch_add(n, Ordering::Relaxed);
                         inner.expirations.inc_by(n);
                         if n < 1000 {
                             break;
@@ -1264,11 +1268,8 @@ impl JobQueue for RedisStore {
         woken.as_mut().enable();
         // Finished already (or unknown): no wait.
         let open = matches!(
-            self.state(id).await,
-            Ok(Some(JobState {
-                status: JobStatus::Queued | JobStatus::Running,
-                ..
-            }))
+            self.status(id).await,
+            Ok(Some(JobStatus::Queued | JobStatus::Running))
         );
         if open {
             let _ = tokio::time::timeout(hold, woken).await;
