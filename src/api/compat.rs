@@ -236,12 +236,12 @@ pub async fn compute(
 )]
 pub async fn get_results(State(st): State<AppState>, Path(raw): Path<String>) -> Response {
     tracing::info!(route = "get_results", job_id = %raw, "api request in");
-    let res = match crate::api::ids::parse(&raw).ok_or(()) {
-        Err(()) => error(StatusCode::NOT_FOUND, "Invalid job_id"),
+    let res = match crate::api::ids::parse(&raw) {
+        None => error(StatusCode::NOT_FOUND, "Invalid job_id"),
         // A job still in flight here may finish within the poll hold: answer then,
         // rather than "running" now and again at the client's next poll. A job still
         // in flight after the hold answers from memory, without a store read.
-        Ok(id)
+        Some(id)
             if {
                 st.engine.wait_finished(id, st.poll_hold).await;
                 st.engine.is_in_flight(id)
@@ -249,7 +249,7 @@ pub async fn get_results(State(st): State<AppState>, Path(raw): Path<String>) ->
         {
             json_text(StatusCode::OK, r#"{"status":"running"}"#.to_string())
         }
-        Ok(id) => match st.engine.state(id).await {
+        Some(id) => match st.engine.state(id).await {
             Err(e) => store_error("get_results", &e),
             Ok(None) => error(StatusCode::NOT_FOUND, "Invalid job_id"),
             Ok(Some(r)) => match r.status {

@@ -165,16 +165,6 @@ where
     family.get(labels).map_or(0, |c| c.get())
 }
 
-fn sum_text(v: f64) -> String {
-    if v.is_nan() {
-        "nan".into()
-    } else if v.is_infinite() {
-        if v > 0.0 { "inf" } else { "-inf" }.into()
-    } else {
-        serde_json::to_string(&v).unwrap_or_else(|_| v.to_string())
-    }
-}
-
 pub(crate) fn replica_views(replicas: Vec<crate::queue::Replica>) -> Vec<ReplicaView> {
     let now = crate::now_ms();
     replicas
@@ -197,7 +187,14 @@ pub async fn snapshot(st: &AppState) -> Overview {
     let engine = &st.engine;
     let m = engine.metrics();
     let mut store_error = None;
-    let jobs = match engine.counts().await {
+    // The four reads go to the store at once (four round trips in parallel with Redis).
+    let (counts, stats, cluster, replicas) = tokio::join!(
+        engine.counts(),
+        engine.queue().stats(),
+        engine.queue().cluster_totals(),
+        engine.queue().replicas(),
+    );
+    let jobs = match counts {
         Ok(c) => Some(JobCountsView {
             queued: c.queued,
             running: c.running,
@@ -211,7 +208,7 @@ pub async fn snapshot(st: &AppState) -> Overview {
             None
         }
     };
-    let queue = match engine.queue().stats().await {
+    let queue = match stats {
         Ok(q) => Some(QueueView {
             waiting: q.waiting,
             leased: q.leased,
@@ -221,7 +218,7 @@ pub async fn snapshot(st: &AppState) -> Overview {
             None
         }
     };
-    let cluster_totals = match engine.queue().cluster_totals().await {
+    let cluster_totals = match cluster {
         Ok(t) => t.map(|t| Totals {
             submitted: t.submitted,
             done: t.done,
@@ -233,7 +230,7 @@ pub async fn snapshot(st: &AppState) -> Overview {
             None
         }
     };
-    let replicas = match engine.queue().replicas().await {
+    let replicas = match replicas {
         Ok(r) => Some(replica_views(r)),
         Err(e) => {
             store_error.get_or_insert(e.to_string());
@@ -292,7 +289,7 @@ pub async fn snapshot(st: &AppState) -> Overview {
         kinds,
         replicas,
         series: SeriesSummary {
-            get_sum: sum_text(st.series.total_sum()),
+            get_sum: super::series::float_text(st.series.total_sum()),
             series: st.series.series_count(),
             retained_points: st.series.retained_points(),
         },

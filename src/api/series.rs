@@ -60,7 +60,7 @@ pub async fn get_sum(State(st): State<AppState>) -> Response {
 }
 
 /// An `f64` as `/getSum` prints it: `serde_json`'s form when finite, Python's otherwise.
-fn float_text(v: f64) -> String {
+pub(crate) fn float_text(v: f64) -> String {
     if v.is_nan() {
         "nan".into()
     } else if v.is_infinite() {

@@ -4,12 +4,8 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::v1::rfc3339;
 use super::AppState;
-
-fn rfc3339(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
 
 /// `GET /v1/sources`: `{"sources": [{name, kind, url, series, state, restarts,
 /// last_error, last_success, last_value, points}]}`.

@@ -264,7 +264,7 @@ pub async fn get_json(State(st): State<AppState>, Path(raw): Path<String>) -> Re
             json!({ "status": "error", "error": format!("no task with id {raw:?}") }),
         )
     };
-    let Ok(id) = crate::api::ids::parse(&raw).ok_or(()) else {
+    let Some(id) = crate::api::ids::parse(&raw) else {
         return unknown();
     };
     if st.engine.is_in_flight(id) {

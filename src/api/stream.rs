@@ -82,7 +82,7 @@ fn plan(q: &HashMap<String, String>) -> Result<Plan, ApiError> {
                 }
             }
             "job" => {
-                if crate::api::ids::parse(v).ok_or(()).is_err() {
+                if crate::api::ids::parse(v).is_none() {
                     return Err(ApiError::BadRequest(format!(
                         "job {v:?} is not a job id (ids look like job_id_1)"
                     )));

@@ -83,7 +83,7 @@ fn view(r: JobRecord, progress: Option<(u64, u64)>) -> JobView {
 }
 
 fn parse_id(raw: &str) -> Result<JobId, ApiError> {
-    crate::api::ids::parse(raw).ok_or(()).map_err(|()| {
+    crate::api::ids::parse(raw).ok_or_else(|| {
         ApiError::NotFound(format!("no job with id {raw:?} (ids look like job_id_1)"))
     })
 }
@@ -288,7 +288,7 @@ pub async fn list(
             }
             "cursor" => {
                 filter.before =
-                    Some(crate::api::ids::parse(v).ok_or(()).map_err(|()| {
+                    Some(crate::api::ids::parse(v).ok_or_else(|| {
                         ApiError::BadRequest(format!("cursor {v:?} is not a job id"))
                     })?)
             }
