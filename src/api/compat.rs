@@ -99,6 +99,19 @@ pub(crate) fn error(status: StatusCode, reason: &str) -> Response {
 /// otherwise (the cause is logged).
 fn store_error(route: &str, e: &StoreError) -> Response {
     tracing::error!(route, error = %e, "store failed");
+    if let StoreError::OutcomeUnknown { .. } = e {
+        let body = serde_json::json!({
+            "status": "error",
+            "reason": format!("{e}; retry with the same Idempotency-Key header to get that job rather than a second one"),
+            "outcome": "unknown",
+        });
+        let mut res = json_text(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+        res.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+        return res;
+    }
     if e.is_transient() || matches!(e, StoreError::Closed) {
         let mut res = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
         res.headers_mut().insert(

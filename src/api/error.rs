@@ -39,6 +39,12 @@ pub enum ApiError {
     /// A dependency (the store) cannot serve right now; the detail names it and why.
     #[error("{0}")]
     Unavailable(String),
+    /// A submission was sent to the store and its answer never came: the job may exist.
+    /// The problem body says `"outcome": "unknown"`.
+    #[error(
+        "{0}; retry with the same Idempotency-Key header to get that job rather than a second one"
+    )]
+    OutcomeUnknown(String),
     /// The cause is logged, never sent to the client.
     #[error("internal error")]
     Internal(String),
@@ -56,9 +62,10 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::QueueFull(_) | ApiError::ShuttingDown | ApiError::Unavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::QueueFull(_)
+            | ApiError::ShuttingDown
+            | ApiError::Unavailable(_)
+            | ApiError::OutcomeUnknown(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -73,12 +80,15 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(cause) = &self {
             tracing::error!(%cause, "internal error");
         }
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "type": "about:blank",
             "title": status.canonical_reason().unwrap_or("Error"),
             "status": status.as_u16(),
             "detail": self.to_string(),
         });
+        if let ApiError::OutcomeUnknown(_) = &self {
+            body["outcome"] = "unknown".into();
+        }
         let mut res = (status, body.to_string()).into_response();
         let h = res.headers_mut();
         h.insert(
@@ -86,7 +96,10 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         match self {
-            ApiError::QueueFull(_) | ApiError::ShuttingDown | ApiError::Unavailable(_) => {
+            ApiError::QueueFull(_)
+            | ApiError::ShuttingDown
+            | ApiError::Unavailable(_)
+            | ApiError::OutcomeUnknown(_) => {
                 h.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECS),
@@ -109,6 +122,10 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable { .. } | StoreError::Io(_) | StoreError::Closed => {
                 tracing::warn!(error = %e, "store unavailable");
                 ApiError::Unavailable(e.to_string())
+            }
+            StoreError::OutcomeUnknown { .. } => {
+                tracing::warn!(error = %e, "store did not answer a write");
+                ApiError::OutcomeUnknown(e.to_string())
             }
             StoreError::Sqlite(_)
             | StoreError::Rejected { .. }

@@ -27,6 +27,10 @@ pub enum StoreError {
     /// I/O error, an unreachable server. Transient: the same request can succeed later.
     #[error("the {store} store is unavailable: {cause}")]
     Unavailable { store: &'static str, cause: String },
+    /// A write was sent and its answer never came (a timeout, a connection cut after the
+    /// send): it may or may not have been applied.
+    #[error("the {store} store did not answer in time ({cause}): the outcome is unknown, the write may have been applied")]
+    OutcomeUnknown { store: &'static str, cause: String },
     /// The store refused this write for what it holds, not for its surroundings (a value
     /// too large, say): retrying the same write cannot succeed.
     #[error("the {store} store refused the write: {cause}")]
@@ -46,7 +50,9 @@ impl StoreError {
     /// callers retry (outcomes) or answer 503 with `Retry-After` (requests).
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Unavailable { .. } | StoreError::Io(_) => true,
+            StoreError::Unavailable { .. }
+            | StoreError::OutcomeUnknown { .. }
+            | StoreError::Io(_) => true,
             StoreError::Sqlite(_)
             | StoreError::Rejected { .. }
             | StoreError::Closed

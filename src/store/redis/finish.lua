@@ -1,15 +1,20 @@
 -- Records an outcome. ARGV: id, attempt (-1 = any: a cancel), status, body (the result
--- when done, else the error), started_at (ms, 0 = unknown), ttl_ms.
--- Returns 1 recorded, 2 already finished, 3 stale (a newer attempt holds the job), 0 unknown.
+-- when done, else the error), started_at (ms, 0 = unknown), ttl_ms, epoch, consumer (the
+-- worker's replica; '' for a cancel).
+-- Returns 1 recorded, 2 already finished, 3 stale (a newer attempt or another replica
+-- holds the job), 0 unknown (also when Redis is no longer the data set the job was in).
 local id, attempt, status, body = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local started, ttl_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
+if redis.call('GET', K_EPOCH) ~= ARGV[7] then return 0 end
 local r = load(id)
 if not r then return 0 end
 if attempt >= 0 and attempt < (r.a or 0) then return 3 end
 if finished(r.s) then return 2 end
 -- A worker's outcome counts only while its attempt holds the lease: a job reclaimed (or
 -- handed back) and not claimed again keeps that attempt's number, but not its lease.
-if attempt >= 0 and (r.s ~= 'running' or attempt ~= (r.a or 0)) then return 3 end
+if attempt >= 0 and (r.s ~= 'running' or attempt ~= (r.a or 0) or r.o ~= ARGV[8]) then
+  return 3
+end
 if not r.st and started > 0 then r.st = started end
 if status == 'done' then
   redis.call('HSET', K_RESULT, id, body)

@@ -61,7 +61,7 @@ const FINISHED_CHANNEL: &str = "{tally}:finished";
 const PREFIX: &str = "{tally}:";
 
 /// Keys in the order every script expects them (see `prelude.lua`).
-const KEY_NAMES: [&str; 14] = [
+const KEY_NAMES: [&str; 15] = [
     "next_id",
     "rec",
     "params",
@@ -76,6 +76,7 @@ const KEY_NAMES: [&str; 14] = [
     "st:done",
     "st:failed",
     "st:cancelled",
+    "epoch",
 ];
 
 fn key(name: &str) -> String {
@@ -90,9 +91,31 @@ fn replica_key(consumer: &str) -> String {
     format!("{PREFIX}replica:{consumer}")
 }
 
+/// A new epoch's name: random, so two replicas beginning one at once cannot agree by
+/// chance.
+fn fresh_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// How long a replica may go without a heartbeat before the others take it for dead.
+fn liveness_ms(lease_ms: u64) -> u64 {
+    (lease_ms * 3).max(10_000)
+}
+
+/// A script: its flags line, the prelude, its body. Flagged scripts (Redis 7) are refused
+/// as a whole before they start when Redis is out of memory, unless they `allow-oom`:
+/// those that free memory or keep it level (expiry, renewals, hand-backs, heartbeats)
+/// do, so a full Redis can recover and leases do not expire for want of memory; those
+/// that grow it (submit, claim, finish, retry) do not, and never half-run.
 macro_rules! script {
     ($file:literal) => {
+        script!($file, "")
+    };
+    ($file:literal, $flags:literal) => {
         Script::new(concat!(
+            "#!lua",
+            $flags,
+            "\n",
             include_str!("prelude.lua"),
             "\n",
             include_str!($file)
@@ -110,6 +133,8 @@ struct Scripts {
     retry: Script,
     expire: Script,
     recover_inflight: Script,
+    heartbeat: Script,
+    epoch: Script,
 }
 
 impl Scripts {
@@ -117,13 +142,15 @@ impl Scripts {
         Scripts {
             submit: script!("submit.lua"),
             claim: script!("claim.lua"),
-            renew: script!("renew.lua"),
+            renew: script!("renew.lua", " flags=allow-oom"),
             finish: script!("finish.lua"),
-            release: script!("release.lua"),
-            reclaim: script!("reclaim.lua"),
+            release: script!("release.lua", " flags=allow-oom"),
+            reclaim: script!("reclaim.lua", " flags=allow-oom"),
             retry: script!("retry.lua"),
-            expire: script!("expire.lua"),
-            recover_inflight: script!("recover_inflight.lua"),
+            expire: script!("expire.lua", " flags=allow-oom"),
+            recover_inflight: script!("recover_inflight.lua", " flags=allow-oom"),
+            heartbeat: script!("heartbeat.lua", " flags=allow-oom"),
+            epoch: script!("epoch.lua", " flags=allow-oom"),
         }
     }
 }
@@ -170,8 +197,13 @@ fn count(v: Option<f64>) -> u32 {
 /// What the process knows of its connection to Redis, for `/readyz` and the reclaim
 /// grace period.
 struct Link {
-    /// Why the last command or ping failed, while it does.
+    /// Why the last command or ping failed to reach Redis, while it does.
     down: Mutex<Option<String>>,
+    /// Why Redis refuses writes (out of memory, loading, read-only...), while it does:
+    /// set by a refused write, cleared only by a write that succeeds (the heartbeat's
+    /// probe, every second), never by a read, so readiness does not flap while reads
+    /// still work.
+    refusing: Mutex<Option<String>>,
     /// When the connection last came back (reclaims wait a lease period after it).
     up_since: Mutex<Instant>,
 }
@@ -192,6 +224,47 @@ impl Link {
             tracing::info!("connected to redis again");
         }
     }
+
+    fn refused(&self, cause: &str) {
+        let mut r = self.refusing.lock();
+        if r.is_none() {
+            tracing::warn!(
+                cause,
+                "redis refuses writes; submissions answer 503 until it takes them again"
+            );
+        }
+        *r = Some(cause.to_string());
+    }
+
+    fn writes_ok(&self) {
+        if self.refusing.lock().take().is_some() {
+            tracing::info!("redis takes writes again");
+        }
+    }
+
+    fn health(&self) -> Option<String> {
+        self.down
+            .lock()
+            .clone()
+            .or_else(|| self.refusing.lock().clone())
+    }
+}
+
+/// The data set this replica knows Redis to hold (see `epoch.lua`): ids are handed out
+/// only while Redis still holds it.
+struct Epoch {
+    /// `<name>/<base>` as Redis keeps it.
+    name: Mutex<String>,
+    /// The highest id this replica knows was handed out (its own submissions and the
+    /// counter as the heartbeat last read it): Redis's counter below it means Redis
+    /// forgot ids.
+    high_water: std::sync::atomic::AtomicU64,
+}
+
+impl Epoch {
+    fn saw(&self, id: u64) {
+        self.high_water.fetch_max(id, Ordering::SeqCst);
+    }
 }
 
 struct Inner {
@@ -203,7 +276,15 @@ struct Inner {
     consumer: String,
     /// `tally_store_expirations_total`: finished jobs this replica's janitor deleted.
     expirations: prometheus_client::metrics::counter::Counter,
+    /// `tally_store_resets_total`: times this replica found Redis had lost ids it handed
+    /// out, and moved the id sequence past them.
+    resets: prometheus_client::metrics::counter::Counter,
     link: Link,
+    epoch: Epoch,
+    /// Held by the fetcher from a blocking move until its claim: an id in this consumer's
+    /// in-flight list while nobody holds it was moved by a command whose reply was lost,
+    /// and the janitor hands it back (see `hand_back_own`).
+    claiming: tokio::sync::Mutex<()>,
     /// Claimed jobs handed to worker threads.
     ready_tx: crossbeam_channel::Sender<Lease>,
     ready_rx: crossbeam_channel::Receiver<Lease>,
@@ -232,23 +313,67 @@ pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
-fn classify(e: &redis::RedisError) -> StoreError {
+/// What a failed command says about Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Redis could not be reached, or did not answer in time.
+    Link,
+    /// Redis answered and refused: out of memory, loading, read-only, a script busy.
+    Refusing,
+    /// This request itself was refused: retrying it as it is cannot help.
+    Request,
+}
+
+fn classify(e: &redis::RedisError) -> (StoreError, Failure) {
     if e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_unrecoverable_error()
     {
-        StoreError::Unavailable {
+        let err = StoreError::Unavailable {
             store: STORE,
             cause: e.to_string(),
-        }
-    } else {
-        StoreError::Rejected {
-            store: STORE,
-            cause: e.to_string(),
-        }
+        };
+        return (err, Failure::Link);
     }
+    // Conditions of the server that pass: the same write succeeds once they end.
+    let refusal = match e.code() {
+        Some("OOM") => Some(
+            "Redis is out of memory (used memory is over maxmemory) and refuses writes \
+             until memory is freed"
+                .to_string(),
+        ),
+        Some(
+            code @ ("LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN"
+            | "NOREPLICAS" | "MISCONF"),
+        ) => Some(format!(
+            "Redis refuses writes for now ({code}: {})",
+            e.detail().unwrap_or("").trim()
+        )),
+        _ => None,
+    };
+    match refusal {
+        Some(cause) => (
+            StoreError::Unavailable {
+                store: STORE,
+                cause,
+            },
+            Failure::Refusing,
+        ),
+        None => (
+            StoreError::Rejected {
+                store: STORE,
+                cause: e.to_string(),
+            },
+            Failure::Request,
+        ),
+    }
+}
+
+/// A write whose reply never came: it may have been applied.
+fn outcome_unknown(e: &redis::RedisError) -> bool {
+    !e.is_connection_refusal() && (e.is_timeout() || e.is_connection_dropped() || e.is_io_error())
 }
 
 impl RedisStore {
@@ -268,7 +393,7 @@ impl RedisStore {
             .set_number_of_retries(3);
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
-            .map_err(|e| classify(&e))?;
+            .map_err(|e| classify(&e).0)?;
         let consumer = format!(
             "{}-{}-{:08x}",
             hostname(),
@@ -292,10 +417,26 @@ impl RedisStore {
                     );
                     c
                 },
+                resets: {
+                    let c = prometheus_client::metrics::counter::Counter::default();
+                    metrics.register(
+                        "store_resets",
+                        "Times Redis was found to have lost ids it had handed out (restarted \
+                         empty, a lagging failover); ids continue past them",
+                        c.clone(),
+                    );
+                    c
+                },
                 link: Link {
                     down: Mutex::new(None),
+                    refusing: Mutex::new(None),
                     up_since: Mutex::new(Instant::now()),
                 },
+                epoch: Epoch {
+                    name: Mutex::new(String::new()),
+                    high_water: std::sync::atomic::AtomicU64::new(0),
+                },
+                claiming: tokio::sync::Mutex::new(()),
                 ready_tx,
                 ready_rx,
                 wanting: std::sync::atomic::AtomicUsize::new(0),
@@ -310,8 +451,9 @@ impl RedisStore {
                 opts,
             }),
         };
-        me.heartbeat().await.map_err(|e| classify(&e))?;
-        tracing::info!(consumer = %me.inner.consumer, "joined the redis queue");
+        me.join_epoch().await?;
+        me.heartbeat().await.map_err(|e| classify(&e).0)?;
+        tracing::info!(consumer = %me.inner.consumer, epoch = %me.inner.epoch.name.lock(), "joined the redis queue");
         me.inner.tasks.spawn(me.clone().fetch());
         me.inner.tasks.spawn(me.clone().housekeeping());
         me.inner.tasks.spawn(me.clone().listen_finished());
@@ -353,14 +495,31 @@ impl RedisStore {
                 self.inner.link.ok();
                 Ok(v)
             }
-            Err(e) => {
-                let err = classify(&e);
-                if matches!(err, StoreError::Unavailable { .. }) {
-                    self.inner.link.failed(&e.to_string());
-                }
-                Err(err)
-            }
+            Err(e) => Err(self.failed(&e)),
         }
+    }
+
+    /// `seen` for a command that wrote: its success also says Redis takes writes.
+    fn wrote<T>(&self, r: redis::RedisResult<T>) -> Result<T, StoreError> {
+        let v = self.seen(r)?;
+        self.inner.link.writes_ok();
+        Ok(v)
+    }
+
+    fn failed(&self, e: &redis::RedisError) -> StoreError {
+        let (err, failure) = classify(e);
+        match failure {
+            Failure::Link => self.inner.link.failed(&e.to_string()),
+            Failure::Refusing => {
+                // Redis answered: the connection is up.
+                self.inner.link.ok();
+                if let StoreError::Unavailable { cause, .. } = &err {
+                    self.inner.link.refused(cause);
+                }
+            }
+            Failure::Request => self.inner.link.ok(),
+        }
+        err
     }
 
     fn invocation<'a>(&'a self, script: &'a Script) -> redis::ScriptInvocation<'a> {
@@ -371,30 +530,86 @@ impl RedisStore {
         inv
     }
 
-    async fn heartbeat(&self) -> redis::RedisResult<()> {
-        let mut c = self.conn();
-        let now = crate::now_ms();
+    fn epoch(&self) -> String {
+        self.inner.epoch.name.lock().clone()
+    }
+
+    /// Learns which data set Redis holds, at start (see `epoch.lua`).
+    async fn join_epoch(&self) -> Result<(), StoreError> {
+        let mut inv = self.invocation(&self.inner.scripts.epoch);
+        inv.arg("").arg(0).arg(fresh_epoch());
+        let (name, next, _): (String, u64, u8) =
+            self.wrote(inv.invoke_async(&mut self.conn()).await)?;
+        *self.inner.epoch.name.lock() = name;
+        self.inner.epoch.saw(next);
+        Ok(())
+    }
+
+    /// Redis does not hold the data set this replica knows (another epoch, none, or a
+    /// counter below ids already handed out): move the id sequence past every id that may
+    /// have been handed out, under a new epoch, or adopt the one another replica began.
+    async fn rejoin_epoch(&self) -> Result<(), StoreError> {
+        let known = self.epoch();
+        let high = self.inner.epoch.high_water.load(Ordering::SeqCst);
+        let mut inv = self.invocation(&self.inner.scripts.epoch);
+        inv.arg(&known).arg(high).arg(fresh_epoch());
+        let (name, next, lost): (String, u64, u8) =
+            self.wrote(inv.invoke_async(&mut self.conn()).await)?;
+        if name != known {
+            if lost == 1 {
+                self.inner.resets.inc();
+                tracing::error!(
+                    old = %known, new = %name, known_ids = high, next_id = next + 1,
+                    "redis lost the data it held (restarted without persistence, flushed, or a \
+                     lagging failover): jobs acknowledged before the loss are gone; ids go on \
+                     from {} so that none is handed out twice", next + 1
+                );
+            } else {
+                tracing::warn!(old = %known, new = %name, "another replica found redis had lost its data; following its new id range");
+            }
+            *self.inner.epoch.name.lock() = name;
+        }
+        self.inner.epoch.saw(next);
+        Ok(())
+    }
+
+    /// Says this replica is alive, by Redis's clock, and checks the data set; returns the
+    /// server's time (ms).
+    async fn heartbeat(&self) -> redis::RedisResult<i64> {
         let lease_ms = self.inner.opts.lease.lease.as_millis() as u64;
         let waiting = self.inner.wanting.load(Ordering::Relaxed);
         let busy = self.inner.opts.workers.saturating_sub(waiting);
-        redis::pipe()
-            .zadd(key("replicas"), &self.inner.consumer, now)
-            .hset_multiple(
-                replica_key(&self.inner.consumer),
-                &[
-                    ("host", hostname()),
-                    ("pid", std::process::id().to_string()),
-                    ("workers", self.inner.opts.workers.to_string()),
-                    ("busy", busy.to_string()),
-                    ("seen_ms", now.to_string()),
-                ],
-            )
-            .pexpire(
-                replica_key(&self.inner.consumer),
-                (lease_ms * 3).max(10_000) as i64,
-            )
-            .query_async::<()>(&mut c)
-            .await
+        let mut inv = self.invocation(&self.inner.scripts.heartbeat);
+        inv.key(key("replicas"))
+            .key(replica_key(&self.inner.consumer))
+            .arg(&self.inner.consumer)
+            .arg(hostname())
+            .arg(std::process::id())
+            .arg(self.inner.opts.workers)
+            .arg(busy)
+            .arg(liveness_ms(lease_ms));
+        let (now, epoch, next): (i64, String, u64) = inv.invoke_async(&mut self.conn()).await?;
+        if epoch != self.epoch() || next < self.inner.epoch.high_water.load(Ordering::SeqCst) {
+            if let Err(e) = self.rejoin_epoch().await {
+                tracing::warn!(error = %e, "could not check which data set redis holds");
+            }
+        } else {
+            self.inner.epoch.saw(next);
+        }
+        Ok(now)
+    }
+
+    /// A write that grows nothing, to learn whether Redis takes writes again after it
+    /// refused them.
+    async fn probe_writes(&self) {
+        let r: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(key("write_probe"))
+            .arg(&self.inner.consumer)
+            .arg("PX")
+            .arg(10_000)
+            .query_async(&mut self.conn())
+            .await;
+        let _ = self.wrote(r);
     }
 
     /// How many leases the fetcher should claim now: one per waiting worker not yet
@@ -427,7 +642,10 @@ impl RedisStore {
                 return;
             }
             let claimed = tokio::select! {
-                c = self.claim_some(self.wanted(), &mut blocking) => c,
+                c = async {
+                    let _claiming = inner.claiming.lock().await;
+                    self.claim_some(self.wanted(), &mut blocking).await
+                } => c,
                 _ = inner.stop.cancelled() => return,
             };
             match claimed {
@@ -453,8 +671,12 @@ impl RedisStore {
                     }
                 }
                 Err(e) => {
+                    // The claim's reply may be lost, its effect not: a blocking move may
+                    // have put a job in our in-flight list. Hand it back now (the janitor
+                    // does it later if Redis cannot be reached now).
                     blocking = None;
                     tracing::debug!(error = %e, "claim failed; backing off");
+                    self.hand_back_own().await;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = inner.stop.cancelled() => return,
@@ -597,8 +819,9 @@ impl RedisStore {
         }
     }
 
-    /// Heartbeat, expiry of finished jobs, and recovery of dead consumers' in-flight ids:
-    /// every second on every replica.
+    /// Heartbeat, expiry of finished jobs, recovery of dead consumers' in-flight ids and of
+    /// our own stranded ones: every second on every replica. Each runs whatever the others
+    /// did: expiry frees the memory that ends a full Redis, so nothing skips it.
     async fn housekeeping(self) {
         let inner = &self.inner;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -608,42 +831,80 @@ impl RedisStore {
                 _ = tick.tick() => {}
                 _ = inner.stop.cancelled() => return,
             }
-            match self.heartbeat().await {
-                Ok(()) => inner.link.ok(),
+            let server_now = match self.heartbeat().await {
+                Ok(now) => {
+                    inner.link.ok();
+                    Some(now)
+                }
                 Err(e) => {
-                    inner.link.failed(&e.to_string());
-                    continue;
+                    self.failed(&e);
+                    None
+                }
+            };
+            if inner.link.refusing.lock().is_some() {
+                self.probe_writes().await;
+            }
+            self.expire_finished().await;
+            if let Some(now) = server_now {
+                if let Err(e) = self.recover_dead_consumers(now).await {
+                    tracing::debug!(error = %e, "recovering dead consumers failed");
                 }
             }
-            loop {
-                let mut inv = self.invocation(&inner.scripts.expire);
-                inv.arg(1000);
-                match inv.invoke_async::<u64>(&mut self.conn()).await {
-                    Ok(n) => {
-                        inner.expirations.inc_by(n);
-                        if n < 1000 {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "expiring finished jobs failed");
-                        break;
-                    }
-                }
-            }
-            if let Err(e) = self.recover_dead_consumers().await {
-                tracing::debug!(error = %e, "recovering dead consumers failed");
+            // Not while the fetcher is between a blocking move and its claim: then an id
+            // in our list is on its way to a worker.
+            tokio::select! {
+                _ = async {
+                    let _claiming = inner.claiming.lock().await;
+                    self.hand_back_own().await;
+                } => {}
+                _ = inner.stop.cancelled() => return,
             }
         }
     }
 
-    /// Consumers whose heartbeat stopped: what they had taken off the queue but not yet
-    /// leased goes back; their leases expire on their own and are reclaimed.
-    async fn recover_dead_consumers(&self) -> redis::RedisResult<()> {
+    /// Deletes finished jobs past `--result-ttl`, a thousand per call.
+    async fn expire_finished(&self) {
+        loop {
+            let mut inv = self.invocation(&self.inner.scripts.expire);
+            inv.arg(1000);
+            match inv.invoke_async::<u64>(&mut self.conn()).await {
+                Ok(n) => {
+                    self.inner.expirations.inc_by(n);
+                    if n < 1000 {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "expiring finished jobs failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Puts back on the queue what sits in this consumer's in-flight list: ids a blocking
+    /// move took off the queue whose reply never reached us (a stalled link, a timeout).
+    /// Called after a failed claim and by the janitor, never while a claim is under way.
+    async fn hand_back_own(&self) {
+        let mut inv = self.invocation(&self.inner.scripts.recover_inflight);
+        inv.key(inflight_key(&self.inner.consumer));
+        match inv.invoke_async::<u64>(&mut self.conn()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                jobs = n,
+                "queued again jobs taken off the queue for this replica whose claim's reply was lost"
+            ),
+            Err(e) => tracing::debug!(error = %e, "handing back our in-flight ids failed; retried"),
+        }
+    }
+
+    /// Consumers whose heartbeat stopped (by the server's clock, `now`): what they had
+    /// taken off the queue but not yet leased goes back; their leases expire on their own
+    /// and are reclaimed.
+    async fn recover_dead_consumers(&self, now: i64) -> redis::RedisResult<()> {
         let mut c = self.conn();
-        let lease_ms = self.inner.opts.lease.lease.as_millis() as i64;
-        let silent_for = (lease_ms * 3).max(10_000);
-        let cutoff = crate::now_ms() - silent_for;
+        let lease_ms = self.inner.opts.lease.lease.as_millis() as u64;
+        let cutoff = now - liveness_ms(lease_ms) as i64;
         let dead: Vec<String> = c.zrangebyscore(key("replicas"), "-inf", cutoff).await?;
         for consumer in dead {
             if consumer == self.inner.consumer {
@@ -672,7 +933,10 @@ impl RedisStore {
         spent: bool,
     ) -> Result<bool, StoreError> {
         let mut inv = self.invocation(&self.inner.scripts.release);
-        inv.arg(id.0).arg(attempt).arg(u8::from(spent));
+        inv.arg(id.0)
+            .arg(attempt)
+            .arg(u8::from(spent))
+            .arg(&self.inner.consumer);
         let n: i64 = self.seen(inv.invoke_async(&mut self.conn()).await)?;
         Ok(n == 1)
     }
@@ -693,16 +957,26 @@ impl RedisStore {
             Outcome::Failed(e) => ("failed", e.as_str()),
             Outcome::Cancelled(e) => ("cancelled", e.as_str()),
         };
+        let owner = match attempt {
+            Attempt::Of(_) => self.inner.consumer.as_str(),
+            Attempt::Any => "",
+        };
+        let epoch = self.epoch();
         let mut inv = self.invocation(&self.inner.scripts.finish);
         inv.arg(id.0)
             .arg(attempt_arg)
             .arg(status)
             .arg(body)
             .arg(started_at.unwrap_or(0))
-            .arg(self.inner.opts.result_ttl.as_millis() as u64);
+            .arg(self.inner.opts.result_ttl.as_millis() as u64)
+            .arg(&epoch)
+            .arg(owner);
         match inv.invoke_async::<i64>(&mut self.conn()).await {
             Ok(code) => {
                 self.inner.link.ok();
+                if code == 1 {
+                    self.inner.link.writes_ok();
+                }
                 let answer = match code {
                     1 => Finished::Recorded,
                     2 => Finished::AlreadyFinished,
@@ -711,14 +985,62 @@ impl RedisStore {
                 };
                 Ok(answer)
             }
-            Err(e) => {
-                let error = self.seen::<()>(Err(e)).unwrap_err();
-                Err(FinishFailed {
-                    error,
-                    outcome: Some(outcome),
-                })
+            Err(e) => Err(FinishFailed {
+                error: self.failed(&e),
+                outcome: Some(outcome),
+            }),
+        }
+    }
+
+    /// Runs the submit script (see `submit.lua`): once, or twice when Redis turned out not
+    /// to hold the data set this replica knew (the second time in the epoch it moved to).
+    /// A reply that never came is `OutcomeUnknown`: the job may exist.
+    async fn submit_script(
+        &self,
+        job: &NewJob,
+        capacity: usize,
+        consumer: &str,
+    ) -> Result<Submitted, StoreError> {
+        let params = job.params.to_string();
+        for _ in 0..2 {
+            let epoch = self.epoch();
+            let high = self.inner.epoch.high_water.load(Ordering::SeqCst);
+            let mut inv = self.invocation(&self.inner.scripts.submit);
+            inv.arg(&job.kind)
+                .arg(&params)
+                .arg(capacity)
+                .arg(consumer)
+                .arg(self.inner.opts.lease.lease.as_millis() as u64)
+                .arg(&epoch)
+                .arg(high);
+            let answer: Vec<i64> = match inv.invoke_async(&mut self.conn()).await {
+                Ok(a) => a,
+                Err(e) => {
+                    let err = self.failed(&e);
+                    if outcome_unknown(&e) {
+                        return Err(StoreError::OutcomeUnknown {
+                            store: STORE,
+                            cause: e.to_string(),
+                        });
+                    }
+                    return Err(err);
+                }
+            };
+            self.inner.link.ok();
+            match answer.as_slice() {
+                [-1] => self.rejoin_epoch().await?,
+                [id, leased] if *id > 0 => {
+                    self.inner.link.writes_ok();
+                    self.inner.epoch.saw(*id as u64);
+                    return Ok(Submitted::Job(JobId(*id as u64), *leased == 1));
+                }
+                _ => return Ok(Submitted::Full),
             }
         }
+        Err(StoreError::Unavailable {
+            store: STORE,
+            cause: "redis changed data sets twice during one submission".into(),
+        })
     }
 
     async fn get_record(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
@@ -761,6 +1083,14 @@ impl RedisStore {
     }
 }
 
+/// What the submit script did.
+enum Submitted {
+    /// The job's id, and whether it was leased at once to the submitting replica.
+    Job(JobId, bool),
+    /// The queue holds `--queue-capacity` jobs.
+    Full,
+}
+
 fn to_record(
     id: JobId,
     rec: &str,
@@ -799,14 +1129,13 @@ fn to_record(
 #[async_trait]
 impl Store for RedisStore {
     async fn submit(&self, job: &NewJob, _now_ms: i64) -> Result<JobId, StoreError> {
-        let mut inv = self.invocation(&self.inner.scripts.submit);
-        inv.arg(&job.kind)
-            .arg(job.params.to_string())
-            .arg(0)
-            .arg("")
-            .arg(0);
-        let answer: Vec<u64> = self.seen(inv.invoke_async(&mut self.conn()).await)?;
-        Ok(JobId(answer.first().copied().unwrap_or(0)))
+        match self.submit_script(job, 0, "").await? {
+            Submitted::Job(id, _) => Ok(id),
+            Submitted::Full => Err(StoreError::Rejected {
+                store: STORE,
+                cause: "the queue is full".into(),
+            }),
+        }
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
@@ -1024,7 +1353,7 @@ impl Store for RedisStore {
     }
 
     fn health(&self) -> Result<(), String> {
-        match self.inner.link.down.lock().as_ref() {
+        match self.inner.link.health() {
             None => Ok(()),
             Some(cause) => Err(format!("the redis store is unavailable: {cause}")),
         }
@@ -1058,26 +1387,18 @@ impl JobQueue for RedisStore {
                 inner.want.notify_one();
             }
         };
-        let mut inv = self.invocation(&inner.scripts.submit);
-        inv.arg(&job.kind)
-            .arg(job.params.to_string())
-            .arg(inner.opts.capacity)
-            .arg(if here { inner.consumer.as_str() } else { "" })
-            .arg(inner.opts.lease.lease.as_millis() as u64);
-        let answer: Vec<u64> = match self.seen(inv.invoke_async(&mut self.conn()).await) {
-            Ok(a) => a,
-            Err(e) => {
-                give_back();
-                return Err(e.into());
-            }
-        };
-        let (id, leased) = match answer.as_slice() {
-            [id, leased] if *id > 0 => (JobId(*id), *leased == 1),
-            _ => {
+        let consumer = if here { inner.consumer.as_str() } else { "" };
+        let (id, leased) = match self.submit_script(job, inner.opts.capacity, consumer).await {
+            Ok(Submitted::Job(id, leased)) => (id, leased),
+            Ok(Submitted::Full) => {
                 give_back();
                 return Err(PushError::Full {
                     capacity: inner.opts.capacity,
                 });
+            }
+            Err(e) => {
+                give_back();
+                return Err(e.into());
             }
         };
         admitted(id, leased);
@@ -1285,8 +1606,18 @@ impl JobQueue for RedisStore {
 
     async fn replicas(&self) -> Result<Vec<Replica>, StoreError> {
         let mut c = self.conn();
-        let names: Vec<(String, f64)> =
-            self.seen(c.zrange_withscores(key("replicas"), 0, -1).await)?;
+        // Heartbeats carry Redis's time: read it with them and say when each replica was
+        // last seen on this process's clock, so a replica whose host clock is off is
+        // neither shown stale nor taken for dead.
+        let local_now = crate::now_ms();
+        let (names, time): (Vec<(String, f64)>, (i64, i64)) = self.seen(
+            redis::pipe()
+                .zrange_withscores(key("replicas"), 0, -1)
+                .cmd("TIME")
+                .query_async(&mut c)
+                .await,
+        )?;
+        let server_now = time.0 * 1000 + time.1 / 1000;
         let mut p = redis::pipe();
         for (name, _) in &names {
             p.hgetall(replica_key(name));
@@ -1304,7 +1635,7 @@ impl JobQueue for RedisStore {
                     pid: num("pid"),
                     workers: num("workers"),
                     busy: num("busy"),
-                    last_seen_ms: seen as i64,
+                    last_seen_ms: local_now - (server_now - seen as i64).max(0),
                     name,
                 }
             })

@@ -1,8 +1,11 @@
 -- Shared by every tally script (prepended to each). KEYS, the same for all of them, all
 -- in the {tally} hash slot:
 --   1 next_id   2 rec   3 params   4 result   5 wait   6 leases   7 counts   8 all
---   9 expiry   10..14 st:queued st:running st:done st:failed st:cancelled
---   15 (claim, recover_inflight) a consumer's in-flight list
+--   9 expiry   10..14 st:queued st:running st:done st:failed st:cancelled   15 epoch
+--   16 (claim, recover_inflight) a consumer's in-flight list
+-- epoch names the data set the ids belong to ("<random>/<first id base>"): a Redis that
+-- lost its data (restarted empty, a lagging failover) has another epoch or none, and the
+-- scripts that hand out ids or record outcomes refuse to act on it (see epoch.lua).
 -- rec holds each job's small record as JSON: k kind, s status, sub/st/fin times (ms),
 -- a attempts, b attempts when it was last retried (its budget of attempts starts there),
 -- o owner (consumer holding the lease), e error.
@@ -10,6 +13,7 @@ local K_NEXT, K_REC, K_PARAMS, K_RESULT = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_WAIT, K_LEASES, K_COUNTS, K_ALL, K_EXPIRY = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local ST = { queued = KEYS[10], running = KEYS[11], done = KEYS[12], failed = KEYS[13],
              cancelled = KEYS[14] }
+local K_EPOCH = KEYS[15]
 
 -- One clock for every replica: the server's.
 local function now_ms()

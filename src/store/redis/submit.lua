@@ -1,7 +1,14 @@
--- ARGV: kind, params (JSON text), capacity (0 = none), consumer, lease_ms. Returns
--- {id, 0} for a job queued, {id, 1} for one leased at once to `consumer` (given when that
--- replica has a worker waiting: the job skips the queue), or {0} when the queue already
--- holds `capacity` jobs.
+-- ARGV: kind, params (JSON text), capacity (0 = none), consumer, lease_ms, epoch, high
+-- water (the highest id the calling replica knows was handed out). Returns {id, 0} for a
+-- job queued, {id, 1} for one leased at once to `consumer` (given when that replica has a
+-- worker waiting: the job skips the queue), {0} when the queue already holds `capacity`
+-- jobs, or {-1} when Redis is not the data set the replica knows (another epoch, none, or
+-- a counter below ids already handed out): the replica runs epoch.lua before any id is
+-- handed out again.
+if redis.call('GET', K_EPOCH) ~= ARGV[6]
+    or tonumber(redis.call('GET', K_NEXT) or '0') < tonumber(ARGV[7]) then
+  return { -1 }
+end
 local capacity = tonumber(ARGV[3])
 if capacity > 0 and redis.call('LLEN', K_WAIT) >= capacity then
   return { 0 }
