@@ -739,3 +739,160 @@ macro_rules! conformance {
 conformance!(memory, memory_subject, false);
 conformance!(sqlite, sqlite_subject, true);
 conformance!(redis, redis_subject, true);
+
+/// What only a networked store can meet: Redis's own faults, each forced directly on a
+/// private server while a store works on it.
+mod redis_faults {
+    use super::*;
+    use tally::store::{Attempt, FinishFailed, StoreError};
+
+    async fn open(server: &redis_server::RedisServer, ttl: Duration) -> RedisStore {
+        RedisStore::open(
+            RedisOptions {
+                url: server.url(),
+                capacity: CAPACITY,
+                result_ttl: ttl,
+                lease: lease_options(),
+                workers: 2,
+                response_timeout: Duration::from_secs(2),
+            },
+            &Metrics::new(),
+        )
+        .await
+        .expect("the redis store opens")
+    }
+
+    fn subject(store: &RedisStore, server: Arc<redis_server::RedisServer>) -> Subject {
+        Subject {
+            store: Arc::new(store.clone()),
+            queue: Arc::new(store.clone()),
+            restart: Box::new(|s| Box::pin(async { s })),
+            guard: Box::new(server),
+        }
+    }
+
+    fn set_maxmemory(server: &redis_server::RedisServer, bytes: u64) {
+        let _: () = server.query(
+            ::redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory")
+                .arg(bytes.to_string()),
+        );
+    }
+
+    async fn until(what: &str, mut probe: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while !probe().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_a_lost_reply_left_in_this_replicas_list_goes_back_and_runs() {
+        let server = Arc::new(redis_server::RedisServer::start());
+        let store = open(&server, Duration::from_secs(3600)).await;
+        let s = subject(&store, server.clone());
+        let id = submit(&s, &job("k", 1)).await;
+        // A blocking move took it for this replica and its reply never arrived.
+        let inflight = format!("{{tally}}:inflight:{}", store.consumer());
+        let moved: Option<String> = server.query(
+            ::redis::cmd("LMOVE")
+                .arg("{tally}:wait")
+                .arg(&inflight)
+                .arg("RIGHT")
+                .arg("LEFT"),
+        );
+        assert_eq!(moved, Some(id.0.to_string()));
+        let l = claim_now(&s).await;
+        assert_eq!((l.id, l.attempt), (id, 1));
+        let left: u64 = server.query(::redis::cmd("LLEN").arg(&inflight));
+        assert_eq!(left, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_redis_is_unavailable_and_an_outcome_it_refused_is_handed_back() {
+        let server = Arc::new(redis_server::RedisServer::start());
+        let store = open(&server, Duration::from_secs(3600)).await;
+        let s = subject(&store, server.clone());
+        let id = submit(&s, &job("k", 1)).await;
+        let l = claim_now(&s).await;
+        set_maxmemory(&server, server.used_memory() / 2);
+        match s.queue.push(&job("k", 2), 1_000, &|_, _| {}).await {
+            Err(PushError::Store(e @ StoreError::Unavailable { .. })) => {
+                assert!(e.to_string().contains("out of memory"), "{e}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok((id, _)) => panic!("admitted {id} into a full redis"),
+        }
+        match s
+            .queue
+            .finish_async(l.id, l.attempt, done("\"kept\""), None, 0)
+            .await
+        {
+            Err(FinishFailed {
+                error,
+                outcome: Some(Outcome::Done(r)),
+            }) => {
+                assert!(error.is_transient(), "{error}");
+                assert_eq!(r, "\"kept\"");
+            }
+            other => panic!("{other:?}"),
+        }
+        let health = s.store.health().unwrap_err();
+        assert!(health.contains("out of memory"), "{health}");
+        // Reads still answer while writes are refused.
+        assert_eq!(
+            s.store.get(id).await.unwrap().unwrap().status,
+            JobStatus::Running
+        );
+        set_maxmemory(&server, 0);
+        assert_eq!(finish(&s, &l, done("\"kept\"")).await, Finished::Recorded);
+        until("the store to be healthy", async || s.store.health().is_ok()).await;
+        let _ = Attempt::Any;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn finished_jobs_expire_while_redis_is_full() {
+        let server = Arc::new(redis_server::RedisServer::start());
+        let store = open(&server, Duration::from_secs(2)).await;
+        let s = subject(&store, server.clone());
+        for n in 0..CAPACITY as i64 {
+            submit(&s, &job("k", n)).await;
+            let l = claim_now(&s).await;
+            finish(&s, &l, done(&"x".repeat(10_000))).await;
+        }
+        set_maxmemory(&server, server.used_memory() / 2);
+        until("finished jobs to expire", async || {
+            s.store.counts().await.unwrap().done == 0
+        })
+        .await;
+        assert_eq!(store.expirations(), CAPACITY as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ids_move_past_every_id_handed_out_when_redis_forgets() {
+        let server = Arc::new(redis_server::RedisServer::start());
+        let store = open(&server, Duration::from_secs(3600)).await;
+        let s = subject(&store, server.clone());
+        let mut old = Vec::new();
+        for n in 0..3 {
+            old.push(submit(&s, &job("k", n)).await.0);
+        }
+        assert_eq!(old, [1, 2, 3]);
+        // Redis forgets everything (restarted without persistence, or flushed).
+        let _: () = server.query(&mut ::redis::cmd("FLUSHALL"));
+        let next = submit(&s, &job("k", 3)).await.0;
+        assert!(next > 3, "id {next} handed out again");
+        // A replica that starts now, knowing nothing of the old ids, follows the new range.
+        let late = open(&server, Duration::from_secs(3600)).await;
+        let t = subject(&late, server.clone());
+        let after = submit(&t, &job("k", 4)).await.0;
+        assert!(after > next, "{after} after {next}");
+        // A lagging failover: the counter falls behind ids already handed out.
+        let _: () = server.query(::redis::cmd("SET").arg("{tally}:next_id").arg(1));
+        let again = submit(&s, &job("k", 5)).await.0;
+        assert!(again > after, "{again} after {after}");
+        assert!(s.store.get(JobId(old[2])).await.unwrap().is_none());
+    }
+}

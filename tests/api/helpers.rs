@@ -221,6 +221,15 @@ impl Proc {
         assert_eq!(rc, 0, "prlimit failed: {}", std::io::Error::last_os_error());
     }
 
+    /// `start` with extra environment variables (e.g. libfaketime's).
+    pub fn start_with_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::start_with(cwd, args, |cmd| {
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+        })
+    }
+
     fn start_with(cwd: &Path, args: &[&str], customize: impl FnOnce(&mut Command)) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
         cmd.arg("serve")

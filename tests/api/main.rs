@@ -23,4 +23,6 @@ mod shutdown;
 mod sources;
 mod stats;
 mod store_failures;
+#[path = "../support/tcp_proxy.rs"]
+mod tcp_proxy;
 mod webdriver;
