@@ -9,10 +9,12 @@
 -- Known epoch: if Redis still has it and a counter at or above the high water, nothing
 -- was lost. Else Redis forgot ids it handed out (restarted without persistence, a
 -- lagging failover): the counter moves past every id any replica can have handed out,
--- max(high water, its own value, server seconds * 10^6), under a new epoch. A range
--- begun at second s holds fewer than 10^6 ids per second it lasts, so the next one,
--- begun later, starts above it. Another replica's new range (base > 0, counter at or
--- above the high water) is adopted as it is.
+-- max(high water, its own value, (server ms + 1) * 1000), under a new epoch. While fewer
+-- than 1000 ids a millisecond are handed out, a range begun at millisecond m is still
+-- below (m' + 1) * 1000 at any later millisecond m', so the next range, begun later,
+-- starts above it (ids stay below 2^53, exact in every JSON client, for two centuries).
+-- Another replica's new range (base > 0, counter at or above the high water) is adopted
+-- as it is.
 local known, high, fresh = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local cur = redis.call('GET', K_EPOCH)
 local nid = tonumber(redis.call('GET', K_NEXT) or '0')
@@ -26,8 +28,7 @@ end
 if nid >= high and cur and (cur == known or tonumber(string.match(cur, '/(%d+)$') or '0') > 0) then
   return { cur, nid, 0 }
 end
-local t = redis.call('TIME')
-local base = math.max(nid, high, tonumber(t[1]) * 1000000)
+local base = math.max(nid, high, (now_ms() + 1) * 1000)
 cur = fresh .. '/' .. string.format('%d', base)
 redis.call('SET', K_EPOCH, cur)
 redis.call('SET', K_NEXT, string.format('%d', base))

@@ -961,7 +961,6 @@ impl RedisStore {
             Attempt::Of(_) => self.inner.consumer.as_str(),
             Attempt::Any => "",
         };
-        let epoch = self.epoch();
         let mut inv = self.invocation(&self.inner.scripts.finish);
         inv.arg(id.0)
             .arg(attempt_arg)
@@ -969,7 +968,6 @@ impl RedisStore {
             .arg(body)
             .arg(started_at.unwrap_or(0))
             .arg(self.inner.opts.result_ttl.as_millis() as u64)
-            .arg(&epoch)
             .arg(owner);
         match inv.invoke_async::<i64>(&mut self.conn()).await {
             Ok(code) => {
