@@ -490,45 +490,25 @@ pub fn parse_lines<F>(
     input: &[u8],
     precision: Precision,
     default_ts_ms: i64,
-    mut sink: F,
+    sink: F,
 ) -> ParseSummary
 where
     F: FnMut(Point<'_>),
 {
-    let mut summary = ParseSummary::default();
-    let mut scratch = Scratch::default();
-    // One UTF-8 check for the whole batch (fast, and the common case) instead of one per
-    // line; a batch with invalid bytes falls back to checking line by line, so the bad
-    // line is still the one reported.
-    let text = std::str::from_utf8(input).ok();
-    let mut start = 0;
-    let mut line_no = 0;
-    let mut ends = memchr_iter(b'\n', input);
-    loop {
-        let (end, next) = match ends.next() {
-            Some(nl) => (nl, nl + 1),
-            None if start < input.len() => (input.len(), input.len()),
-            None => break,
-        };
-        let line = &input[start..end];
-        let line_text = text.map(|t| (t, start));
-        start = next;
-        line_no += 1;
-        summary.lines += 1;
-        parse_one(
-            LineRef {
-                bytes: line,
-                whole: line_text,
-                no: line_no,
-            },
-            precision,
-            default_ts_ms,
-            &mut scratch,
-            &mut summary,
-            &mut sink,
-        );
+    /// A sink that knows no series part: every line is parsed whole. The production
+    /// parser with nothing remembered, so that tests of `parse_lines` test it.
+    struct Forget<F>(F);
+    impl<'i, F: FnMut(Point<'_>)> SeriesSink<'i> for Forget<F> {
+        type Part = ();
+        fn lookup(&mut self, _raw: &'i [u8]) -> Option<()> {
+            None
+        }
+        fn known(&mut self, _: (), _: &str, _: FieldValue<'_>, _: i64) {}
+        fn point(&mut self, _raw: &'i [u8], p: Point<'_>) {
+            (self.0)(p)
+        }
     }
-    summary
+    parse_lines_cached(input, precision, default_ts_ms, &mut Forget(sink))
 }
 
 /// The receiver of [`parse_lines_cached`]: it remembers the series parts it has seen, so
@@ -564,6 +544,9 @@ pub fn parse_lines_cached<'i, S: SeriesSink<'i>>(
 ) -> ParseSummary {
     let mut summary = ParseSummary::default();
     let mut scratch = Scratch::default();
+    // One UTF-8 check for the whole batch (fast, and the common case) instead of one per
+    // line; a batch with invalid bytes falls back to checking line by line, so the bad
+    // line is still the one reported.
     let text = std::str::from_utf8(input).ok();
     let mut last: Option<(&'i [u8], S::Part)> = None;
     let mut start = 0;
@@ -729,56 +712,6 @@ struct LineRef<'i> {
     whole: Option<(&'i str, usize)>,
     /// 1-based line number, for error reports.
     no: usize,
-}
-
-#[inline]
-fn parse_one<'i, F: FnMut(Point<'_>)>(
-    LineRef {
-        bytes: line,
-        whole,
-        no: line_no,
-    }: LineRef<'i>,
-    precision: Precision,
-    default_ts_ms: i64,
-    scratch: &mut Scratch<'i>,
-    summary: &mut ParseSummary,
-    sink: &mut F,
-) {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let skip = line
-        .iter()
-        .take_while(|&&b| b == b' ' || b == b'\t')
-        .count();
-    let line = &line[skip..];
-    // Both ends sit next to ASCII bytes (or the input's ends), so they are char boundaries.
-    let text = whole.and_then(|(t, at)| t.get(at + skip..at + skip + line.len()));
-    if line.is_empty() || line[0] == b'#' {
-        summary.skipped_lines += 1;
-        return;
-    }
-    scratch.tags.clear();
-    scratch.fields.clear();
-    let parsed = match text.map_or_else(|| std::str::from_utf8(line), Ok) {
-        Ok(text) => parse_line(text, precision, default_ts_ms, scratch),
-        Err(_) => Err(LineErrorKind::InvalidUtf8),
-    };
-    match parsed {
-        Ok((measurement, timestamp_ms)) => {
-            summary.ok_lines += 1;
-            for f in &scratch.fields {
-                let value = f.value.field_value(summary);
-                sink(Point {
-                    measurement: &measurement,
-                    tags: &scratch.tags,
-                    field: &f.key,
-                    value,
-                    timestamp_ms,
-                    line: line_no,
-                });
-            }
-        }
-        Err(kind) => line_error(summary, line_no, kind),
-    }
 }
 
 const C_COMMA: u8 = 1;
