@@ -26,7 +26,7 @@ use super::agg::{Agg, AggFn, SeriesRollup};
 use super::metrics::SeriesMetrics;
 use super::packed::Block as SealedBlock;
 use crate::metrics::Metrics;
-use crate::neumaier::Neumaier;
+use crate::neumaier::{Neumaier, WideSum};
 
 /// Largest series name, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -226,44 +226,6 @@ impl Series {
             }
         }
         self.sealed_dirty = false;
-    }
-}
-
-/// `2^-1000`: [`WideSum::hi`] counts units of `2^1000`.
-const WIDE_UNIT_INV: f64 = f64::from_bits((1023 - 1000) << 52);
-/// `2^-64` and `2^64`: the scale of the fallback sum of [`SeriesStore::total_sum`], room
-/// for 2^64 totals of up to `f64::MAX` each.
-const SCALE_DOWN: f64 = f64::from_bits((1023 - 64) << 52);
-const SCALE_UP: f64 = f64::from_bits((1023 + 64) << 52);
-/// `2^936`: a `hi` unit in the scaled domain (`2^1000 · 2^-64`).
-const WIDE_UNIT_SCALED: f64 = f64::from_bits((1023 + 936) << 52);
-
-/// A sum of finite totals that never overflows: `lo + hi · 2^1000`. Series totals are
-/// finite, but the totals of removed series, added up forever, need not be; this keeps
-/// them exact enough that `/getSum` comes back to a number when live totals offset them.
-#[derive(Debug, Clone, Copy, Default)]
-struct WideSum {
-    lo: Neumaier,
-    hi: Neumaier,
-}
-
-impl WideSum {
-    fn add(&mut self, t: Neumaier) {
-        let mut lo = self.lo;
-        lo.merge(&t);
-        if lo.value().is_finite() {
-            self.lo = lo;
-            return;
-        }
-        // |lo + t| > f64::MAX, so the larger of the two is at least f64::MAX / 2: moving
-        // it into `hi` (a power-of-two scaling) loses nothing.
-        let (big, small) = if t.value().abs() >= self.lo.value().abs() {
-            (t, self.lo)
-        } else {
-            (self.lo, t)
-        };
-        self.hi.merge(&big.scaled(WIDE_UNIT_INV));
-        self.lo = small;
     }
 }
 
@@ -743,7 +705,7 @@ impl SeriesStore {
         let dropped = self.dropped.lock().sum;
         let all: Vec<_> = self.series.read().values().cloned().collect();
         let live: Vec<Neumaier> = all.iter().map(|a| a.lock().total.neumaier()).collect();
-        sum_totals(&dropped, &live)
+        dropped.sum_with(&live)
     }
 
     /// How many points were ever accepted, across all series, removed ones included.
@@ -943,34 +905,6 @@ impl SeriesStore {
             }
         }
     }
-}
-
-/// `dropped + Σ live`, as `f64`: the plain compensated sum when no partial sum
-/// overflows, else the same sum scaled by `2^-64` (exact for totals of normal size) and
-/// scaled back, which overflows only if the result itself does.
-fn sum_totals(dropped: &WideSum, live: &[Neumaier]) -> f64 {
-    let hi = dropped.hi.value();
-    if hi == 0.0 {
-        let mut n = dropped.lo;
-        for t in live {
-            n.merge(t);
-        }
-        let v = n.value();
-        if v.is_finite() {
-            return v;
-        }
-    }
-    // Live totals and `lo` add up to at most (2^27 + 1) · 2^1024 (--max-series is at most
-    // 10^8 < 2^27): a `hi` part of 2^80 units (2^1080) or more decides the result alone.
-    if hi.abs() >= f64::from_bits((1023 + 80) << 52) {
-        return f64::INFINITY.copysign(hi);
-    }
-    let mut n = dropped.lo.scaled(SCALE_DOWN);
-    for t in live {
-        n.merge(&t.scaled(SCALE_DOWN));
-    }
-    n.merge(&dropped.hi.scaled(WIDE_UNIT_SCALED));
-    n.value() * SCALE_UP
 }
 
 #[cfg(test)]
@@ -1252,33 +1186,6 @@ mod tests {
         st.insert("h", &[(NOW + 10_000, -big)], NOW + 10_000);
         assert_eq!(st.total_sum(), f64::NEG_INFINITY);
         assert_eq!(st.total_count(), 8);
-    }
-
-    #[test]
-    fn summing_totals_matches_exact_arithmetic_in_and_out_of_range() {
-        let max = f64::MAX;
-        let n = |v: &[f64]| {
-            let mut x = Neumaier::default();
-            v.iter().for_each(|&v| x.add(v));
-            x
-        };
-        // (dropped totals in order, live totals, expected)
-        let cases: &[(&[f64], &[f64], f64)] = &[
-            (&[], &[], 0.0),
-            (&[1.5, 2.0], &[0.25], 3.75),
-            (&[max, max], &[-max], max),
-            (&[max, max, max], &[-max, -max], max),
-            (&[max], &[max], f64::INFINITY),
-            (&[-max], &[-max, 1.0], f64::NEG_INFINITY),
-            (&[max, -max, max], &[], max),
-            (&[1e300, max, max, -max], &[-max, 0.5e300], 1.5e300),
-        ];
-        for (i, &(dropped, live, expect)) in cases.iter().enumerate() {
-            let mut w = WideSum::default();
-            dropped.iter().for_each(|&d| w.add(n(&[d])));
-            let live: Vec<Neumaier> = live.iter().map(|&v| n(&[v])).collect();
-            assert_eq!(sum_totals(&w, &live), expect, "case {i}");
-        }
     }
 
     #[test]
