@@ -14,6 +14,8 @@
 //! - [`api`]: the HTTP edge (axum): native `/v1` routes, the compatible `/api` routes,
 //!   health, metrics; the only layer that knows about HTTP and JSON shapes.
 //! - [`neumaier`]: the compensated running sum every module that adds numbers uses.
+//! - [`decimal`]: plain decimals from bytes on the fast paths the CSV scan and the
+//!   line-protocol parser share.
 //! - [`metrics`]: the Prometheus registry and typed metric families.
 //! - [`series`]: live time series: Gorilla-compressed blocks, the line-protocol parser, the
 //!   in-memory series store with incremental rollups, the TCP line listener, the
@@ -30,6 +32,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod csv;
+pub mod decimal;
 pub mod jobs;
 pub mod lifecycle;
 pub mod load;

@@ -1,18 +1,11 @@
 //! Cell → `f64` parsing and compensated (Neumaier) summation.
 //!
-//! `parse_f64` must give exactly what `str::parse::<f64>` gives. The fast
-//! path only handles `[+-]?digits[.digits]` with at most 19 digits whose
-//! integer mantissa `w` is `<= 2^53` and with at most 22 fraction digits:
-//! then `w` and `10^k` are both exact `f64`s and one IEEE division is
-//! correctly rounded, i.e. it is the correctly rounded decimal value, which is
-//! what `str::parse` returns (Clinger's fast path). Everything else (exponents,
-//! long mantissas, `inf`, `NaN`, garbage) goes to `str::parse`.
+//! `parse_f64` must give exactly what `str::parse::<f64>` gives: a SWAR path for cells
+//! of up to 8 bytes, the shared plain-decimal fast path ([`crate::decimal`], Clinger's)
+//! for longer ones, and `str::parse` for everything else (exponents, long mantissas,
+//! `inf`, `NaN`, garbage).
 
-/// Exact powers of ten representable in an `f64` (10^0 ..= 10^22).
-const POW10: [f64; 23] = [
-    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
-    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
-];
+use crate::decimal::{self, POW10};
 
 /// Why a non-empty cell is not a number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,44 +14,10 @@ pub(crate) enum CellError {
     NotANumber,
 }
 
-/// Fast path; `None` means "not handled here", never "invalid".
-#[inline(always)]
-fn fast_f64(b: &[u8]) -> Option<f64> {
-    let (neg, digits) = match b.first() {
-        Some(b'-') => (true, &b[1..]),
-        Some(b'+') => (false, &b[1..]),
-        _ => (false, b),
-    };
-    let mut w: u64 = 0;
-    let mut nd: u32 = 0;
-    let mut dot: Option<u32> = None;
-    for &c in digits {
-        let d = c.wrapping_sub(b'0');
-        if d < 10 {
-            if nd == 19 {
-                return None;
-            }
-            w = w * 10 + u64::from(d);
-            nd += 1;
-        } else if c == b'.' && dot.is_none() {
-            dot = Some(nd);
-        } else {
-            return None;
-        }
-    }
-    if nd == 0 || w > (1u64 << 53) {
-        return None;
-    }
-    let k = nd - dot.unwrap_or(nd);
-    let p = *POW10.get(k as usize)?;
-    let v = w as f64 / p;
-    Some(if neg { -v } else { v })
-}
-
 /// SWAR path for the commonest shape: `[+-]?` then at most 8 bytes of digits
 /// with at most one `.`. Reads the 8 bytes at the cell start in one load
 /// (bytes past the cell are masked off), so it needs 8 readable bytes.
-/// Same exactness argument as `fast_f64` (w < 10^8, k <= 7).
+/// Same exactness argument as `decimal::scan` (w < 10^8, k <= 7).
 #[inline(always)]
 fn swar_f64(data: &[u8], start: usize, end: usize) -> Option<f64> {
     const ONES: u64 = 0x0101_0101_0101_0101;
@@ -120,7 +79,7 @@ pub(crate) fn parse_at(data: &[u8], start: usize, end: usize) -> Result<f64, Cel
 /// Parses a non-empty cell exactly like `str::parse::<f64>` (no trimming).
 #[inline]
 pub(crate) fn parse_f64(b: &[u8]) -> Result<f64, CellError> {
-    if let Some(v) = fast_f64(b) {
+    if let Some(v) = decimal::parse(b) {
         return Ok(v);
     }
     slow_f64(b)

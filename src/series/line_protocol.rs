@@ -65,6 +65,8 @@ use std::str::FromStr;
 use memchr::{memchr, memchr2, memchr_iter};
 use thiserror::Error;
 
+use crate::decimal;
+
 // ---------------------------------------------------------------------------
 // Public types
 // ---------------------------------------------------------------------------
@@ -1117,41 +1119,8 @@ fn parse_int(b: &[u8]) -> Result<i64, IntError> {
 /// value to the general path, which gives the same result or the error.
 #[inline]
 fn float_at(b: &[u8], vs: usize) -> Option<(f64, usize)> {
-    let mut i = vs;
-    let neg = match b.get(i) {
-        Some(b'-') => {
-            i += 1;
-            true
-        }
-        Some(b'+') => {
-            i += 1;
-            false
-        }
-        _ => false,
-    };
-    let mut m: u64 = 0;
-    let mut digits = 0u32;
-    let mut point: Option<usize> = None;
-    while let Some(&c) = b.get(i) {
-        match c {
-            b'0'..=b'9' => {
-                if digits >= 19 {
-                    return None;
-                }
-                m = m * 10 + u64::from(c - b'0');
-                digits += 1;
-            }
-            b'.' if point.is_none() => point = Some(i),
-            _ => break,
-        }
-        i += 1;
-    }
-    if !matches!(b.get(i), None | Some(b',' | b' ')) || digits == 0 || m > (1u64 << 53) {
-        return None;
-    }
-    let frac = point.map_or(0, |p| i - p - 1);
-    let v = m as f64 / *POW10.get(frac)?;
-    Some((if neg { -v } else { v }, i))
+    let (v, end) = decimal::scan(b, vs)?;
+    matches!(b.get(end), None | Some(b',' | b' ')).then_some((v, end))
 }
 
 /// The common timestamp (up to 19 digits, optionally `-`, followed by a space or the end)
@@ -1165,7 +1134,7 @@ fn timestamp_at(b: &[u8], start: usize, precision: Precision) -> Option<(i64, us
     let mut v: u64 = 0;
     // Eight digits at a time for the first sixteen (a nanosecond timestamp has 19).
     while i - first < 16 {
-        match b.get(i..i + 8).and_then(eight_digits) {
+        match b.get(i..i + 8).and_then(decimal::eight_digits) {
             Some(d) => {
                 v = v * 100_000_000 + d;
                 i += 8;
@@ -1196,69 +1165,10 @@ fn timestamp_at(b: &[u8], start: usize, precision: Precision) -> Option<(i64, us
     Some((precision.to_millis(ts)?, i))
 }
 
-/// The value of eight ASCII digits, `None` if one is not a digit (SWAR: the classic
-/// check and three multiplications that combine digit pairs, then pairs of pairs).
-#[inline]
-fn eight_digits(b: &[u8]) -> Option<u64> {
-    let v = u64::from_le_bytes(b.try_into().ok()?);
-    let high = v & 0xF0F0_F0F0_F0F0_F0F0;
-    let carry = (v.wrapping_add(0x0606_0606_0606_0606) & 0xF0F0_F0F0_F0F0_F0F0) >> 4;
-    if high | carry != 0x3333_3333_3333_3333 {
-        return None;
-    }
-    let v = ((v & 0x0F0F_0F0F_0F0F_0F0F).wrapping_mul(2561)) >> 8;
-    let v = ((v & 0x00FF_00FF_00FF_00FF).wrapping_mul(6_553_601)) >> 16;
-    Some(((v & 0x0000_FFFF_0000_FFFF).wrapping_mul(42_949_672_960_001)) >> 32)
-}
-
-/// Exact powers of ten representable in `f64`.
-const POW10: [f64; 23] = [
-    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
-    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
-];
-
-/// Clinger's fast path for plain decimals (`-12.5`): when the digits form an
-/// integer `m <= 2^53` and there are at most 22 fractional digits, both `m`
-/// and `10^k` are exact in `f64` and one IEEE division rounds correctly.
-/// Returns `None` for anything else (exponents, long mantissas, bad syntax).
-#[inline]
-fn parse_float_fast(b: &[u8]) -> Option<f64> {
-    let (neg, rest) = match b.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        Some((b'+', rest)) => (false, rest),
-        _ => (false, b),
-    };
-    let mut m: u64 = 0;
-    let mut digits = 0u32;
-    let mut frac: Option<u32> = None;
-    for &c in rest {
-        match c {
-            b'0'..=b'9' => {
-                if digits >= 19 {
-                    return None;
-                }
-                m = m * 10 + u64::from(c - b'0');
-                digits += 1;
-                if let Some(f) = frac.as_mut() {
-                    *f += 1;
-                }
-            }
-            b'.' if frac.is_none() => frac = Some(0),
-            _ => return None,
-        }
-    }
-    if digits == 0 || m > (1u64 << 53) {
-        return None;
-    }
-    let k = frac.unwrap_or(0) as usize;
-    let v = m as f64 / *POW10.get(k)?;
-    Some(if neg { -v } else { v })
-}
-
 #[inline]
 fn parse_float(s: &str) -> Result<f64, IntError> {
     let b = s.as_bytes();
-    if let Some(v) = parse_float_fast(b) {
+    if let Some(v) = decimal::parse(b) {
         return Ok(v);
     }
     // Restrict to the line-protocol float syntax before handing to std, which
@@ -1328,7 +1238,7 @@ mod tests {
                 }
             }
             let std: Option<f64> = s.parse().ok();
-            if let Some(fast) = parse_float_fast(s.as_bytes()) {
+            if let Some(fast) = decimal::parse(s.as_bytes()) {
                 checked += 1;
                 assert_eq!(Some(fast.to_bits()), std.map(f64::to_bits), "{s}");
             }
@@ -1493,29 +1403,6 @@ mod tests {
                 assert_eq!(sink.points, plain);
                 assert!(want.points > 500 && want.error_lines > 1000, "{want:?}");
             }
-        }
-    }
-
-    #[test]
-    fn eight_digits_at_a_time_match_one_at_a_time() {
-        for s in [
-            "00000000",
-            "12345678",
-            "99999999",
-            "17957877",
-            "1234567/",
-            "1234567:",
-            "a2345678",
-            "1234 678",
-            "-1234567",
-            "0000000\u{b0}",
-        ] {
-            let b = s.as_bytes();
-            let want = s
-                .parse::<u64>()
-                .ok()
-                .filter(|_| b.iter().all(u8::is_ascii_digit));
-            assert_eq!(b.get(..8).and_then(eight_digits), want, "{s}");
         }
     }
 
