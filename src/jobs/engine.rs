@@ -165,7 +165,9 @@ const RECENT_MAX_BYTES: usize = 4 << 20;
 /// pushed out by newer ones: the poll that follows a submit is answered without a store
 /// read. An entry is added only once its state is durable, so a read never sees more
 /// than the store holds; it is bounded in entries and bytes, so results still live in
-/// the store, not in the heap.
+/// the store, not in the heap. Only with an in-process queue: then every retry goes
+/// through this engine, which forgets the entry, so the cache is never older than the
+/// store; on a shared queue another replica may retry the job, and nothing is cached.
 #[derive(Default)]
 struct Recent {
     states: HashMap<JobId, JobState>,
@@ -940,7 +942,11 @@ fn complete(
         return;
     }
     inner.metrics.job_finished(&live.kind, label, took);
-    let state = (!inner.store.cheap_reads()).then(|| JobState::from(&outcome));
+    // Kept only where this process sees every change to the job: on a shared queue a
+    // retry through another replica can run it again, and the cache would answer this
+    // run's outcome after the store holds a newer one.
+    let state = (!inner.store.cheap_reads() && inner.queue.is_local())
+        .then(|| JobState::from(&outcome));
     let started = Some(live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0);
     live.outcome_pending.store(true, Ordering::SeqCst);
     // Straight to the queue from this thread: no hop through a task before the write is

@@ -1,6 +1,7 @@
 //! Job kinds for tests and benchmarks, registered only with `--enable-test-jobs`:
 //! `test.sleep` (a slow job that honours cancellation), `test.panic` (a job that takes
-//! its worker down), `test.echo` (returns its params, after `ms` when given, or `first_ms` in its first attempt), `test.stall` (a worker that
+//! its worker down), `test.echo` (returns its params, after `ms` when given, or `first_ms` in its first attempt;
+//! fails at once in attempts up to `fail_attempts`), `test.stall` (a worker that
 //! stalls without a sign of life in its first attempts, then answers which attempt it
 //! is) and `test.blob` (a large result, after a pause).
 
@@ -57,10 +58,23 @@ impl JobHandler for Panic {
 }
 
 impl JobHandler for Echo {
+    fn validate(&self, params: &Value) -> Result<(), String> {
+        u64_param(params, "fail_attempts", 0, 100).map(|_| ())
+    }
+
     /// Its params back; after `ms` milliseconds (checkpointing) when they say so, or after
     /// `first_ms` in the first attempt when given (a job that holds its first worker until
-    /// that worker dies or stalls, and is quick when taken over).
+    /// that worker dies or stalls, and is quick when taken over). Attempts up to
+    /// `fail_attempts` (default 0) fail at once instead, naming their attempt (a job that
+    /// fails quickly until it is retried).
     fn run(&self, params: &Value, ctx: &JobContext) -> Result<Value, JobError> {
+        let fails = u64_param(params, "fail_attempts", 0, 100).map_err(JobError::Failed)?;
+        if u64::from(ctx.attempt()) <= fails {
+            return Err(JobError::Failed(format!(
+                "test.echo fails attempts up to {fails}; this was attempt {}",
+                ctx.attempt()
+            )));
+        }
         let first = params.get("first_ms").filter(|_| ctx.attempt() == 1);
         if let Some(ms) = first.or(params.get("ms")).and_then(Value::as_u64) {
             let until = Instant::now() + Duration::from_millis(ms.min(3_600_000));

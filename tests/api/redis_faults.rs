@@ -526,6 +526,34 @@ async fn a_submission_redis_never_answered_says_its_outcome_is_unknown() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_answers_a_poll_from_the_store_after_the_job_was_retried_elsewhere() {
+    let server = RedisServer::start();
+    let a = on_redis(&server, 1).await;
+    // Fails in its first attempt, on A (alone so far); nobody polls A for it yet.
+    let id = a
+        .submit("test.echo", json!({ "fail_attempts": 1, "v": 7 }))
+        .await;
+    let failed = a.wait_job(&id).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    // A's one worker is kept busy, so the retry runs on B.
+    let hold = a.submit("test.sleep", json!({ "ms": 600_000 })).await;
+    a.wait_status(&hold, &["running"]).await;
+    let b = on_redis(&server, 1).await;
+    let (status, body) = b.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let done = b.wait_job(&id).await;
+    assert_eq!(done["status"], "done", "{done}");
+    // A's first poll since the failure: the store's answer, not the failure it saw.
+    let (_, r) = a.get(&format!("/api/get_results/{id}")).await;
+    assert_eq!(r["status"], "done", "{r}");
+    assert_eq!(r["data"], json!({ "fail_attempts": 1, "v": 7 }), "{r}");
+    let (_, r) = a.get(&format!("/storage/get_json/{id}")).await;
+    assert_eq!(r, json!({ "fail_attempts": 1, "v": 7 }), "{r}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_are_never_handed_out_again_after_redis_forgets() {
     let mut server = RedisServer::start();
     let a = on_redis(&server, 1).await;
