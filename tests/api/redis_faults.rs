@@ -540,7 +540,7 @@ async fn a_replica_answers_a_poll_from_the_store_after_the_job_was_retried_elsew
     a.wait_status(&hold, &["running"]).await;
     let b = on_redis(&server, 1).await;
     let (status, body) = b.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let done = b.wait_job(&id).await;
     assert_eq!(done["status"], "done", "{done}");
     // A's first poll since the failure: the store's answer, not the failure it saw.
