@@ -499,8 +499,8 @@ pub fn run_cli(cli: Cli) -> anyhow::Result<()> {
             rt.shutdown_timeout(Duration::from_millis(100));
             result
         }
-        Command::Sum(args) => csv::cli::run(&args),
-        Command::Load(args) => crate::load::run(&args),
-        Command::Upstream(args) => crate::series::upstream_demo::run(&args),
+        Command::Sum(args) => crate::cli::sum::run(&args),
+        Command::Load(args) => crate::cli::load::run(&args),
+        Command::Upstream(args) => crate::cli::upstream::run(&args),
     }
 }

@@ -390,7 +390,7 @@ pub struct ServeConfig {
         value_name = "ORIGIN",
         value_delimiter = ','
     )]
-    pub allowed_origins: Vec<crate::api::cross_site::AllowedOrigin>,
+    pub allowed_origins: Vec<crate::origin::AllowedOrigin>,
 
     /// Directory of the datasets of `csv.column_sum` jobs; names resolve only inside it.
     /// Created at the first upload.
@@ -608,6 +608,42 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_flags_are_repeatable_and_have_the_documented_defaults() {
+        use clap::Parser;
+        let Command::Serve(c) = Cli::parse_from([
+            "tally",
+            "serve",
+            "--source",
+            "a=http://h/",
+            "--source",
+            "b=https://h/x",
+        ])
+        .command
+        else {
+            panic!("not a serve command");
+        };
+        assert_eq!(c.sources, ["a=http://h/", "b=https://h/x"]);
+        assert_eq!(
+            (
+                c.source_interval_ms,
+                c.source_concurrency,
+                c.source_timeout_ms
+            ),
+            (1000, 4, 5000)
+        );
+        assert!(c.config.is_none());
+        for bad in [
+            ["--source-interval-ms", "9"],
+            ["--source-concurrency", "0"],
+            ["--source-concurrency", "257"],
+            ["--source-timeout-ms", "0"],
+        ] {
+            let args = ["tally", "serve", bad[0], bad[1]];
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn defaults_bind_loopback_and_use_sqlite() {

@@ -30,14 +30,15 @@
 
 pub mod api;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod csv;
 pub mod decimal;
 pub mod jobs;
 pub mod lifecycle;
-pub mod load;
 pub mod metrics;
 pub mod neumaier;
+pub mod origin;
 pub mod pipeline;
 pub mod queue;
 pub mod series;

@@ -100,7 +100,7 @@ pub struct RouterOptions {
     /// `/api/noop` and `/api/noop_result/{id}`: the benchmark's ceiling.
     pub test_routes: bool,
     /// `--allowed-origin`: other origins whose pages may change state.
-    pub allowed_origins: Vec<cross_site::AllowedOrigin>,
+    pub allowed_origins: Vec<crate::origin::AllowedOrigin>,
 }
 
 /// The routes, open and guarded, without their state or middleware: what

@@ -47,7 +47,6 @@
 //! loads from `&[u8; 64]`, and calling the AVX2-compiled entry point after
 //! run-time feature detection.
 
-pub mod cli;
 pub mod datasets;
 mod engine;
 mod error;

@@ -945,8 +945,8 @@ fn complete(
     // Kept only where this process sees every change to the job: on a shared queue a
     // retry through another replica can run it again, and the cache would answer this
     // run's outcome after the store holds a newer one.
-    let state = (!inner.store.cheap_reads() && inner.queue.is_local())
-        .then(|| JobState::from(&outcome));
+    let state =
+        (!inner.store.cheap_reads() && inner.queue.is_local()).then(|| JobState::from(&outcome));
     let started = Some(live.started_at.load(Ordering::SeqCst)).filter(|t| *t > 0);
     live.outcome_pending.store(true, Ordering::SeqCst);
     // Straight to the queue from this thread: no hop through a task before the write is

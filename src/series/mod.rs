@@ -3,9 +3,9 @@
 //! InfluxDB line-protocol parser ([`line_protocol`]), the in-memory series store
 //! ([`store`]), the mergeable aggregates it keeps ([`agg`]), the published rollups and
 //! their scheduler ([`rollup`]), and line-protocol ingest with the
-//! TCP listener ([`ingest`]), the supervised upstream pollers ([`sources`]) and the slow
-//! demo upstream of `tally upstream` ([`upstream_demo`]). The HTTP routes are in
-//! `api::series` and `api::sources`.
+//! TCP listener ([`ingest`]) and the supervised upstream pollers ([`sources`]). The HTTP
+//! routes are in `api::series` and `api::sources`; the demo upstream of `tally upstream`
+//! is in `cli::upstream`.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -19,4 +19,3 @@ pub mod packed;
 pub mod rollup;
 pub mod sources;
 pub mod store;
-pub mod upstream_demo;

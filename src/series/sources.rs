@@ -859,42 +859,6 @@ mod tests {
     }
 
     #[test]
-    fn source_flags_are_repeatable_and_have_the_documented_defaults() {
-        use clap::Parser;
-        let crate::config::Command::Serve(c) = crate::config::Cli::parse_from([
-            "tally",
-            "serve",
-            "--source",
-            "a=http://h/",
-            "--source",
-            "b=https://h/x",
-        ])
-        .command
-        else {
-            panic!("not a serve command");
-        };
-        assert_eq!(c.sources, ["a=http://h/", "b=https://h/x"]);
-        assert_eq!(
-            (
-                c.source_interval_ms,
-                c.source_concurrency,
-                c.source_timeout_ms
-            ),
-            (1000, 4, 5000)
-        );
-        assert!(c.config.is_none());
-        for bad in [
-            ["--source-interval-ms", "9"],
-            ["--source-concurrency", "0"],
-            ["--source-concurrency", "257"],
-            ["--source-timeout-ms", "0"],
-        ] {
-            let args = ["tally", "serve", bad[0], bad[1]];
-            assert!(crate::config::Cli::try_parse_from(args).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
     fn bodies_are_plain_numbers_or_a_json_field() {
         assert_eq!(parse_body(" 17\n", None), Ok(17.0));
         assert_eq!(parse_body("2.5", None), Ok(2.5));

@@ -410,7 +410,13 @@ mod tests {
 
     fn check(csv: &str, query: Query, question: &str, state: Option<&str>, expect: &str) {
         let d = Dataset::load(csv.as_bytes()).unwrap();
-        let got = match d.compute(query, question, state, &crate::api::compat::python_tuple) {
+        // Python's str() of a tuple of plain strings (the compatible API injects the full
+        // one, with Python's quoting rules, at start).
+        let tuple = |parts: &[&str]| {
+            let quoted: Vec<String> = parts.iter().map(|p| format!("'{p}'")).collect();
+            format!("({})", quoted.join(", "))
+        };
+        let got = match d.compute(query, question, state, &tuple) {
             Ok(v) => v.to_string(),
             Err(e) => format!("error: {e}"),
         };

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::job::result_json;
-use super::{sum_open_file, ScanError, SumOptions};
 use crate::config::SumArgs;
+use crate::csv::job::result_json;
+use crate::csv::{sum_open_file, ScanError, SumOptions};
 
 pub fn run(args: &SumArgs) -> anyhow::Result<()> {
     let shown = args.file.display().to_string();
