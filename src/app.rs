@@ -328,36 +328,26 @@ impl Application {
             timeout_s = cfg.shutdown_timeout,
             "draining"
         );
-        // 2. Drain the engine, then stop it (workers, sweeper, completions joined).
-        if engine.wait_idle(deadline).await {
-            tracing::info!("drain complete: every accepted job finished");
-        } else {
-            tracing::warn!(
-                unfinished = engine.live_jobs(),
-                "drain deadline passed; unfinished jobs stay in the store and run at the next start"
-            );
+        // 2. Drain the engine, then stop it (workers, sweeper, completions joined);
+        // 3. drain the pipeline and stop its writers.
+        let jobs = Jobs(engine.clone());
+        let events = Events(pipeline);
+        for c in [&jobs as &dyn Component, &events] {
+            c.shutdown(deadline).await;
+            tracing::debug!(component = c.name(), "stopped");
         }
-        engine.shutdown(deadline).await;
-        // 3. Drain the pipeline and stop its writers.
-        drain_pipeline(&pipeline, deadline).await;
         if reason == StopReason::Route {
             // Let pollers see `num_jobs: 0` and `graceful_shutdown: done` before we go.
             tokio::time::sleep(Duration::from_millis(cfg.shutdown_linger_ms)).await;
         }
-        // 4. Flush and close the store (its threads end; its file lock is released).
-        if let Err(e) = engine.store().close().await {
-            tracing::error!(error = %e, "closing the store failed; what was not written is lost");
-        }
-        // 5. Stop the series tasks and listeners.
-        series
-            .shutdown(Instant::now() + Duration::from_secs(5))
-            .await;
-        // 6. Stop HTTP: open connections get up to 5 s to finish their requests.
-        if !http_tasks
-            .stop(Instant::now() + Duration::from_secs(5))
-            .await
-        {
-            tracing::warn!("open HTTP connections did not close within 5 s");
+        // 4. Flush and close the store (its threads end; its file lock is released);
+        // 5. stop the series tasks and listeners; 6. stop HTTP: open connections get up
+        // to 5 s to finish their requests.
+        let store = StoreHandle(engine.store().clone());
+        let http = HttpTasks(http_tasks);
+        for c in [&store as &dyn Component, &series, &http] {
+            c.shutdown(Instant::now() + Duration::from_secs(5)).await;
+            tracing::debug!(component = c.name(), "stopped");
         }
         tracing::info!("stopped");
         Ok(())
@@ -428,19 +418,84 @@ impl Component for SeriesTasks {
     }
 }
 
+/// The job engine's part of the drain: intake is already closed; wait until every job
+/// this process holds has finished (until `deadline`), then stop the engine.
+struct Jobs(Engine);
+
+#[async_trait]
+impl Component for Jobs {
+    fn name(&self) -> &'static str {
+        "jobs"
+    }
+
+    async fn shutdown(&self, deadline: Instant) {
+        if self.0.wait_idle(deadline).await {
+            tracing::info!("drain complete: every accepted job finished");
+        } else {
+            tracing::warn!(
+                unfinished = self.0.live_jobs(),
+                "drain deadline passed; unfinished jobs stay in the store and run at the next start"
+            );
+        }
+        self.0.shutdown(deadline).await;
+    }
+}
+
 /// The pipeline's part of the drain: intake is already closed; wait until every accepted
 /// event is journaled (until `deadline`), then stop its writers after a last fdatasync.
 /// What is left unjournaled is replayed from the accepted log at the next start.
-async fn drain_pipeline(pipeline: &Pipeline, deadline: Instant) {
-    if pipeline.wait_idle(deadline).await {
-        tracing::info!("pipeline drained: every accepted event is journaled");
-    } else {
-        tracing::warn!(
-            unjournaled = pipeline.in_flight(),
-            "pipeline drain deadline passed; the rest is journaled from the accepted log at the next start"
-        );
+struct Events(Pipeline);
+
+#[async_trait]
+impl Component for Events {
+    fn name(&self) -> &'static str {
+        "pipeline"
     }
-    pipeline.close().await;
+
+    async fn shutdown(&self, deadline: Instant) {
+        if self.0.wait_idle(deadline).await {
+            tracing::info!("pipeline drained: every accepted event is journaled");
+        } else {
+            tracing::warn!(
+                unjournaled = self.0.in_flight(),
+                "pipeline drain deadline passed; the rest is journaled from the accepted log at the next start"
+            );
+        }
+        self.0.close().await;
+    }
+}
+
+/// The store, flushed and closed last among the data (its threads end, its file lock is
+/// released). A close takes what it takes: the deadline is not the store's to cut.
+struct StoreHandle(Arc<dyn Store>);
+
+#[async_trait]
+impl Component for StoreHandle {
+    fn name(&self) -> &'static str {
+        "store"
+    }
+
+    async fn shutdown(&self, _deadline: Instant) {
+        if let Err(e) = self.0.close().await {
+            tracing::error!(error = %e, "closing the store failed; what was not written is lost");
+        }
+    }
+}
+
+/// The HTTP listener's task and the connections it serves.
+struct HttpTasks(Tasks);
+
+#[async_trait]
+impl Component for HttpTasks {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    async fn shutdown(&self, deadline: Instant) {
+        if !self.0.stop(deadline).await {
+            tracing::warn!("open HTTP connections did not close within 5 s");
+        }
+    }
 }
 
 /// Waits for SIGINT or SIGTERM. Once one arrived, a second one exits the process at

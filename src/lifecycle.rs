@@ -1,7 +1,9 @@
-//! Who stops what: every background component the application starts hands back one
-//! handle ([`Component`]) whose `shutdown` stops it and joins its threads and tasks, and
-//! [`Tasks`], the plumbing most of them use (tokio-util's `CancellationToken` to ask,
-//! `TaskTracker` to wait).
+//! Who stops what: every background piece the application starts (the job engine, the
+//! pipeline, the store, the series tasks, the HTTP listener) is stopped through one
+//! shape, [`Component::shutdown`], which drains what it holds until a deadline, stops it
+//! and joins its threads and tasks; `app.rs` calls them in order. [`Tasks`] is the
+//! plumbing most of them use (tokio-util's `CancellationToken` to ask, `TaskTracker` to
+//! wait).
 //!
 //! Architecture Invariant: nothing outlives the `Application` that started it; a stopped
 //! application leaves no thread, task, open file or lock behind (a job stuck in a loop
