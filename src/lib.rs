@@ -7,7 +7,9 @@
 //! - [`queue`]: where jobs wait and who holds them: the [`queue::JobQueue`] trait (claims
 //!   are leases with numbered attempts) and its in-process implementation.
 //! - [`store`]: where job records and results live: the [`store::Store`] trait with an
-//!   SQLite (default, durable, group-committed) and an in-memory implementation.
+//!   SQLite (default, durable, group-committed), an in-memory and a Redis implementation
+//!   (the one several replicas share; it is their queue too, with Lua scripts for every
+//!   multi-key change).
 //! - [`stats`]: the survey dataset and the nine statistics computations.
 //! - [`csv`]: the hand-written parallel CSV column-sum engine, the `csv.column_sum` job
 //!   kind and the data directory it reads from.
@@ -19,10 +21,12 @@
 //! - [`metrics`]: the Prometheus registry and typed metric families.
 //! - [`series`]: live time series: Gorilla-compressed blocks, the line-protocol parser, the
 //!   in-memory series store with incremental rollups, the TCP line listener, the
-//!   supervised upstream pollers (sources) and `tally upstream`, the demo upstream.
+//!   supervised upstream pollers (sources).
 //! - [`pipeline`]: the ordered pipeline: events acknowledged once durable in a
 //!   write-ahead log, processed after a random delay, journaled strictly in order.
-//! - [`load`]: `tally load`, the pipeline's (and the job API's) load client.
+//! - [`cli`]: the subcommands beside `serve`: `tally sum`, `tally load` (the pipeline's
+//!   and the job API's load client) and `tally upstream` (the demo upstream).
+//! - [`origin`]: web origins, as `--allowed-origin` names them and browsers send them.
 //! - [`lifecycle`]: the handle every background component hands back, and the
 //!   cancellation and task-tracking plumbing they share.
 //! - [`telemetry`]: tracing setup (UTC timestamps, rotating log file).
