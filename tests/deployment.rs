@@ -5,35 +5,24 @@
 //! replica, asked directly, must then give the same answers and counters; a replica
 //! killed with kill -9 while nginx serves must cost no request and no job.
 
-#[path = "support/nginx.rs"]
-mod nginx;
-#[path = "support/redis_server.rs"]
-mod redis_server;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use nginx::Nginx;
-use redis_server::RedisServer;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-/// How long any wait here may take before it is a failure.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+use support::http::{assert_close, eventually, fixture, reply};
+use support::nginx::{self, Nginx};
+use support::process::Proc;
+use support::redis_server::RedisServer;
 
 /// One `tally serve` process.
 struct Replica {
-    child: Child,
+    /// None once killed.
+    proc: Option<Proc>,
     port: u16,
     /// Its working directory (nothing of the Redis store is written there).
     _cwd: tempfile::TempDir,
@@ -42,64 +31,36 @@ struct Replica {
 impl Replica {
     fn start(redis: &RedisServer, data_dir: &Path, lease_ms: u64) -> Replica {
         let cwd = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .arg("serve")
-            .args([
-                "--bind",
-                "127.0.0.1:0",
-                "--enable-test-jobs",
+        let data_dir = data_dir.to_str().unwrap();
+        let health = fixture("health.csv");
+        let lease = lease_ms.to_string();
+        let proc = Proc::start(
+            cwd.path(),
+            &[
                 "--workers",
                 "2",
-            ])
-            .args(["--store", &redis.url()])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--stats-dataset")
-            .arg(fixture("health.csv"))
-            .args(["--lease-ms", &lease_ms.to_string()])
-            .args([
+                "--store",
+                &redis.url(),
+                "--data-dir",
+                data_dir,
+                "--stats-dataset",
+                health.to_str().unwrap(),
+                "--lease-ms",
+                &lease,
                 "--shutdown-timeout",
                 "2",
                 "--log-level",
                 "warn,tally::app=info",
-            ])
-            .current_dir(cwd.path())
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the tally binary starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("tally is listening") {
-                    let addr = line
-                        .split("addr=")
-                        .nth(1)
-                        .and_then(|s| s.split_whitespace().next())
-                        .map(str::to_string);
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(PATIENCE) {
-            Ok(Some(a)) => a,
-            _ => {
-                let _ = child.kill();
-                panic!("a tally replica did not start");
-            }
-        };
-        let port = addr
+            ],
+        );
+        let port = proc
+            .addr
             .rsplit(':')
             .next()
             .and_then(|p| p.parse().ok())
             .expect("the listening address has a port");
         Replica {
-            child,
+            proc: Some(proc),
             port,
             _cwd: cwd,
         }
@@ -109,16 +70,14 @@ impl Replica {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+    fn pid(&self) -> i32 {
+        self.proc.as_ref().expect("a live replica").pid()
     }
-}
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn kill9(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.kill9();
+        }
     }
 }
 
@@ -184,31 +143,28 @@ impl Cluster {
 
     /// Polls `/v1/jobs/{id}` through nginx until the job is in one of `wanted`.
     async fn wait_status(&self, id: &str, wanted: &[&str]) -> Value {
-        let until = Instant::now() + PATIENCE;
-        loop {
+        eventually(&format!("job {id} to reach {wanted:?}"), async || {
             let body = self.get_ok(&format!("/v1/jobs/{id}")).await;
             if wanted.contains(&body["status"].as_str().unwrap_or("")) {
-                return body;
+                Ok(body)
+            } else {
+                Err(body.to_string())
             }
-            assert!(
-                Instant::now() < until,
-                "job {id} never reached {wanted:?}: {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await
     }
 
     /// Waits until no job is queued or running, as nginx's replicas see it.
     async fn wait_idle(&self) {
-        let until = Instant::now() + PATIENCE;
-        loop {
+        eventually("no job in progress", async || {
             let stats = self.get_ok("/v1/jobs/stats").await;
             if stats["in_progress"] == 0 {
-                return;
+                Ok(())
+            } else {
+                Err(stats.to_string())
             }
-            assert!(Instant::now() < until, "jobs still in progress: {stats}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// The same GET on every live replica directly (not through nginx).
@@ -241,43 +197,6 @@ impl Cluster {
             .flat_map(|s| s.split(", ").map(str::to_string).collect::<Vec<_>>())
             .filter_map(|a| a.rsplit(':').next().and_then(|p| p.parse().ok()))
             .collect()
-    }
-}
-
-async fn reply(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
-    let res = req.send().await.expect("the request is answered");
-    let status = res.status();
-    let text = res.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-/// Same keys, numbers within 1e-6; with `ordered`, the same key order.
-fn assert_close(got: &Value, want: &Value, ordered: bool, ctx: &str) {
-    match (got, want) {
-        (Value::Object(g), Value::Object(w)) => {
-            let gk: Vec<&String> = g.keys().collect();
-            let wk: Vec<&String> = w.keys().collect();
-            if ordered {
-                assert_eq!(gk, wk, "{ctx}: key order");
-            } else {
-                assert_eq!(
-                    gk.iter().collect::<BTreeSet<_>>(),
-                    wk.iter().collect::<BTreeSet<_>>(),
-                    "{ctx}: keys"
-                );
-            }
-            for (k, wv) in w {
-                assert_close(&g[k], wv, ordered, &format!("{ctx}.{k}"));
-            }
-        }
-        (Value::Number(g), Value::Number(w)) => {
-            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
-            assert!((g - w).abs() < 1e-6, "{ctx}: got {g}, want {w}");
-        }
-        _ => panic!("{ctx}: got {got}, want {want}"),
     }
 }
 
@@ -431,28 +350,27 @@ async fn the_compatible_flows_and_the_job_api_work_through_nginx_and_every_repli
 
     // Results, polled through nginx the way each API's clients poll.
     for (id, want) in &csv_jobs {
-        let until = Instant::now() + PATIENCE;
-        let got = loop {
+        let got = eventually(&format!("{id} to finish"), async || {
             let body = c.get_ok(&format!("/storage/get_json/{id}")).await;
             if body.get("status").is_none() {
-                break body;
+                return Ok(body);
             }
             assert_eq!(body["status"], "running", "{id}: {body}");
-            assert!(Instant::now() < until, "{id} still running");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+            Err(body.to_string())
+        })
+        .await;
         assert_close(&got, want, false, id);
     }
     for (id, want, ordered, ctx) in &stats_jobs {
-        let until = Instant::now() + PATIENCE;
-        let res = loop {
+        let res = eventually(&format!("{ctx} to finish"), async || {
             let body = c.get_ok(&format!("/api/get_results/{id}")).await;
             if body["status"] != "running" {
-                break body;
+                Ok(body)
+            } else {
+                Err(body.to_string())
             }
-            assert!(Instant::now() < until, "{ctx} still running");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        })
+        .await;
         assert_eq!(res["status"], "done", "{ctx}: {res}");
         assert_close(&res["data"], want, *ordered, ctx);
     }
@@ -561,22 +479,22 @@ async fn a_replica_killed_while_nginx_serves_costs_no_request_and_no_job() {
 
     // Kill a replica while it runs jobs and more are waiting.
     let victim = c.replicas[1].port;
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually("the victim to be busy with more jobs waiting", async || {
         let seen = c.get_ok("/v1/replicas").await;
         let busy = seen["replicas"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|r| r["pid"] == json!(c.replicas[1].child.id()))
+            .find(|r| r["pid"] == json!(c.replicas[1].pid()))
             .map_or(0, |r| r["busy"].as_u64().unwrap_or(0));
         let queue = c.get_ok("/v1/queue").await;
         if busy == 2 && queue["waiting"].as_u64().unwrap_or(0) > 0 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{seen} {queue}"))
         }
-        assert!(Instant::now() < until, "the victim never got busy: {seen}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     c.replicas[1].kill9();
     let log_before = c.nginx.access_log().lines().count();
 
@@ -634,21 +552,18 @@ async fn a_replica_killed_while_nginx_serves_costs_no_request_and_no_job() {
     );
     assert_eq!(c.same_on_each("/storage/get_counter").await, json!(0));
     // And the dead one drops out of the list of replicas once its heartbeat is old.
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually("the dead replica to drop out of the list", async || {
         let lists = c.on_each("/v1/replicas").await;
         if lists
             .iter()
             .all(|l| l["replicas"].as_array().is_some_and(|r| r.len() == 2))
         {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{lists:?}"))
         }
-        assert!(
-            Instant::now() < until,
-            "the dead replica is still listed: {lists:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 }
 
 #[test]

@@ -6,11 +6,15 @@
 //! move the thread count.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tally::app::Application;
 use tally::config::{ServeConfig, StoreSpec};
+
+#[path = "support/mod.rs"]
+mod support;
+use support::http::{eventually, eventually_blocking};
 
 fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
@@ -76,8 +80,7 @@ async fn serve_once(cfg: ServeConfig, round: usize) {
         .unwrap();
     ids.push(r["id"].as_str().unwrap().to_string());
     for id in &ids {
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
+        eventually(&format!("round {round}: {id} to finish"), async || {
             let j: Value = client
                 .get(format!("{base}/v1/jobs/{id}"))
                 .send()
@@ -87,14 +90,12 @@ async fn serve_once(cfg: ServeConfig, round: usize) {
                 .await
                 .unwrap();
             if j["status"] == "done" {
-                break;
+                Ok(())
+            } else {
+                Err(j.to_string())
             }
-            assert!(
-                Instant::now() < until,
-                "round {round}: {id} never finished: {j}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await;
     }
     let listing = client.get(format!("{base}/api/jobs")).send().await.unwrap();
     assert!(listing.status().is_success());
@@ -144,16 +145,20 @@ fn an_application_rebuilt_on_the_same_store_leaves_no_thread_or_lock_behind() {
             lock_is_free(&db),
             "round {round}: the store's lock is still held after the application stopped"
         );
-        let until = Instant::now() + Duration::from_secs(10);
-        while threads() != baseline {
-            assert!(
-                Instant::now() < until,
-                "round {round}: {} threads, {baseline} before; now {:?}, before {:?}",
-                threads(),
-                thread_names(),
-                names_before
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually_blocking(
+            &format!("round {round}: the thread count to settle at {baseline}"),
+            || {
+                if threads() == baseline {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} threads; now {:?}, before {:?}",
+                        threads(),
+                        thread_names(),
+                        names_before
+                    ))
+                }
+            },
+        );
     }
 }

@@ -116,8 +116,9 @@ async fn crash_and_restart(s: Subject) -> Subject {
     .await
 }
 
-#[path = "support/redis_server.rs"]
-mod redis_server;
+#[path = "support/mod.rs"]
+mod support;
+use support::redis_server;
 
 /// A replica on a private Redis; a "crash" drops it (no close) and opens a new one on
 /// the same server.

@@ -15,14 +15,14 @@ mod ops;
 mod pipeline;
 mod redis;
 mod redis_faults;
-#[path = "../support/redis_server.rs"]
-mod redis_server;
 mod replicas;
 mod series;
 mod shutdown;
 mod sources;
 mod stats;
 mod store_failures;
-#[path = "../support/tcp_proxy.rs"]
-mod tcp_proxy;
+#[path = "../support/mod.rs"]
+mod support;
 mod webdriver;
+
+pub use support::{nginx, redis_server, tcp_proxy};

@@ -5,32 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::helpers::{fixture, TestApp};
-
-/// Same keys, values within 1e-6 (the graders allow 0.01); with `ordered`, same key order.
-fn assert_close(got: &Value, want: &Value, ordered: bool, ctx: &str) {
-    match (got, want) {
-        (Value::Object(g), Value::Object(w)) => {
-            let gk: Vec<&String> = g.keys().collect();
-            let wk: Vec<&String> = w.keys().collect();
-            if ordered {
-                assert_eq!(gk, wk, "{ctx}: key order");
-            } else {
-                let (mut a, mut b) = (gk.clone(), wk.clone());
-                a.sort();
-                b.sort();
-                assert_eq!(a, b, "{ctx}: keys");
-            }
-            for (k, wv) in w {
-                assert_close(&g[k], wv, ordered, &format!("{ctx}.{k}"));
-            }
-        }
-        (Value::Number(g), Value::Number(w)) => {
-            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
-            assert!((g - w).abs() < 1e-6, "{ctx}: got {g}, want {w}");
-        }
-        _ => panic!("{ctx}: got {got}, want {want}"),
-    }
-}
+use crate::support::http::assert_close;
 
 #[tokio::test]
 async fn every_route_matches_pandas_on_health_csv() {
