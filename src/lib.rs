@@ -41,6 +41,7 @@ pub mod decimal;
 pub mod jobs;
 pub mod lifecycle;
 pub mod metrics;
+pub mod model;
 pub mod neumaier;
 pub mod origin;
 pub mod pipeline;

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tally::jobs::model::{JobCounts, JobId, JobStatus, ListFilter, NewJob, Outcome};
 use tally::metrics::Metrics;
+use tally::model::{JobCounts, JobId, JobStatus, ListFilter, NewJob, Outcome};
 use tally::queue::local::LocalQueue;
+use tally::queue::redis::{RedisOptions, RedisStore};
 use tally::queue::{JobQueue, Lease, LeaseOptions, PushError, Renewal};
 use tally::store::memory::MemoryStore;
-use tally::store::redis::{RedisOptions, RedisStore};
 use tally::store::sqlite::{SqliteOptions, SqliteStore, SqliteSync};
 use tally::store::{Finished, Requeued, Store};
 
@@ -332,8 +332,7 @@ pub async fn jobs_are_listed_newest_first_with_filters_and_cursors(s: Subject) {
         kind: kind.map(str::to_string),
         before,
     };
-    let ids_of =
-        |v: Vec<tally::jobs::model::JobRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let ids_of = |v: Vec<tally::model::JobRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
     let first = s.store.list(&page(2, None, None, None)).await.unwrap();
     assert_eq!(ids_of(first), vec![ids[4], ids[3]]);
     let next = s

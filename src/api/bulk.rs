@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ApiJson};
 use super::AppState;
 use crate::jobs::engine::{CancelError, RetryError};
-use crate::jobs::model::{JobId, JobStatus, ListFilter};
+use crate::model::{JobId, JobStatus, ListFilter};
 
 /// Jobs one bulk call acts on: default and most.
 const BULK_DEFAULT: usize = 100;

@@ -17,7 +17,7 @@ use super::ids::Wire;
 use super::openapi::wire;
 use super::AppState;
 use crate::jobs::engine::SubmitError;
-use crate::jobs::model::{JobId, JobStatus, NewJob};
+use crate::model::{JobId, JobStatus, NewJob};
 use crate::stats::Query;
 use crate::store::StoreError;
 

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::jobs::model::JobId;
+use crate::model::JobId;
 
 /// A job id as clients see it (`job_id_N`), for `format!` and log fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::openapi::wire;
 use super::AppState;
-use crate::jobs::model::JobStatus;
+use crate::model::JobStatus;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 

@@ -19,7 +19,7 @@ use super::openapi::wire;
 use super::AppState;
 use crate::csv::datasets::{check_name, DatasetError};
 use crate::csv::job::KIND;
-use crate::jobs::model::{JobStatus, NewJob};
+use crate::model::{JobStatus, NewJob};
 
 impl From<DatasetError> for ApiError {
     fn from(e: DatasetError) -> Self {

@@ -16,7 +16,7 @@ use super::error::{ApiError, ApiJson};
 use super::ids::{self, Wire};
 use super::openapi::wire;
 use super::AppState;
-use crate::jobs::model::{JobId, JobRecord, JobStatus, ListFilter, NewJob};
+use crate::model::{JobId, JobRecord, JobStatus, ListFilter, NewJob};
 
 /// A job to run: its kind and its params.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

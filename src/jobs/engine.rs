@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::metrics::EngineMetrics;
-use super::model::{JobCounts, JobId, JobState, JobStatus, NewJob, Outcome};
 use super::{EngineOptions, JobContext, JobError, Registry};
 use crate::metrics::{KindLabels, Metrics};
+use crate::model::{JobCounts, JobId, JobState, JobStatus, NewJob, Outcome};
 use crate::now_ms;
 use crate::queue::{gave_up, JobQueue, Lease, PushError, Renewal};
 use crate::store::{FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};

@@ -13,7 +13,6 @@ use serde_json::Value;
 
 pub mod engine;
 pub mod metrics;
-pub mod model;
 pub mod testing;
 
 /// Why a job did not produce a result.

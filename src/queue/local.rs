@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use super::{
     gave_up, Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Reclaimed, Renewal,
 };
-use crate::jobs::model::{JobId, NewJob, Outcome};
+use crate::model::{JobId, NewJob, Outcome};
 use crate::store::{
     Attempt, Durable, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError,
 };

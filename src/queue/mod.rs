@@ -20,10 +20,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::jobs::model::{JobId, NewJob, Outcome};
+use crate::model::{JobId, NewJob, Outcome};
 use crate::store::{Durable, FinishFailed, FinishPending, Finished, Requeued, StoreError};
 
 pub mod local;
+pub mod redis;
 
 /// A claimed job: who it is, which attempt this is, and what to run.
 #[derive(Debug, Clone, PartialEq)]

@@ -12,7 +12,7 @@ use super::{
     finish_rule, released_attempts, Attempt, FinishFailed, FinishPending, Finished, Requeued,
     Store, StoreError,
 };
-use crate::jobs::model::{JobCounts, JobId, JobRecord, JobStatus, ListFilter, NewJob, Outcome};
+use crate::model::{JobCounts, JobId, JobRecord, JobStatus, ListFilter, NewJob, Outcome};
 
 pub struct MemoryStore {
     inner: Mutex<Inner>,

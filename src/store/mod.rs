@@ -12,12 +12,9 @@
 
 use async_trait::async_trait;
 
-use crate::jobs::model::{
-    JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome,
-};
+use crate::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome};
 
 pub mod memory;
-pub mod redis;
 pub mod sqlite;
 
 #[derive(Debug, thiserror::Error)]

@@ -35,10 +35,8 @@ use super::{
     finish_rule, released_attempts, Attempt, FinishFailed, FinishPending, Finished, Requeued,
     Store, StoreError,
 };
-use crate::jobs::model::{
-    JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome,
-};
 use crate::metrics::{batch_histogram, seconds_histogram, Metrics};
+use crate::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 

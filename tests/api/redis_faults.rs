@@ -186,9 +186,9 @@ async fn every_id_acknowledged_before_a_kill_9_of_redis_with_appendfsync_always_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_thousand_finished_jobs_give_redis_its_memory_back_once_they_expire() {
-    use tally::jobs::model::{NewJob, Outcome};
+    use tally::model::{NewJob, Outcome};
+    use tally::queue::redis::{RedisOptions, RedisStore};
     use tally::queue::{JobQueue, LeaseOptions};
-    use tally::store::redis::{RedisOptions, RedisStore};
     use tally::store::{Attempt, Store};
 
     let server = RedisServer::start();

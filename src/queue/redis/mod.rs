@@ -1,6 +1,8 @@
 //! The Redis store (`--store redis://HOST:PORT[/DB]`): job records, results, counters,
 //! ids and the queue live in Redis, so any number of `tally serve` processes share one
-//! view and one queue. It implements both [`Store`] and [`JobQueue`].
+//! view and one queue. It implements both [`JobQueue`] and [`Store`]; it lives in the
+//! queue's room because it is a queue first, and the records ride with it (the store
+//! room below knows nothing of queues).
 //!
 //! Why lists and Lua scripts (in the manner of BullMQ) rather than Streams with a
 //! consumer group: a job's state, its lease, its attempt number, the per-state counters
@@ -9,7 +11,7 @@
 //! what (XCLAIM/XAUTOCLAIM reclaim by idle time, not by our fenced attempts), and
 //! cancelling or retrying an entry in the middle of a stream is awkward. With a plain
 //! list the queue is just ids, and every rule lives in the scripts next to each other
-//! (`src/store/redis/*.lua`).
+//! (`src/queue/redis/*.lua`).
 //!
 //! Layout: every key shares the `{tally}` hash tag and every key a script touches is in
 //! its KEYS, so the scripts run on Redis Cluster too (one slot). `rec` is a hash of small
@@ -45,14 +47,14 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Attempt, Durable, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
-use crate::jobs::model::{
-    JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome,
-};
 use crate::metrics::Metrics;
+use crate::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome};
 use crate::queue::{
     hostname, Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Reclaimed, Renewal,
     Replica,
+};
+use crate::store::{
+    Attempt, Durable, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError,
 };
 
 const STORE: &str = "redis";
