@@ -14,23 +14,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::server::ServeOptions;
 use crate::api::{self, AppContext, AppState, RouterOptions};
-use crate::config::{Cli, Command, ServeConfig, StoreSpec};
+use crate::config::{Cli, Command, ServeConfig};
 use crate::csv::{self, datasets::DataDir};
 use crate::jobs::engine::Engine;
 use crate::jobs::{self, EngineOptions, Registry};
 use crate::lifecycle::{Component, Tasks};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineOptions};
-use crate::queue::local::LocalQueue;
-use crate::queue::redis::{RedisOptions, RedisStore};
-use crate::queue::{JobQueue, LeaseOptions};
+use crate::queue::{self, LeaseOptions, OpenOptions};
 use crate::series::ingest::{self, Ingester, TcpOptions};
 use crate::series::rollup::Rollups;
 use crate::series::sources::{self, FlagDefaults, Sources};
 use crate::series::store::SeriesStore;
 use crate::stats::{self, Dataset};
-use crate::store::memory::MemoryStore;
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::sqlite::SqliteOptions;
 use crate::store::Store;
 use crate::telemetry;
 
@@ -97,47 +94,23 @@ impl Application {
             lease: Duration::from_millis(cfg.lease_ms),
             max_attempts: cfg.max_attempts,
         };
-        let (store, queue): (Arc<dyn Store>, Arc<dyn JobQueue>) = match &cfg.store {
-            StoreSpec::Redis(url) => {
-                let redis = RedisStore::open(
-                    RedisOptions {
-                        url: url.expose().to_string(),
-                        capacity: cfg.queue_capacity as usize,
-                        result_ttl: Duration::from_secs(cfg.result_ttl),
-                        lease,
-                        workers: cfg.worker_count(),
-                        response_timeout: REDIS_RESPONSE_TIMEOUT,
-                    },
-                    &metrics,
-                )
-                .await
-                .with_context(|| format!("connecting to the store {}", cfg.store))?;
-                (Arc::new(redis.clone()), Arc::new(redis))
-            }
-            local => {
-                let store: Arc<dyn Store> = match local {
-                    StoreSpec::Sqlite(path) => Arc::new(
-                        SqliteStore::open(
-                            path,
-                            SqliteOptions {
-                                sync: cfg.sqlite_sync,
-                                commit_delay: Duration::from_micros(cfg.sqlite_commit_delay_us),
-                            },
-                            &metrics,
-                        )
-                        .with_context(|| format!("opening the store {}", cfg.store))?,
-                    ),
-                    _ => Arc::new(MemoryStore::new(cfg.memory_max_results)),
-                };
-                let queue: Arc<dyn JobQueue> = Arc::new(LocalQueue::new(
-                    store.clone(),
-                    cfg.queue_capacity as usize,
-                    cfg.worker_count(),
-                    lease,
-                ));
-                (store, queue)
-            }
-        };
+        let (store, queue) = queue::open(
+            &cfg.store,
+            OpenOptions {
+                capacity: cfg.queue_capacity as usize,
+                workers: cfg.worker_count(),
+                lease,
+                result_ttl: Duration::from_secs(cfg.result_ttl),
+                redis_response_timeout: REDIS_RESPONSE_TIMEOUT,
+                sqlite: SqliteOptions {
+                    sync: cfg.sqlite_sync,
+                    commit_delay: Duration::from_micros(cfg.sqlite_commit_delay_us),
+                },
+                memory_max_results: cfg.memory_max_results,
+            },
+            &metrics,
+        )
+        .await?;
         let dataset = match &cfg.stats_dataset {
             Some(path) => {
                 let path = path.clone();

@@ -127,7 +127,7 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(error = %e, "store did not answer a write");
                 ApiError::OutcomeUnknown(e.to_string())
             }
-            StoreError::Sqlite(_)
+            StoreError::Failed { .. }
             | StoreError::Rejected { .. }
             | StoreError::Corrupt { .. }
             | StoreError::Locked(_) => ApiError::Internal(e.to_string()),

@@ -999,7 +999,7 @@ async fn settle(mut c: Completion, wait_before_retry: Duration) -> Settled {
             error:
                 error @ (StoreError::Rejected { .. }
                 | StoreError::Corrupt { .. }
-                | StoreError::Sqlite(_)),
+                | StoreError::Failed { .. }),
             outcome: Some(_),
         }) => {
             // This outcome itself cannot be stored (too large, say): record that instead.

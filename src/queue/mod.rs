@@ -15,13 +15,16 @@
 //!
 //! Architecture Invariant: the engine knows no queue implementation; it sees this trait.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::model::{JobId, NewJob, Outcome};
-use crate::store::{Durable, FinishFailed, FinishPending, Finished, Requeued, StoreError};
+use crate::store::{Durable, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
 
 pub mod local;
 pub mod redis;
@@ -238,4 +241,61 @@ pub fn hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// What opening a store and its queue takes besides the spec.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// `--queue-capacity`: jobs waiting at most (with Redis, in the shared queue).
+    pub capacity: usize,
+    /// Worker threads of this process.
+    pub workers: usize,
+    pub lease: LeaseOptions,
+    /// Redis: how long finished jobs stay (`--result-ttl`).
+    pub result_ttl: Duration,
+    /// Redis: how long a command may take before the store counts as unavailable.
+    pub redis_response_timeout: Duration,
+    pub sqlite: crate::store::sqlite::SqliteOptions,
+    /// Memory: finished results kept (`--memory-max-results`).
+    pub memory_max_results: usize,
+}
+
+/// Opens the store `spec` names and the queue that goes with it: an in-process queue
+/// ([`local::LocalQueue`]) over SQLite or memory, or Redis, which is both.
+pub async fn open(
+    spec: &crate::store::StoreSpec,
+    o: OpenOptions,
+    metrics: &crate::metrics::Metrics,
+) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn JobQueue>)> {
+    use crate::store::{memory::MemoryStore, sqlite::SqliteStore, StoreSpec};
+    let store: Arc<dyn Store> = match spec {
+        StoreSpec::Redis(url) => {
+            let redis = redis::RedisStore::open(
+                redis::RedisOptions {
+                    url: url.expose().to_string(),
+                    capacity: o.capacity,
+                    result_ttl: o.result_ttl,
+                    lease: o.lease,
+                    workers: o.workers,
+                    response_timeout: o.redis_response_timeout,
+                },
+                metrics,
+            )
+            .await
+            .with_context(|| format!("connecting to the store {spec}"))?;
+            return Ok((Arc::new(redis.clone()), Arc::new(redis)));
+        }
+        StoreSpec::Sqlite(path) => Arc::new(
+            SqliteStore::open(path, o.sqlite, metrics)
+                .with_context(|| format!("opening the store {spec}"))?,
+        ),
+        StoreSpec::Memory => Arc::new(MemoryStore::new(o.memory_max_results)),
+    };
+    let queue = Arc::new(local::LocalQueue::new(
+        store.clone(),
+        o.capacity,
+        o.workers,
+        o.lease,
+    ));
+    Ok((store, queue))
 }

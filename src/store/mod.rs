@@ -15,12 +15,18 @@ use async_trait::async_trait;
 use crate::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome};
 
 pub mod memory;
+mod spec;
 pub mod sqlite;
+
+pub use spec::{RedisUrl, StoreSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    /// The store failed in a way that is neither its surroundings nor this write (a bug,
+    /// a schema it does not know): not retried, an internal error at the edge. Each store
+    /// maps its engine's errors into these variants itself.
+    #[error("the {store} store failed: {cause}")]
+    Failed { store: &'static str, cause: String },
     /// The store cannot take writes (or answer) right now: a full or read-only disk, an
     /// I/O error, an unreachable server. Transient: the same request can succeed later.
     #[error("the {store} store is unavailable: {cause}")]
@@ -51,7 +57,7 @@ impl StoreError {
             StoreError::Unavailable { .. }
             | StoreError::OutcomeUnknown { .. }
             | StoreError::Io(_) => true,
-            StoreError::Sqlite(_)
+            StoreError::Failed { .. }
             | StoreError::Rejected { .. }
             | StoreError::Closed
             | StoreError::Corrupt { .. }

@@ -190,7 +190,18 @@ fn read_error(e: rusqlite::Error) -> StoreError {
     if f.transient {
         f.error()
     } else {
-        StoreError::Sqlite(e)
+        StoreError::from(e)
+    }
+}
+
+/// What SQLite's own errors are to the rest of tally: the trait's error type knows no
+/// engine. (Failures of the surroundings go through [`classify`] first.)
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Failed {
+            store: "sqlite",
+            cause: e.to_string(),
+        }
     }
 }
 

@@ -1,0 +1,108 @@
+//! Which store a process opens: `--store memory | sqlite:PATH | redis://...`, parsed
+//! and checked once, with the Redis password kept out of every log line and message.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Where job records and results are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// Nothing touches the disk; finished results are capped and evicted oldest first.
+    Memory,
+    /// SQLite file in WAL mode with group commits (the default).
+    Sqlite(PathBuf),
+    /// A Redis server every replica shares (`redis://[[USER]:PASSWORD@]HOST:PORT[/DB]`).
+    Redis(RedisUrl),
+}
+
+/// A Redis URL, checked at parse time; its password never shows in logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL as given, password included: for the client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn parse(s: &str) -> Result<RedisUrl, String> {
+        let rest = s
+            .strip_prefix("redis://")
+            .ok_or_else(|| format!("{s:?} is not a redis:// URL"))?;
+        let (authority, db) = match rest.split_once('/') {
+            Some((a, d)) => (a, Some(d)),
+            None => (rest, None),
+        };
+        let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        };
+        if host.is_empty() {
+            return Err("the redis URL needs a host, e.g. redis://127.0.0.1:6379/0".into());
+        }
+        if let Some(p) = port {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("bad port {p:?} in the redis URL"))?;
+        }
+        if let Some(d) = db.filter(|d| !d.is_empty()) {
+            d.parse::<u32>()
+                .map_err(|_| format!("bad database number {d:?} in the redis URL"))?;
+        }
+        Ok(RedisUrl(s.to_string()))
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self
+            .0
+            .strip_prefix("redis://")
+            .and_then(|r| r.rsplit_once('@'))
+        {
+            Some((_, rest)) => write!(f, "redis://***@{rest}"),
+            None => f.write_str(&self.0),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({self})")
+    }
+}
+
+impl FromStr for StoreSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "memory" {
+            return Ok(StoreSpec::Memory);
+        }
+        if let Some(path) = s.strip_prefix("sqlite:") {
+            if path.is_empty() {
+                return Err("sqlite: needs a path, e.g. sqlite:tally.db".into());
+            }
+            return Ok(StoreSpec::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("redis://") {
+            return RedisUrl::parse(s).map(StoreSpec::Redis);
+        }
+        Err(format!(
+            "unknown store '{s}': expected memory, sqlite:PATH or redis://HOST:PORT[/DB]"
+        ))
+    }
+}
+
+impl fmt::Display for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreSpec::Memory => f.write_str("memory"),
+            StoreSpec::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            StoreSpec::Redis(u) => write!(f, "{u}"),
+        }
+    }
+}
