@@ -199,3 +199,25 @@ mod tests {
         assert_eq!(JobStatus::from_code(9), None);
     }
 }
+
+/// Which attempt an outcome belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// The outcome of this attempt: refused when a newer one has been recorded.
+    Of(u32),
+    /// Whatever attempt runs: an operator's cancel.
+    Any,
+}
+
+/// An outcome on its way to the store: which attempt of which job ended how, and when.
+/// The one value every store and queue takes to record an outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    pub id: JobId,
+    pub attempt: Attempt,
+    pub outcome: Outcome,
+    /// When the attempt started (ms since 1970), when it ran.
+    pub started_at: Option<i64>,
+    /// When it ended (ms since 1970).
+    pub at: i64,
+}

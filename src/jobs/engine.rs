@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use super::metrics::EngineMetrics;
 use super::{EngineOptions, JobContext, JobError, Registry};
 use crate::metrics::{KindLabels, Metrics};
-use crate::model::{JobCounts, JobId, JobState, JobStatus, NewJob, Outcome};
+use crate::model::{Attempt, Finish, JobCounts, JobId, JobState, JobStatus, NewJob, Outcome};
 use crate::now_ms;
 use crate::queue::{gave_up, JobQueue, Lease, PushError, Renewal};
 use crate::store::{FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
@@ -668,13 +668,13 @@ async fn sweep(inner: Arc<Inner>) {
                             started_at: Some(started),
                             durable: Box::pin(async move {
                                 queue
-                                    .finish_async(
+                                    .finish(Finish {
                                         id,
-                                        attempt,
-                                        Outcome::Failed(msg),
-                                        Some(started),
-                                        now,
-                                    )
+                                        attempt: Attempt::Of(attempt),
+                                        outcome: Outcome::Failed(msg),
+                                        started_at: Some(started),
+                                        at: now,
+                                    })
                                     .await
                             }),
                         },
@@ -951,7 +951,13 @@ fn complete(
     live.outcome_pending.store(true, Ordering::SeqCst);
     // Straight to the queue from this thread: no hop through a task before the write is
     // queued, so it often lands in the same group commit as the job's insert.
-    let durable = inner.queue.finish(id, attempt, outcome, started, now_ms());
+    let durable = inner.queue.finish(Finish {
+        id,
+        attempt: Attempt::Of(attempt),
+        outcome,
+        started_at: started,
+        at: now_ms(),
+    });
     send_completion(
         inner,
         Completion {
@@ -1098,7 +1104,13 @@ fn on_settled(inner: &Arc<Inner>, settled: Settled, retrying: &mut Retrying) {
                 let (id, attempt, started) = (c.id, c.attempt, c.started_at);
                 c.durable = Box::pin(async move {
                     queue
-                        .finish_async(id, attempt, outcome, started, now_ms())
+                        .finish(Finish {
+                            id,
+                            attempt: Attempt::Of(attempt),
+                            outcome,
+                            started_at: started,
+                            at: now_ms(),
+                        })
                         .await
                 });
                 settle(c, next).await

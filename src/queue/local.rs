@@ -24,7 +24,7 @@ use super::{
 };
 use crate::model::{JobId, NewJob, Outcome};
 use crate::store::{
-    Attempt, Durable, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError,
+    Attempt, Durable, Finish, FinishPending, Finished, Requeued, Store, StoreError,
 };
 
 /// A job in the channel.
@@ -209,35 +209,13 @@ impl JobQueue for LocalQueue {
             .collect())
     }
 
-    fn finish(
-        &self,
-        id: JobId,
-        attempt: u32,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> FinishPending {
-        if !self.take_lease(id, attempt) {
-            return Box::pin(std::future::ready(Ok(Finished::Stale)));
+    fn finish(&self, f: Finish) -> FinishPending {
+        if let Attempt::Of(attempt) = f.attempt {
+            if !self.take_lease(f.id, attempt) {
+                return Box::pin(std::future::ready(Ok(Finished::Stale)));
+            }
         }
-        self.store
-            .finish_begin(id, Attempt::Of(attempt), outcome, started_at, now_ms)
-    }
-
-    async fn finish_async(
-        &self,
-        id: JobId,
-        attempt: u32,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> Result<Finished, FinishFailed> {
-        if !self.take_lease(id, attempt) {
-            return Ok(Finished::Stale);
-        }
-        self.store
-            .finish(id, Attempt::Of(attempt), outcome, started_at, now_ms)
-            .await
+        self.store.finish(f)
     }
 
     async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError> {
@@ -268,13 +246,13 @@ impl JobQueue for LocalQueue {
             if attempt - retry_base >= self.opts.max_attempts {
                 let answer = self
                     .store
-                    .finish(
+                    .finish(Finish {
                         id,
-                        Attempt::Of(attempt),
-                        Outcome::Failed(gave_up(attempt - retry_base)),
-                        None,
-                        now_ms,
-                    )
+                        attempt: Attempt::Of(attempt),
+                        outcome: Outcome::Failed(gave_up(attempt - retry_base)),
+                        started_at: None,
+                        at: now_ms,
+                    })
                     .await
                     .map_err(|f| f.error)?;
                 if answer == Finished::Recorded {
@@ -311,13 +289,13 @@ impl JobQueue for LocalQueue {
     async fn cancel(&self, id: JobId, now_ms: i64) -> Result<Finished, StoreError> {
         let answer = self
             .store
-            .finish(
+            .finish(Finish {
                 id,
-                Attempt::Any,
-                Outcome::Cancelled("cancelled by request".into()),
-                None,
-                now_ms,
-            )
+                attempt: Attempt::Any,
+                outcome: Outcome::Cancelled("cancelled by request".into()),
+                started_at: None,
+                at: now_ms,
+            })
             .await
             .map_err(|f| f.error)?;
         if answer == Finished::Recorded {

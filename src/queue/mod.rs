@@ -23,8 +23,8 @@ use anyhow::Context;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::model::{JobId, NewJob, Outcome};
-use crate::store::{Durable, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
+use crate::model::{JobId, NewJob};
+use crate::store::{Durable, Finish, FinishPending, Finished, Requeued, Store, StoreError};
 
 pub mod local;
 pub mod redis;
@@ -134,28 +134,13 @@ pub trait JobQueue: Send + Sync + 'static {
     /// answer per lease, in order.
     async fn renew(&self, held: &[(JobId, u32)], now_ms: i64) -> Result<Vec<Renewal>, StoreError>;
 
-    /// For worker threads: records `attempt`'s outcome unless the attempt no longer holds
-    /// the job. The write is on its way when this returns; the future says what became
-    /// of it (and hands the outcome back when it could not be written).
-    fn finish(
-        &self,
-        id: JobId,
-        attempt: u32,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> FinishPending;
-
-    /// `finish` from the async side (timeouts, retries of outcomes the store could not
-    /// take).
-    async fn finish_async(
-        &self,
-        id: JobId,
-        attempt: u32,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> Result<Finished, FinishFailed>;
+    /// Records a worker's outcome (`Attempt::Of` its attempt) unless the attempt no longer
+    /// holds the job (then `Finished::Stale`). From a worker thread the write is on its
+    /// way when this returns; from the runtime (timeouts, retries of outcomes the store
+    /// could not take) it goes when the future is first polled (see [`Store::finish`]).
+    /// The future says what became of it, and hands the outcome back when it could not
+    /// be written.
+    fn finish(&self, f: Finish) -> FinishPending;
 
     /// Hands a claimed but unstarted job back (shutdown): queued again at once, this
     /// attempt not counted.

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    finish_rule, released_attempts, Attempt, FinishFailed, FinishPending, Finished, Requeued,
-    Store, StoreError,
+    finish_rule, released_attempts, Attempt, Finish, FinishPending, Finished, Requeued, Store,
+    StoreError,
 };
 use crate::model::{JobCounts, JobId, JobRecord, JobStatus, ListFilter, NewJob, Outcome};
 
@@ -160,26 +160,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn finish(
-        &self,
-        id: JobId,
-        attempt: Attempt,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> Result<Finished, FinishFailed> {
-        Ok(self.apply_finish(id, attempt, outcome, started_at, now_ms))
-    }
-
-    fn finish_begin(
-        &self,
-        id: JobId,
-        attempt: Attempt,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> FinishPending {
-        let answer = self.apply_finish(id, attempt, outcome, started_at, now_ms);
+    fn finish(&self, f: Finish) -> FinishPending {
+        let answer = self.apply_finish(f.id, f.attempt, f.outcome, f.started_at, f.at);
         Box::pin(std::future::ready(Ok(answer)))
     }
 
@@ -283,7 +265,13 @@ mod tests {
         }
         for id in &ids[..3] {
             let f = s
-                .finish(*id, Attempt::Of(1), Outcome::Done("1".into()), None, 1)
+                .finish(Finish {
+                    id: *id,
+                    attempt: Attempt::Of(1),
+                    outcome: Outcome::Done("1".into()),
+                    started_at: None,
+                    at: 1,
+                })
                 .await
                 .unwrap();
             assert_eq!(f, Finished::Recorded);

@@ -103,7 +103,7 @@ impl From<StoreError> for FinishFailed {
     }
 }
 
-/// Resolves once an outcome is durable (or refused), see [`Store::finish_begin`].
+/// Resolves once an outcome is durable (or refused), see [`Store::finish`].
 pub type FinishPending =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Finished, FinishFailed>> + Send>>;
 
@@ -119,14 +119,7 @@ pub enum Requeued {
     Unknown,
 }
 
-/// Which attempt an outcome belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Attempt {
-    /// The outcome of this attempt: refused when a newer one has been recorded.
-    Of(u32),
-    /// Whatever attempt runs: an operator's cancel.
-    Any,
-}
+pub use crate::model::{Attempt, Finish};
 
 /// Whether an outcome of `attempt` may finish a job that stands at `status` with
 /// `attempts` recorded (the rule every store applies; Redis in `finish.lua`). A worker's
@@ -199,30 +192,16 @@ pub trait Store: Send + Sync + 'static {
     async fn release(&self, id: JobId, attempt: u32, spent: bool) -> Result<(), StoreError>;
 
     /// Queued or running → the outcome's state, with the start time when the job ran,
-    /// unless the job already finished or a newer attempt than `attempt` was recorded.
-    async fn finish(
-        &self,
-        id: JobId,
-        attempt: Attempt,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> Result<Finished, FinishFailed>;
-
-    /// `finish` for callers outside the async runtime (worker threads): the write is on
-    /// its way, ordered after every earlier write about the job, when this returns; the
-    /// future resolves once it is durable, with `finish`'s answer. Worker threads hand
-    /// outcomes straight to the store this way instead of through a task, so an outcome
-    /// often joins the group commit of its own job's insert. Must not be called from
-    /// within the async runtime (it may block briefly on a full write queue).
-    fn finish_begin(
-        &self,
-        id: JobId,
-        attempt: Attempt,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> FinishPending;
+    /// unless the job already finished or a newer attempt than the outcome's was
+    /// recorded. The future resolves once the write is durable, with what became of it.
+    ///
+    /// The one way to hand an outcome over, from a worker thread or from the runtime:
+    /// the write is on its way, ordered after every earlier write about the job, when
+    /// this returns (so an outcome often joins the group commit of its own job's insert).
+    /// Only when a store's write queue is full does that wait: a worker thread (outside
+    /// the runtime) blocks until there is room; within the runtime the write goes when
+    /// the future is first polled (callers there await it at once).
+    fn finish(&self, f: Finish) -> FinishPending;
 
     /// Failed or cancelled → queued, keeping the id, params and attempt count, and
     /// clearing the error and times of the last run.

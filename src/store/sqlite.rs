@@ -32,8 +32,8 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    finish_rule, released_attempts, Attempt, FinishFailed, FinishPending, Finished, Requeued,
-    Store, StoreError,
+    finish_rule, released_attempts, Attempt, Finish, FinishFailed, FinishPending, Finished,
+    Requeued, Store, StoreError,
 };
 use crate::metrics::{batch_histogram, seconds_histogram, Metrics};
 use crate::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome};
@@ -1448,53 +1448,46 @@ impl Store for SqliteStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn finish(
-        &self,
-        id: JobId,
-        attempt: Attempt,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> Result<Finished, FinishFailed> {
+    fn finish(&self, f: Finish) -> FinishPending {
         let (ack, rx) = oneshot::channel();
         let op = Op::Finish {
-            id,
-            attempt,
-            outcome,
-            started_at,
-            at: now_ms,
+            id: f.id,
+            attempt: f.attempt,
+            outcome: f.outcome,
+            started_at: f.started_at,
+            at: f.at,
             ack,
         };
-        if let Err(mpsc::error::SendError(op)) = self.tx.send(op).await {
-            return Err(closed(op));
+        let answer = async move {
+            rx.await
+                .map_err(|_| FinishFailed::from(StoreError::Closed))?
+        };
+        // On its way, in order, before this returns: at once while the write queue has
+        // room (the common case, from any thread)...
+        let op = match self.tx.try_send(op) {
+            Ok(()) => return Box::pin(answer),
+            Err(mpsc::error::TrySendError::Closed(op)) => {
+                return Box::pin(std::future::ready(Err(closed(op))))
+            }
+            Err(mpsc::error::TrySendError::Full(op)) => op,
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // ...never blocking a thread of the runtime: on the first poll...
+            let tx = self.tx.clone();
+            return Box::pin(async move {
+                if let Err(mpsc::error::SendError(op)) = tx.send(op).await {
+                    return Err(closed(op));
+                }
+                answer.await
+            });
         }
-        rx.await
-            .map_err(|_| FinishFailed::from(StoreError::Closed))?
-    }
-
-    fn finish_begin(
-        &self,
-        id: JobId,
-        attempt: Attempt,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> FinishPending {
-        let (ack, rx) = oneshot::channel();
-        let sent = self.tx.blocking_send(Op::Finish {
-            id,
-            attempt,
-            outcome,
-            started_at,
-            at: now_ms,
-            ack,
-        });
+        // ...or, on a worker thread, once the writer made room.
+        let sent = self.tx.blocking_send(op);
         Box::pin(async move {
             if let Err(mpsc::error::SendError(op)) = sent {
                 return Err(closed(op));
             }
-            rx.await
-                .map_err(|_| FinishFailed::from(StoreError::Closed))?
+            answer.await
         })
     }
 
@@ -1843,7 +1836,13 @@ mod tests {
             for (id, durable) in ids {
                 durable.await.unwrap();
                 let done = s
-                    .finish(id, Attempt::Of(1), Outcome::Done(result(id)), Some(2), 3)
+                    .finish(Finish {
+                        id,
+                        attempt: Attempt::Of(1),
+                        outcome: Outcome::Done(result(id)),
+                        started_at: Some(2),
+                        at: 3,
+                    })
                     .await
                     .unwrap();
                 assert_eq!(done, Finished::Recorded);
@@ -1871,7 +1870,13 @@ mod tests {
             // Three distinct bodies, each finished twice (in separate batches too).
             let body = format!("{{\"answer\":{}}}", i % 3);
             let done = s
-                .finish(id, Attempt::Of(1), Outcome::Done(body), None, 2)
+                .finish(Finish {
+                    id,
+                    attempt: Attempt::Of(1),
+                    outcome: Outcome::Done(body),
+                    started_at: None,
+                    at: 2,
+                })
                 .await
                 .unwrap();
             assert_eq!(done, Finished::Recorded);
@@ -1922,13 +1927,13 @@ mod tests {
         let id = s.submit(&job("k", json!({})), 3).await.unwrap();
         assert_eq!(id, JobId(3));
         let done = s
-            .finish(
+            .finish(Finish {
                 id,
-                Attempt::Of(1),
-                Outcome::Done("{\"new\":true}".into()),
-                None,
-                4,
-            )
+                attempt: Attempt::Of(1),
+                outcome: Outcome::Done("{\"new\":true}".into()),
+                started_at: None,
+                at: 4,
+            })
             .await
             .unwrap();
         assert_eq!(done, Finished::Recorded);

@@ -189,7 +189,7 @@ async fn a_hundred_thousand_finished_jobs_give_redis_its_memory_back_once_they_e
     use tally::model::{NewJob, Outcome};
     use tally::queue::redis::{RedisOptions, RedisStore};
     use tally::queue::{JobQueue, LeaseOptions};
-    use tally::store::{Attempt, Store};
+    use tally::store::{Attempt, Finish, Store};
 
     let server = RedisServer::start();
     let store = RedisStore::open(
@@ -252,11 +252,16 @@ async fn a_hundred_thousand_finished_jobs_give_redis_its_memory_back_once_they_e
                 durable.await.unwrap();
                 let done = Store::finish(
                     store,
-                    id,
-                    Attempt::Any,
-                    Outcome::Done(format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(100))),
-                    None,
-                    0,
+                    Finish {
+                        id,
+                        attempt: Attempt::Any,
+                        outcome: Outcome::Done(format!(
+                            "{{\"i\":{i},\"pad\":\"{}\"}}",
+                            "x".repeat(100)
+                        )),
+                        started_at: None,
+                        at: 0,
+                    },
                 )
                 .await
                 .map_err(|f| f.error)

@@ -54,7 +54,7 @@ use crate::queue::{
     Replica,
 };
 use crate::store::{
-    Attempt, Durable, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError,
+    Attempt, Durable, Finish, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError,
 };
 
 const STORE: &str = "redis";
@@ -1169,25 +1169,14 @@ impl Store for RedisStore {
         self.release_lease(id, attempt, spent).await.map(|_| ())
     }
 
-    async fn finish(
-        &self,
-        id: JobId,
-        attempt: Attempt,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        _now_ms: i64,
-    ) -> Result<Finished, FinishFailed> {
-        self.finish_script(id, attempt, outcome, started_at).await
-    }
-
-    fn finish_begin(
-        &self,
-        id: JobId,
-        attempt: Attempt,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        _now_ms: i64,
-    ) -> FinishPending {
+    fn finish(&self, f: Finish) -> FinishPending {
+        let Finish {
+            id,
+            attempt,
+            outcome,
+            started_at,
+            ..
+        } = f;
         // Sent now, from the runtime, whether or not anyone polls the answer.
         let me = self.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1469,27 +1458,8 @@ impl JobQueue for RedisStore {
             .collect())
     }
 
-    fn finish(
-        &self,
-        id: JobId,
-        attempt: u32,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> FinishPending {
-        Store::finish_begin(self, id, Attempt::Of(attempt), outcome, started_at, now_ms)
-    }
-
-    async fn finish_async(
-        &self,
-        id: JobId,
-        attempt: u32,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        _now_ms: i64,
-    ) -> Result<Finished, FinishFailed> {
-        self.finish_script(id, Attempt::Of(attempt), outcome, started_at)
-            .await
+    fn finish(&self, f: Finish) -> FinishPending {
+        Store::finish(self, f)
     }
 
     async fn release(&self, id: JobId, attempt: u32) -> Result<(), StoreError> {
