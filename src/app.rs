@@ -28,7 +28,6 @@ use crate::series::sources::{self, FlagDefaults, Sources};
 use crate::series::store::SeriesStore;
 use crate::stats::{self, Dataset};
 use crate::store::sqlite::SqliteOptions;
-use crate::store::Store;
 use crate::telemetry;
 
 pub struct Application {
@@ -316,7 +315,7 @@ impl Application {
         // 4. Flush and close the store (its threads end; its file lock is released);
         // 5. stop the series tasks and listeners; 6. stop HTTP: open connections get up
         // to 5 s to finish their requests.
-        let store = StoreHandle(engine.store().clone());
+        let store = StoreHandle(engine.clone());
         let http = HttpTasks(http_tasks);
         for c in [&store as &dyn Component, &series, &http] {
             c.shutdown(Instant::now() + Duration::from_secs(5)).await;
@@ -440,7 +439,7 @@ impl Component for Events {
 
 /// The store, flushed and closed last among the data (its threads end, its file lock is
 /// released). A close takes what it takes: the deadline is not the store's to cut.
-struct StoreHandle(Arc<dyn Store>);
+struct StoreHandle(Engine);
 
 #[async_trait]
 impl Component for StoreHandle {
@@ -449,7 +448,7 @@ impl Component for StoreHandle {
     }
 
     async fn shutdown(&self, _deadline: Instant) {
-        if let Err(e) = self.0.close().await {
+        if let Err(e) = self.0.close_store().await {
             tracing::error!(error = %e, "closing the store failed; what was not written is lost");
         }
     }

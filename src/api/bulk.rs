@@ -96,7 +96,6 @@ async fn matching(
     for &status in statuses {
         let page = st
             .engine
-            .store()
             .list(&ListFilter {
                 status: Some(status),
                 kind: kind.map(str::to_owned),

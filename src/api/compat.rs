@@ -228,7 +228,7 @@ pub async fn compute(
         }
         Err(SubmitError::Store(e)) => store_error(route, &e),
         // Compatible routes skip validation and always name a registered kind.
-        Err(e @ (SubmitError::UnknownKind(_) | SubmitError::InvalidParams { .. })) => {
+        Err(e @ (SubmitError::UnknownKind { .. } | SubmitError::InvalidParams { .. })) => {
             error(StatusCode::BAD_REQUEST, &e.to_string())
         }
     };
@@ -306,7 +306,7 @@ pub async fn jobs(State(st): State<AppState>) -> Response {
     tracing::info!(route = "jobs", "api request in");
     // The first page is read before answering, so a store that cannot answer at all
     // gets a proper error rather than a broken 200.
-    let first = match st.engine.store().statuses(None, JOBS_PAGE).await {
+    let first = match st.engine.statuses(None, JOBS_PAGE).await {
         Ok(a) => a,
         Err(e) => return store_error("jobs", &e),
     };
@@ -348,7 +348,7 @@ pub async fn jobs(State(st): State<AppState>) -> Response {
             let _ = write!(out, "{{\"{}\":\"{s}\"}}", Wire(*id));
         }
         if full {
-            match l.st.engine.store().statuses(last, JOBS_PAGE).await {
+            match l.st.engine.statuses(last, JOBS_PAGE).await {
                 Ok(next) => l.page = Some(next),
                 Err(e) => {
                     tracing::error!(error = %e, "store failed while listing jobs; the answer is cut short");

@@ -138,7 +138,7 @@ impl From<StoreError> for ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::UnknownKind(_) => ApiError::BadRequest(e.to_string()),
+            SubmitError::UnknownKind { .. } => ApiError::BadRequest(e.to_string()),
             SubmitError::InvalidParams { .. } => ApiError::Unprocessable(e.to_string()),
             SubmitError::QueueFull { .. } => ApiError::QueueFull(e.to_string()),
             SubmitError::ShuttingDown => ApiError::ShuttingDown,

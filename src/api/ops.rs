@@ -46,7 +46,7 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
         )
             .into_response();
     }
-    match st.engine.store().health() {
+    match st.engine.store_health() {
         Ok(()) => Json(json!({ "status": "ready" })).into_response(),
         Err(cause) => {
             let mut res = (
@@ -120,11 +120,9 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
                 .set(*c.slot(s) as i64);
         }
     }
-    st.gauges
-        .evictions
-        .set(st.engine.store().evictions() as i64);
+    st.gauges.evictions.set(st.engine.store_evictions() as i64);
     // The queue as a whole (every replica's, with Redis).
-    if let Ok(q) = st.engine.queue().stats().await {
+    if let Ok(q) = st.engine.queue_stats().await {
         st.gauges.queue_depth.set(q.waiting as i64);
         st.gauges.queue_leased.set(q.leased as i64);
     }

@@ -190,9 +190,9 @@ pub async fn snapshot(st: &AppState) -> Overview {
     // The four reads go to the store at once (four round trips in parallel with Redis).
     let (counts, stats, cluster, replicas) = tokio::join!(
         engine.counts(),
-        engine.queue().stats(),
-        engine.queue().cluster_totals(),
-        engine.queue().replicas(),
+        engine.queue_stats(),
+        engine.cluster_totals(),
+        engine.replicas(),
     );
     let jobs = match counts {
         Ok(c) => Some(JobCountsView {
@@ -276,7 +276,7 @@ pub async fn snapshot(st: &AppState) -> Overview {
     };
     Overview {
         now: crate::now_ms(),
-        store: engine.store().name().to_string(),
+        store: engine.store_name().to_string(),
         draining: engine.is_draining(),
         jobs,
         totals,

@@ -117,14 +117,6 @@ pub async fn submit(
             )))
         }
     };
-    if st.engine.registry().get(&body.kind).is_none() {
-        let known: Vec<&str> = st.engine.registry().kinds().collect();
-        return Err(ApiError::BadRequest(format!(
-            "unknown job kind {:?}; known kinds: {}",
-            body.kind,
-            known.join(", ")
-        )));
-    }
     let id = st
         .engine
         .submit(
@@ -161,24 +153,11 @@ pub async fn get(
     Path(raw): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_id(&raw)?;
-    let mut rec = st
+    let rec = st
         .engine
-        .store()
-        .get(id)
+        .record(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job with id {raw:?}")))?;
-    // A job that started here moments ago may not have its start in the store yet.
-    if !rec.status.is_finished() {
-        if let Some(t) = st.engine.started_at(id) {
-            if rec.status == JobStatus::Queued {
-                rec.status = JobStatus::Running;
-                rec.started_at = Some(t);
-            }
-            if let Some(a) = st.engine.attempt(id) {
-                rec.attempts = rec.attempts.max(a);
-            }
-        }
-    }
     let progress = (rec.status == JobStatus::Running)
         .then(|| st.engine.progress(id))
         .flatten();
@@ -299,7 +278,7 @@ pub async fn list(
             }
         }
     }
-    let jobs = st.engine.store().list(&filter).await?;
+    let jobs = st.engine.list(&filter).await?;
     let next = (jobs.len() == filter.limit)
         .then(|| jobs.last().map(|j| ids::text(j.id)))
         .flatten();
@@ -343,7 +322,7 @@ pub async fn stats(State(st): State<AppState>) -> Result<Json<Value>, ApiError> 
     )
 )]
 pub async fn replicas(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let replicas = st.engine.queue().replicas().await?;
+    let replicas = st.engine.replicas().await?;
     let now = crate::now_ms();
     let list: Vec<Value> = replicas
         .into_iter()
@@ -361,7 +340,7 @@ pub async fn replicas(State(st): State<AppState>) -> Result<Json<Value>, ApiErro
         })
         .collect();
     Ok(Json(serde_json::json!({
-        "store": st.engine.store().name(),
+        "store": st.engine.store_name(),
         "replicas": list,
     })))
 }
@@ -377,7 +356,7 @@ pub async fn replicas(State(st): State<AppState>) -> Result<Json<Value>, ApiErro
     )
 )]
 pub async fn queue(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let q = st.engine.queue().stats().await?;
+    let q = st.engine.queue_stats().await?;
     Ok(Json(serde_json::json!({
         "waiting": q.waiting,
         "leased": q.leased,

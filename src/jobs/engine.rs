@@ -32,15 +32,20 @@ use tokio_util::task::TaskTracker;
 use super::metrics::EngineMetrics;
 use super::{EngineOptions, JobContext, JobError, Registry};
 use crate::metrics::{KindLabels, Metrics};
-use crate::model::{Attempt, Finish, JobCounts, JobId, JobState, JobStatus, NewJob, Outcome};
+use crate::model::{
+    Attempt, Finish, JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome,
+};
 use crate::now_ms;
-use crate::queue::{gave_up, JobQueue, Lease, PushError, Renewal};
+use crate::queue::{
+    gave_up, ClusterTotals, JobQueue, Lease, PushError, QueueStats, Renewal, Replica,
+};
 use crate::store::{FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    #[error("unknown job kind '{0}'")]
-    UnknownKind(String),
+    /// A kind this server does not run; `known` lists the ones it does.
+    #[error("unknown job kind {kind:?}; known kinds: {}", known.join(", "))]
+    UnknownKind { kind: String, known: Vec<String> },
     #[error("invalid params for {kind}: {reason}")]
     InvalidParams { kind: String, reason: String },
     #[error("the queue is full ({capacity} jobs waiting); retry later")]
@@ -277,12 +282,75 @@ impl Engine {
         Engine { inner }
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
+    /// Which store holds the jobs (`sqlite`, `memory`, `redis`).
+    pub fn store_name(&self) -> &'static str {
+        self.inner.store.name()
     }
 
-    pub fn queue(&self) -> &Arc<dyn JobQueue> {
-        &self.inner.queue
+    /// Whether the store takes writes now; else why not (readiness).
+    pub fn store_health(&self) -> Result<(), String> {
+        self.inner.store.health()
+    }
+
+    /// Finished records the store dropped for room (the memory store's cap).
+    pub fn store_evictions(&self) -> u64 {
+        self.inner.store.evictions()
+    }
+
+    /// Flushes and closes the store: the last step of a shutdown, after the engine and the
+    /// pipeline stopped.
+    pub async fn close_store(&self) -> Result<(), StoreError> {
+        self.inner.store.close().await
+    }
+
+    /// A job's record as the store has it, brought up to date with what this process
+    /// knows sooner: a job that started here moments ago may not have its start (or its
+    /// attempt) in the store yet.
+    pub async fn record(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        let Some(mut rec) = self.inner.store.get(id).await? else {
+            return Ok(None);
+        };
+        if !rec.status.is_finished() {
+            if let Some(t) = self.started_at(id) {
+                if rec.status == JobStatus::Queued {
+                    rec.status = JobStatus::Running;
+                    rec.started_at = Some(t);
+                }
+                if let Some(a) = self.attempt(id) {
+                    rec.attempts = rec.attempts.max(a);
+                }
+            }
+        }
+        Ok(Some(rec))
+    }
+
+    /// A page of job records, newest first.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRecord>, StoreError> {
+        self.inner.store.list(filter).await
+    }
+
+    /// A page of `(id, status)` in id order after `after` (the compatible job listing).
+    pub async fn statuses(
+        &self,
+        after: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<(JobId, JobStatus)>, StoreError> {
+        self.inner.store.statuses(after, limit).await
+    }
+
+    /// The queue's size (with Redis, the shared queue's).
+    pub async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        self.inner.queue.stats().await
+    }
+
+    /// Jobs submitted and ended on every replica (none with an in-process queue).
+    pub async fn cluster_totals(&self) -> Result<Option<ClusterTotals>, StoreError> {
+        self.inner.queue.cluster_totals().await
+    }
+
+    /// The processes taking work from the queue.
+    pub async fn replicas(&self) -> Result<Vec<Replica>, StoreError> {
+        self.inner.queue.replicas().await
     }
 
     /// The engine's metric families (the dashboard reads them too).
@@ -311,13 +379,16 @@ impl Engine {
     /// until its record is durable. The id is valid when this returns.
     pub async fn submit(&self, job: NewJob, validate: bool) -> Result<JobId, SubmitError> {
         let inner = &self.inner;
-        if inner.draining.load(Ordering::SeqCst) {
-            return Err(SubmitError::ShuttingDown);
-        }
         let handler = inner
             .registry
             .get(&job.kind)
-            .ok_or_else(|| SubmitError::UnknownKind(job.kind.clone()))?;
+            .ok_or_else(|| SubmitError::UnknownKind {
+                kind: job.kind.clone(),
+                known: inner.registry.kinds().map(str::to_owned).collect(),
+            })?;
+        if inner.draining.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
         if validate {
             handler
                 .validate(&job.params)
