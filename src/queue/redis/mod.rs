@@ -309,6 +309,16 @@ struct Inner {
     settled: tokio::sync::Notify,
 }
 
+impl Inner {
+    /// Takes one waiting worker's claim, if one waits: the fetcher serving it, or a submit
+    /// leasing its job to it. False when no worker waits (or another took the claim).
+    fn take_want(&self) -> bool {
+        self.wanting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1))
+            .is_ok()
+    }
+}
+
 /// The Redis store and queue. Cheap to clone (shared inside).
 #[derive(Clone)]
 pub struct RedisStore {
@@ -661,10 +671,7 @@ impl RedisStore {
                         }
                         // This worker's claim is served; if a submit served it first,
                         // nobody waits for this job: back to the queue at once.
-                        let served = inner
-                            .wanting
-                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1))
-                            .is_ok();
+                        let served = inner.take_want();
                         if !served {
                             let _ = self.release_lease(lease.id, lease.attempt, false).await;
                             continue;
@@ -1366,10 +1373,7 @@ impl JobQueue for RedisStore {
         // script: no trip through the queue, no claim round trip, and its poll is held
         // here. Its claim is taken over now and given back if the job was not leased.
         let here = !inner.closed.load(Ordering::SeqCst)
-            && inner
-                .wanting
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1))
-                .is_ok();
+            && inner.take_want();
         let give_back = || {
             if here {
                 inner.wanting.fetch_add(1, Ordering::SeqCst);
@@ -1420,11 +1424,7 @@ impl JobQueue for RedisStore {
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 // Take our claim back; if the fetcher already served it, the lease is
                 // on its way: take it.
-                let withdrawn = self
-                    .inner
-                    .wanting
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1))
-                    .is_ok();
+                let withdrawn = self.inner.take_want();
                 if !withdrawn {
                     if let Ok(lease) = self.inner.ready_rx.recv_timeout(Duration::from_secs(5)) {
                         return Ok(Some(lease));
