@@ -310,16 +310,15 @@ impl Engine {
         let Some(mut rec) = self.inner.store.get(id).await? else {
             return Ok(None);
         };
-        if !rec.status.is_finished() {
-            if let Some(t) = self.started_at(id) {
-                if rec.status == JobStatus::Queued {
-                    rec.status = JobStatus::Running;
-                    rec.started_at = Some(t);
-                }
-                if let Some(a) = self.attempt(id) {
-                    rec.attempts = rec.attempts.max(a);
-                }
+        // Only an attempt newer than the store's counts: an older one still winding down
+        // here (cancelled, its job already queued again by a retry) says nothing.
+        let newer = self.attempt(id).filter(|a| *a > rec.attempts);
+        if let (false, Some(a), Some(t)) = (rec.status.is_finished(), newer, self.started_at(id)) {
+            if rec.status == JobStatus::Queued {
+                rec.status = JobStatus::Running;
+                rec.started_at = Some(t);
             }
+            rec.attempts = a;
         }
         Ok(Some(rec))
     }

@@ -28,6 +28,8 @@ pub struct TestApp {
     pub line_addr: Option<std::net::SocketAddr>,
     /// Holds the SQLite file; removed when the test ends.
     _dir: TempDir,
+    /// The private Redis of an app on [`Backend::Redis`].
+    _redis: Option<crate::redis_server::RedisServer>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -68,9 +70,28 @@ impl TestApp {
             compat_addr,
             line_addr,
             _dir: dir,
+            _redis: None,
             stop: Some(tx),
             handle: Some(handle),
         }
+    }
+
+    /// [`TestApp::spawn_with`] on `store` (a private `redis-server` for Redis, kept as
+    /// long as the app).
+    pub async fn on(store: Backend, f: impl FnOnce(&mut ServeConfig)) -> TestApp {
+        let redis = (store == Backend::Redis).then(crate::redis_server::RedisServer::start);
+        let url = redis.as_ref().map(|r| r.url());
+        let mut app = TestApp::spawn_with(move |c| {
+            match store {
+                Backend::Memory => c.store = StoreSpec::Memory,
+                Backend::Sqlite => {}
+                Backend::Redis => c.store = url.unwrap().parse().expect("a redis URL"),
+            }
+            f(c);
+        })
+        .await;
+        app._redis = redis;
+        app
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -152,3 +173,44 @@ impl TestApp {
         }
     }
 }
+
+/// The stores an API scenario runs on (see [`on_every_store`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Sqlite,
+    Redis,
+}
+
+/// One test per store for each scenario named: `async fn scenario(store: Backend)`
+/// becomes `memory::scenario`, `sqlite::scenario` and `redis::scenario`, so a behaviour
+/// the API promises on every store is written once.
+macro_rules! on_every_store {
+    ($($scenario:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(crate::helpers::Backend::Memory).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(crate::helpers::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(crate::helpers::Backend::Redis).await
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_every_store;

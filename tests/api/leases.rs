@@ -1,15 +1,21 @@
 //! Leases, attempts and retries through the HTTP API: a stalled worker loses its job to
 //! another and its late outcome is refused; a failed or cancelled job runs again under
-//! its id.
+//! its id; on every store.
 
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{metric, TestApp};
+use crate::helpers::{eventually, metric, on_every_store, Backend, TestApp};
 
-#[tokio::test]
-async fn a_stalled_worker_loses_its_job_and_its_late_outcome_is_refused() {
-    let app = TestApp::spawn_with(|c| {
+on_every_store!(
+    a_stalled_worker_loses_its_job_and_its_late_outcome_is_refused,
+    a_job_that_stalls_every_time_fails_for_good_after_max_attempts,
+    a_failed_or_cancelled_job_runs_again_under_its_id_with_its_next_attempt,
+    a_job_sees_its_attempt_number_from_its_first_run,
+);
+
+async fn a_stalled_worker_loses_its_job_and_its_late_outcome_is_refused(store: Backend) {
+    let app = TestApp::on(store, |c| {
         c.lease_ms = 300;
         c.workers = Some(2);
     })
@@ -24,14 +30,15 @@ async fn a_stalled_worker_loses_its_job_and_its_late_outcome_is_refused() {
     assert_eq!(job["attempts"], 2);
 
     // The stalled attempt wakes up later; its outcome is refused and counted.
-    let until = std::time::Instant::now() + crate::helpers::PATIENCE;
-    while metric(&app.metrics().await, "tally_queue_fenced_total") != Some(1.0) {
-        assert!(
-            std::time::Instant::now() < until,
-            "the stale outcome was never refused"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("the stale outcome to be refused", async || {
+        let fenced = metric(&app.metrics().await, "tally_queue_fenced_total");
+        if fenced == Some(1.0) {
+            Ok(())
+        } else {
+            Err(format!("tally_queue_fenced_total {fenced:?}"))
+        }
+    })
+    .await;
     let m = app.metrics().await;
     assert_eq!(metric(&m, "tally_queue_reclaims_total"), Some(1.0));
     let (_, job) = app.get(&format!("/v1/jobs/{id}")).await;
@@ -49,9 +56,8 @@ async fn a_stalled_worker_loses_its_job_and_its_late_outcome_is_refused() {
     assert_eq!(counts["in_progress"], 0);
 }
 
-#[tokio::test]
-async fn a_job_that_stalls_every_time_fails_for_good_after_max_attempts() {
-    let app = TestApp::spawn_with(|c| {
+async fn a_job_that_stalls_every_time_fails_for_good_after_max_attempts(store: Backend) {
+    let app = TestApp::on(store, |c| {
         c.lease_ms = 200;
         c.workers = Some(3);
         c.max_attempts = 2;
@@ -71,9 +77,8 @@ async fn a_job_that_stalls_every_time_fails_for_good_after_max_attempts() {
     );
 }
 
-#[tokio::test]
-async fn a_failed_or_cancelled_job_runs_again_under_its_id_with_its_next_attempt() {
-    let app = TestApp::spawn().await;
+async fn a_failed_or_cancelled_job_runs_again_under_its_id_with_its_next_attempt(store: Backend) {
+    let app = TestApp::on(store, |_| {}).await;
     let failed = app
         .submit("test.panic", json!({ "message": "first" }))
         .await;
@@ -140,10 +145,9 @@ async fn retrying_needs_the_token_when_one_is_set() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test]
-async fn a_job_sees_its_attempt_number_from_its_first_run() {
+async fn a_job_sees_its_attempt_number_from_its_first_run(store: Backend) {
     // Tracked from its admission, the job's record and its running code agree.
-    let app = TestApp::spawn().await;
+    let app = TestApp::on(store, |_| {}).await;
     let id = app
         .submit("test.stall", json!({ "ms": 0, "stall_attempts": 0 }))
         .await;

@@ -1372,8 +1372,7 @@ impl JobQueue for RedisStore {
         // A worker of ours waiting for work gets this job straight from the submit
         // script: no trip through the queue, no claim round trip, and its poll is held
         // here. Its claim is taken over now and given back if the job was not leased.
-        let here = !inner.closed.load(Ordering::SeqCst)
-            && inner.take_want();
+        let here = !inner.closed.load(Ordering::SeqCst) && inner.take_want();
         let give_back = || {
             if here {
                 inner.wanting.fetch_add(1, Ordering::SeqCst);
