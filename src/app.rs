@@ -185,6 +185,7 @@ impl Application {
             auth: cfg.auth_token.clone(),
             shutdown: CancellationToken::new(),
             poll_hold: Duration::from_millis(cfg.poll_hold_ms),
+            idempotency_ttl: Duration::from_secs(cfg.idempotency_ttl),
             datasets: data_dir,
             max_upload_bytes: cfg.max_upload_bytes,
             pipeline,

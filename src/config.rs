@@ -317,6 +317,11 @@ pub struct ServeConfig {
     #[arg(long, env = "TALLY_RESULT_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=365 * 86_400))]
     pub result_ttl: u64,
 
+    /// How long an `Idempotency-Key` of a submission holds, in seconds: a submission with
+    /// the same key within it gets the first job instead of a new one (every store).
+    #[arg(long, env = "TALLY_IDEMPOTENCY_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=365 * 86_400))]
+    pub idempotency_ttl: u64,
+
     /// Runs of a job whose lease expired before it is failed for good (a dead letter).
     #[arg(long, env = "TALLY_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_attempts: u32,

@@ -86,6 +86,28 @@ impl FromStr for JobStatus {
 pub struct NewJob {
     pub kind: String,
     pub params: Value,
+    /// The client's idempotency key (`Idempotency-Key` at the HTTP edge): a later
+    /// submission with the same key and request gets this job instead of a new one.
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+impl NewJob {
+    /// A job without an idempotency key.
+    pub fn new(kind: impl Into<String>, params: Value) -> Self {
+        NewJob {
+            kind: kind.into(),
+            params,
+            idempotency: None,
+        }
+    }
+}
+
+/// An idempotency key as the store keeps it: the client's text and how long it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    /// The key is forgotten this long after the submission that first used it.
+    pub ttl_ms: u64,
 }
 
 /// How a job ended.

@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tally::metrics::Metrics;
-use tally::model::{Attempt, Finish, JobCounts, JobId, JobStatus, ListFilter, NewJob, Outcome};
+use tally::model::{
+    Attempt, Finish, IdempotencyKey, JobCounts, JobId, JobStatus, ListFilter, NewJob, Outcome,
+};
 use tally::queue::local::LocalQueue;
 use tally::queue::redis::{RedisOptions, RedisStore};
-use tally::queue::{JobQueue, Lease, LeaseOptions, PushError, Renewal};
+use tally::queue::{JobQueue, Lease, LeaseOptions, PushError, Pushed, Renewal};
 use tally::store::memory::MemoryStore;
 use tally::store::sqlite::{SqliteOptions, SqliteStore, SqliteSync};
-use tally::store::{Finished, Requeued, Store};
+use tally::store::{Finished, Requeued, Store, Submitted};
 
 /// A short lease, so that expiry cases finish quickly.
 const LEASE: Duration = Duration::from_millis(150);
@@ -160,19 +162,43 @@ async fn redis_subject() -> Subject {
 }
 
 fn job(kind: &str, n: i64) -> NewJob {
+    NewJob::new(kind, json!({ "n": n }))
+}
+
+/// A job submitted with an idempotency key that holds `ttl_ms`.
+fn keyed(kind: &str, params: serde_json::Value, key: &str, ttl_ms: u64) -> NewJob {
     NewJob {
         kind: kind.into(),
-        params: json!({ "n": n }),
+        params,
+        idempotency: Some(IdempotencyKey {
+            key: key.into(),
+            ttl_ms,
+        }),
     }
 }
 
+/// A day: longer than any case.
+const KEY_TTL_MS: u64 = 86_400_000;
+
 async fn submit(s: &Subject, j: &NewJob) -> JobId {
-    let (id, durable) = match s.queue.push(j, 1_000, &|_, _| {}).await {
+    match push(s, j, 1_000).await {
+        Submitted::New(id) => id,
+        other => panic!("a submission without a key made {other:?}"),
+    }
+}
+
+/// Pushes `j` at `now_ms` and waits until the answer may be handed out.
+async fn push(s: &Subject, j: &NewJob, now_ms: i64) -> Submitted {
+    push_on(&s.queue, j, now_ms).await
+}
+
+async fn push_on(queue: &Arc<dyn JobQueue>, j: &NewJob, now_ms: i64) -> Submitted {
+    let Pushed { submitted, durable } = match queue.push(j, now_ms, &|_, _| {}).await {
         Ok(p) => p,
         Err(e) => panic!("push failed: {e}"),
     };
     durable.await.expect("the record is durable");
-    id
+    submitted
 }
 
 /// Claims from a blocking thread, as a worker does.
@@ -582,7 +608,13 @@ pub async fn a_job_whose_attempts_all_expire_is_a_dead_letter(s: Subject) {
 
 pub async fn writes_about_one_job_apply_in_the_order_they_were_sent(s: Subject) {
     // Sent back to back from a worker thread without waiting: insert, start, finish.
-    let (id, durable) = s.queue.push(&job("k", 1), 1_000, &|_, _| {}).await.unwrap();
+    let Pushed {
+        submitted: Submitted::New(id),
+        durable,
+    } = s.queue.push(&job("k", 1), 1_000, &|_, _| {}).await.unwrap()
+    else {
+        panic!("no new job");
+    };
     let q = s.queue.clone();
     let pending = tokio::task::spawn_blocking(move || {
         let l = q.claim(PATIENCE).unwrap().unwrap();
@@ -699,11 +731,179 @@ pub async fn a_full_queue_refuses_at_once(s: Subject) {
     match s.queue.push(&job("k", 99), 1_000, &|_, _| {}).await {
         Err(PushError::Full { capacity }) => assert_eq!(capacity, CAPACITY),
         Err(e) => panic!("{e}"),
-        Ok((id, _)) => panic!("admitted {id} past the capacity"),
+        Ok(p) => panic!("admitted {:?} past the capacity", p.submitted),
     }
     // Taking one frees a slot.
     claim_now(&s).await;
     submit(&s, &job("k", 100)).await;
+}
+
+pub async fn a_repeated_idempotency_key_answers_the_first_job_and_makes_nothing(s: Subject) {
+    let first = keyed("k", json!({ "a": 1, "b": [1, 2] }), "order-17", KEY_TTL_MS);
+    let id = match push(&s, &first, 1_000).await {
+        Submitted::New(id) => id,
+        other => panic!("the first submission with a key made {other:?}"),
+    };
+    // The same request (its params' keys in another order are the same params).
+    let again = keyed("k", json!({ "b": [1, 2], "a": 1 }), "order-17", KEY_TTL_MS);
+    assert_eq!(push(&s, &again, 1_100).await, Submitted::Replayed(id));
+    assert_eq!(push(&s, &first, 1_200).await, Submitted::Replayed(id));
+    s.store.flush().await.unwrap();
+    assert_eq!(s.store.counts().await.unwrap(), counts(1, 0, 0, 0, 0));
+    // One job queued, not three.
+    let l = claim_now(&s).await;
+    assert_eq!((l.id, l.attempt), (id, 1));
+    assert!(claim(&s, Duration::from_millis(200)).await.is_none());
+    // Still the first job once it ran.
+    assert_eq!(finish(&s, &l, done("1")).await, Finished::Recorded);
+    assert_eq!(push(&s, &again, 1_300).await, Submitted::Replayed(id));
+    let r = s.store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (r.status, r.params),
+        (JobStatus::Done, json!({ "a": 1, "b": [1, 2] }))
+    );
+    // Another key, or none, is another job.
+    let other = keyed("k", json!({ "a": 1, "b": [1, 2] }), "order-18", KEY_TTL_MS);
+    let second = match push(&s, &other, 1_400).await {
+        Submitted::New(n) => n,
+        x => panic!("another key made {x:?}"),
+    };
+    assert_ne!(second, id);
+    let unkeyed = submit(&s, &NewJob::new("k", json!({ "a": 1, "b": [1, 2] }))).await;
+    assert!(unkeyed != id && unkeyed != second);
+    // Three jobs in all (a queue may already have leased the new ones to a worker).
+    s.store.flush().await.unwrap();
+    let c = s.store.counts().await.unwrap();
+    assert_eq!((c.queued + c.running, c.done), (2, 1), "{c:?}");
+}
+
+pub async fn a_key_used_for_another_request_is_refused_naming_its_job(s: Subject) {
+    let id = match push(&s, &keyed("k", json!({ "n": 1 }), "k-1", KEY_TTL_MS), 1_000).await {
+        Submitted::New(id) => id,
+        other => panic!("{other:?}"),
+    };
+    // Other params, another kind: refused, naming the job the key made; nothing queued.
+    for (kind, params) in [
+        ("k", json!({ "n": 2 })),
+        ("other", json!({ "n": 1 })),
+        ("k", json!({})),
+    ] {
+        assert_eq!(
+            push(&s, &keyed(kind, params, "k-1", KEY_TTL_MS), 1_100).await,
+            Submitted::KeyReused(id)
+        );
+    }
+    s.store.flush().await.unwrap();
+    assert_eq!(s.store.counts().await.unwrap(), counts(1, 0, 0, 0, 0));
+    // The key still answers its own request.
+    assert_eq!(
+        push(&s, &keyed("k", json!({ "n": 1 }), "k-1", KEY_TTL_MS), 1_200).await,
+        Submitted::Replayed(id)
+    );
+}
+
+pub async fn concurrent_submissions_with_one_key_make_one_job(s: Subject) {
+    let start = Arc::new(tokio::sync::Barrier::new(6));
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (queue, start) = (s.queue.clone(), start.clone());
+            tokio::spawn(async move {
+                let j = keyed("k", json!({ "n": 1 }), "one-key", KEY_TTL_MS);
+                start.wait().await;
+                push_on(&queue, &j, 1_000).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    let new: Vec<JobId> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Submitted::New(id) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(new.len(), 1, "one job made: {answers:?}");
+    for a in &answers {
+        assert!(
+            matches!(a, Submitted::New(id) | Submitted::Replayed(id) if *id == new[0]),
+            "{answers:?}"
+        );
+    }
+    s.store.flush().await.unwrap();
+    assert_eq!(s.store.counts().await.unwrap(), counts(1, 0, 0, 0, 0));
+    let listed = s
+        .store
+        .list(&ListFilter {
+            limit: 100,
+            status: None,
+            kind: None,
+            before: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.iter().map(|r| r.id).collect::<Vec<_>>(), new);
+}
+
+pub async fn a_key_is_free_again_after_its_lifetime(s: Subject) {
+    // 300 ms by the submissions' clock and by the store's own (Redis keeps time itself).
+    let first = match push(&s, &keyed("k", json!({ "n": 1 }), "short", 300), 1_000).await {
+        Submitted::New(id) => id,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        push(&s, &keyed("k", json!({ "n": 1 }), "short", 300), 1_100).await,
+        Submitted::Replayed(first)
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Expired: the same key makes a new job, even for another request, and holds anew.
+    let second = match push(
+        &s,
+        &keyed("k", json!({ "n": 2 }), "short", KEY_TTL_MS),
+        1_700,
+    )
+    .await
+    {
+        Submitted::New(id) => id,
+        other => panic!("an expired key answered {other:?}"),
+    };
+    assert_ne!(second, first);
+    assert_eq!(
+        push(
+            &s,
+            &keyed("k", json!({ "n": 2 }), "short", KEY_TTL_MS),
+            1_800
+        )
+        .await,
+        Submitted::Replayed(second)
+    );
+    assert_eq!(
+        push(
+            &s,
+            &keyed("k", json!({ "n": 1 }), "short", KEY_TTL_MS),
+            1_900
+        )
+        .await,
+        Submitted::KeyReused(second)
+    );
+}
+
+pub async fn an_idempotency_key_survives_a_crash(s: Subject, durable: bool) {
+    let j = keyed("k", json!({ "n": 1 }), "kept", KEY_TTL_MS);
+    let id = match push(&s, &j, 1_000).await {
+        Submitted::New(id) => id,
+        other => panic!("{other:?}"),
+    };
+    let s = crash_and_restart(s).await;
+    let answer = push(&s, &j, 2_000).await;
+    if durable {
+        assert_eq!(answer, Submitted::Replayed(id));
+    } else {
+        // Nothing kept: the key went with the jobs.
+        assert!(matches!(answer, Submitted::New(_)), "{answer:?}");
+    }
 }
 
 pub async fn the_store_is_healthy_and_closes_cleanly(s: Subject) {
@@ -745,10 +945,19 @@ macro_rules! conformance {
             case!(a_released_claim_goes_back_without_using_an_attempt);
             case!(a_full_queue_refuses_at_once);
             case!(the_store_is_healthy_and_closes_cleanly);
+            case!(a_repeated_idempotency_key_answers_the_first_job_and_makes_nothing);
+            case!(a_key_used_for_another_request_is_refused_naming_its_job);
+            case!(concurrent_submissions_with_one_key_make_one_job);
+            case!(a_key_is_free_again_after_its_lifetime);
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn unfinished_jobs_survive_a_crash_and_run_again() {
                 super::unfinished_jobs_survive_a_crash_and_run_again($make().await, $durable).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn an_idempotency_key_survives_a_crash() {
+                super::an_idempotency_key_survives_a_crash($make().await, $durable).await;
             }
         }
     };
@@ -841,7 +1050,7 @@ mod redis_faults {
                 assert!(e.to_string().contains("out of memory"), "{e}");
             }
             Err(e) => panic!("{e}"),
-            Ok((id, _)) => panic!("admitted {id} into a full redis"),
+            Ok(p) => panic!("admitted {:?} into a full redis", p.submitted),
         }
         match s
             .queue
@@ -893,6 +1102,24 @@ mod redis_faults {
         })
         .await;
         assert_eq!(store.expirations(), CAPACITY as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idempotency_key_is_kept_with_its_lifetime_and_without_its_text() {
+        let server = Arc::new(redis_server::RedisServer::start());
+        let store = open(&server, Duration::from_secs(3600)).await;
+        let s = subject(&store, server.clone());
+        let j = keyed("k", json!({ "n": 1 }), "client-key-42", 60_000);
+        assert!(matches!(push(&s, &j, 1_000).await, Submitted::New(_)));
+        let keys: Vec<String> = server.query(::redis::cmd("KEYS").arg("{tally}:idem:*"));
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(!keys[0].contains("client-key-42"), "{keys:?}");
+        let ttl: i64 = server.query(::redis::cmd("PTTL").arg(&keys[0]));
+        assert!(ttl > 0 && ttl <= 60_000, "PTTL {ttl}");
+        // A replay leaves the lifetime as the first submission set it.
+        assert!(matches!(push(&s, &j, 1_000).await, Submitted::Replayed(_)));
+        let again: i64 = server.query(::redis::cmd("PTTL").arg(&keys[0]));
+        assert!(again <= ttl, "PTTL {again} after {ttl}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

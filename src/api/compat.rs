@@ -205,15 +205,14 @@ pub async fn compute(
     let submitted = st
         .engine
         .submit(
-            NewJob {
-                kind: query.kind(),
-                params,
-            },
+            // The compat routes take no Idempotency-Key (the original API had none).
+            NewJob::new(query.kind(), params),
             false,
         )
         .await;
     let res = match submitted {
-        Ok(id) => {
+        Ok(submitted) => {
+            let id = submitted.id;
             tracing::info!(route, job_id = %Wire(id), "api response out");
             return json_text(StatusCode::OK, format!("{{\"job_id\":\"{}\"}}", Wire(id)));
         }
@@ -227,10 +226,13 @@ pub async fn compute(
             res
         }
         Err(SubmitError::Store(e)) => store_error(route, &e),
-        // Compatible routes skip validation and always name a registered kind.
-        Err(e @ (SubmitError::UnknownKind { .. } | SubmitError::InvalidParams { .. })) => {
-            error(StatusCode::BAD_REQUEST, &e.to_string())
-        }
+        // Compatible routes skip validation, always name a registered kind and send no
+        // idempotency key.
+        Err(
+            e @ (SubmitError::UnknownKind { .. }
+            | SubmitError::InvalidParams { .. }
+            | SubmitError::KeyReused { .. }),
+        ) => error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     tracing::info!(route, status = res.status().as_u16(), "api response out");
     res

@@ -18,6 +18,13 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unprocessable(String),
+    /// A submission's `Idempotency-Key` already made another request's job (422; the
+    /// problem body names it in `job_id`).
+    #[error(
+        "the Idempotency-Key was already used for a different request (another kind or params), which made job {}; send a new key for a new job",
+        Wire(*.0)
+    )]
+    IdempotencyKeyReused(crate::model::JobId),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -54,7 +61,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unprocessable(_) | ApiError::IdempotencyKeyReused(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -86,8 +95,10 @@ impl IntoResponse for ApiError {
             "status": status.as_u16(),
             "detail": self.to_string(),
         });
-        if let ApiError::OutcomeUnknown(_) = &self {
-            body["outcome"] = "unknown".into();
+        match &self {
+            ApiError::OutcomeUnknown(_) => body["outcome"] = "unknown".into(),
+            ApiError::IdempotencyKeyReused(id) => body["job_id"] = Wire(*id).to_string().into(),
+            _ => {}
         }
         let mut res = (status, body.to_string()).into_response();
         let h = res.headers_mut();
@@ -142,6 +153,7 @@ impl From<SubmitError> for ApiError {
             SubmitError::InvalidParams { .. } => ApiError::Unprocessable(e.to_string()),
             SubmitError::QueueFull { .. } => ApiError::QueueFull(e.to_string()),
             SubmitError::ShuttingDown => ApiError::ShuttingDown,
+            SubmitError::KeyReused { id } => ApiError::IdempotencyKeyReused(id),
             SubmitError::Store(s) => s.into(),
         }
     }

@@ -69,6 +69,8 @@ pub struct AppContext {
     pub auth: Option<Secret>,
     /// Cancelled to ask the application to drain and stop (`/api/graceful_shutdown`).
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// `--idempotency-ttl`: how long a submission's `Idempotency-Key` holds.
+    pub idempotency_ttl: std::time::Duration,
     /// How long `/api/get_results` may hold a poll of an unfinished job (long polling).
     pub poll_hold: std::time::Duration,
     /// `--data-dir`: datasets of `csv.column_sum` jobs.

@@ -37,6 +37,32 @@ pub mod wire {
         pub detail: String,
     }
 
+    /// A refused submission (422): params the kind refuses, or an `Idempotency-Key`
+    /// already used for another request.
+    #[derive(Serialize, ToSchema)]
+    pub struct KeyReusedProblem {
+        #[serde(rename = "type")]
+        pub kind: String,
+        pub title: String,
+        pub status: u16,
+        pub detail: String,
+        /// With a reused Idempotency-Key: the job that key made (`job_id_N`).
+        pub job_id: Option<String>,
+    }
+
+    /// A submission not taken now (503, with Retry-After).
+    #[derive(Serialize, ToSchema)]
+    pub struct UnavailableProblem {
+        #[serde(rename = "type")]
+        pub kind: String,
+        pub title: String,
+        pub status: u16,
+        pub detail: String,
+        /// `unknown` when the store never answered: the job may exist; retry with the
+        /// same Idempotency-Key to get it rather than a second one.
+        pub outcome: Option<String>,
+    }
+
     /// A job taken: its id is valid on every route at once.
     #[derive(Serialize, ToSchema)]
     pub struct Accepted {

@@ -211,14 +211,9 @@ pub async fn compat_submit(
     }
     let id = st
         .engine
-        .submit(
-            NewJob {
-                kind: KIND.to_string(),
-                params: json!({ "dataset": name }),
-            },
-            false,
-        )
-        .await?;
+        .submit(NewJob::new(KIND, json!({ "dataset": name })), false)
+        .await?
+        .id;
     Ok(Json(
         json!({ "Task started, your id": crate::api::ids::text(id) }),
     ))

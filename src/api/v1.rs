@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -16,7 +16,7 @@ use super::error::{ApiError, ApiJson};
 use super::ids::{self, Wire};
 use super::openapi::wire;
 use super::AppState;
-use crate::model::{JobId, JobRecord, JobStatus, ListFilter, NewJob};
+use crate::model::{IdempotencyKey, JobId, JobRecord, JobStatus, ListFilter, NewJob};
 
 /// A job to run: its kind and its params.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -88,26 +88,74 @@ fn parse_id(raw: &str) -> Result<JobId, ApiError> {
     })
 }
 
-/// `POST /v1/jobs`: queues a job; its id is valid everywhere once answered.
+/// The request header naming a submission, so that its retries make one job.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The answer header saying a submission repeated an earlier one (its job, not a new one).
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// Longest `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The submission's `Idempotency-Key`, if it sent one: 1 to 255 visible ASCII characters
+/// (`!` to `~`, no spaces), sent once.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest(
+            "send one Idempotency-Key header, not several".into(),
+        ));
+    }
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(ApiError::BadRequest(format!(
+            "the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters, not {}",
+            bytes.len()
+        )));
+    }
+    if !bytes.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::BadRequest(
+            "the Idempotency-Key header must be visible ASCII characters ('!' to '~'), without spaces"
+                .into(),
+        ));
+    }
+    // Checked above: every byte is ASCII.
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// `POST /v1/jobs`: queues a job; its id is valid everywhere once answered. With an
+/// `Idempotency-Key`, a submission that repeats an earlier one (same key, kind and params,
+/// within `--idempotency-ttl`) gets that first job's answer instead of a new job.
 #[utoipa::path(
     post,
     path = "/v1/jobs",
     tag = "jobs",
     request_body = SubmitBody,
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "1 to 255 visible ASCII characters naming this submission: a retry with the same key and the same kind and params within --idempotency-ttl gets the first job (header Idempotent-Replayed: true) instead of a second one; the same key with another request is 422",
+            min_length = 1, max_length = 255, pattern = "^[!-~]+$"),
+    ),
     responses(
-        (status = 202, description = "Queued", body = wire::Accepted,
-            headers(("Location" = String, description = "The job's URL"))),
-        (status = 400, description = "Unknown kind or a malformed body", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 202, description = "Queued, or (Idempotent-Replayed: true) the job an earlier submission with the same Idempotency-Key made", body = wire::Accepted,
+            headers(
+                ("Location" = String, description = "The job's URL"),
+                ("Idempotent-Replayed" = String, description = "`true` when this is the answer to an earlier submission with the same Idempotency-Key (no new job); absent otherwise"),
+            )),
+        (status = 400, description = "Unknown kind, a malformed body or a malformed Idempotency-Key", body = wire::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over --max-body-bytes", body = wire::Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Params the kind refuses", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Queue full, shutting down or store unavailable (Retry-After)", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Params the kind refuses, or an Idempotency-Key already used for another request (`job_id` names the job it made)", body = wire::KeyReusedProblem, content_type = "application/problem+json"),
+        (status = 503, description = "Queue full, shutting down or store unavailable (Retry-After); `outcome: unknown` when the store never answered and the job may exist: retry with the same Idempotency-Key", body = wire::UnavailableProblem, content_type = "application/problem+json"),
     )
 )]
 pub async fn submit(
     State(st): State<AppState>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<SubmitBody>,
 ) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
     let params = match body.params {
         None | Some(Value::Null) => Value::Object(Default::default()),
         Some(p @ Value::Object(_)) => p,
@@ -117,23 +165,31 @@ pub async fn submit(
             )))
         }
     };
-    let id = st
-        .engine
-        .submit(
-            NewJob {
-                kind: body.kind,
-                params,
-            },
-            true,
-        )
-        .await?;
+    let idempotency = key.map(|key| IdempotencyKey {
+        key,
+        ttl_ms: st.idempotency_ttl.as_millis() as u64,
+    });
+    let job = NewJob {
+        kind: body.kind,
+        params,
+        idempotency,
+    };
+    let submitted = st.engine.submit(job, true).await?;
+    let id = submitted.id;
     let location = format!("/v1/jobs/{}", Wire(id));
-    Ok((
+    // A replay answers what the first submission was answered (its job was queued then;
+    // its state now is at the Location).
+    let mut res = (
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
         Json(serde_json::json!({ "id": ids::text(id), "status": "queued" })),
     )
-        .into_response())
+        .into_response();
+    if submitted.replayed {
+        res.headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(res)
 }
 
 /// `GET /v1/jobs/{id}`: a job, with its progress while it runs.

@@ -37,9 +37,9 @@ use crate::model::{
 };
 use crate::now_ms;
 use crate::queue::{
-    gave_up, ClusterTotals, JobQueue, Lease, PushError, QueueStats, Renewal, Replica,
+    gave_up, ClusterTotals, JobQueue, Lease, PushError, Pushed, QueueStats, Renewal, Replica,
 };
-use crate::store::{FinishFailed, FinishPending, Finished, Requeued, Store, StoreError};
+use crate::store::{FinishFailed, FinishPending, Finished, Requeued, Store, StoreError, Submitted};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -52,8 +52,19 @@ pub enum SubmitError {
     QueueFull { capacity: usize },
     #[error("the service is shutting down and takes no new jobs")]
     ShuttingDown,
+    /// The idempotency key was used for a different request, which made job `id`.
+    #[error("the idempotency key was already used for a different request (job {id})")]
+    KeyReused { id: JobId },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// An accepted submission: its job, and whether it repeated an earlier submission under
+/// the same idempotency key (nothing new was made, nothing counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submission {
+    pub id: JobId,
+    pub replayed: bool,
 }
 
 impl From<PushError> for SubmitError {
@@ -375,8 +386,10 @@ impl Engine {
     }
 
     /// Admits a job: checks the kind (and params when `validate`), queues it and waits
-    /// until its record is durable. The id is valid when this returns.
-    pub async fn submit(&self, job: NewJob, validate: bool) -> Result<JobId, SubmitError> {
+    /// until its record is durable. The id is valid when this returns. With an
+    /// idempotency key the store already holds for the same request, nothing is queued
+    /// or counted: the answer is the first job, `replayed`.
+    pub async fn submit(&self, job: NewJob, validate: bool) -> Result<Submission, SubmitError> {
         let inner = &self.inner;
         let handler = inner
             .registry
@@ -398,7 +411,24 @@ impl Engine {
         }
         let admitted = self.admitted(&job.kind);
         let (id, durable) = match inner.queue.push(&job, now_ms(), &admitted).await {
-            Ok(p) => p,
+            Ok(Pushed {
+                submitted: Submitted::New(id),
+                durable,
+            }) => (id, durable),
+            Ok(Pushed {
+                submitted: Submitted::Replayed(id),
+                durable,
+            }) => {
+                durable.await?;
+                return Ok(Submission { id, replayed: true });
+            }
+            Ok(Pushed {
+                submitted: Submitted::KeyReused(id),
+                durable,
+            }) => {
+                durable.await?;
+                return Err(SubmitError::KeyReused { id });
+            }
             Err(e) => {
                 if matches!(e, PushError::Full { .. }) {
                     inner.metrics.queue_rejections.inc();
@@ -423,7 +453,10 @@ impl Engine {
             .submitted
             .get_or_create(&KindLabels { kind: job.kind })
             .inc();
-        Ok(id)
+        Ok(Submission {
+            id,
+            replayed: false,
+        })
     }
 
     /// Queues again the jobs an earlier process left unfinished (for a queue that lives

@@ -20,11 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    gave_up, Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Reclaimed, Renewal,
+    gave_up, Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Pushed, Reclaimed, Renewal,
 };
 use crate::model::{JobId, NewJob, Outcome};
 use crate::store::{
-    Attempt, Durable, Finish, FinishPending, Finished, Requeued, Store, StoreError,
+    Attempt, Finish, FinishPending, Finished, Requeued, Store, StoreError, Submitted,
 };
 
 /// A job in the channel.
@@ -130,7 +130,9 @@ impl JobQueue for LocalQueue {
         job: &NewJob,
         now_ms: i64,
         admitted: Admitted<'_>,
-    ) -> Result<(JobId, Durable), PushError> {
+    ) -> Result<Pushed, PushError> {
+        // A full queue refuses every submission, replays included (as on Redis): the
+        // client retries later and then gets its first job.
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Err(PushError::Full {
                 capacity: self.capacity,
@@ -138,8 +140,11 @@ impl JobQueue for LocalQueue {
         };
         // The job is queued while its record is being committed (the work overlaps the
         // commit, and its outcome often lands in the same group commit); the caller
-        // hands out the id only once the record is durable.
-        let (id, durable) = self.store.submit_begin(job, now_ms).await?;
+        // hands out the id only once the record is durable. A replay gives its slot back.
+        let (submitted, durable) = self.store.submit_begin(job, now_ms).await?;
+        let Submitted::New(id) = submitted else {
+            return Ok(Pushed { submitted, durable });
+        };
         admitted(id, true);
         self.enqueue(Waiting {
             id,
@@ -149,7 +154,7 @@ impl JobQueue for LocalQueue {
             retry_base: 0,
             _slot: Some(slot),
         });
-        Ok((id, durable))
+        Ok(Pushed { submitted, durable })
     }
 
     fn claim(&self, wait: Duration) -> Result<Option<Lease>, Closed> {

@@ -24,7 +24,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::model::{JobId, NewJob};
-use crate::store::{Durable, Finish, FinishPending, Finished, Requeued, Store, StoreError};
+use crate::store::{
+    Durable, Finish, FinishPending, Finished, Requeued, Store, StoreError, Submitted,
+};
 
 pub mod local;
 pub mod redis;
@@ -40,6 +42,14 @@ pub struct Lease {
     pub retry_base: u32,
     pub kind: String,
     pub params: Value,
+}
+
+/// An admitted submission: what it made (only a [`Submitted::New`] job was queued; the
+/// others name the first job of the submission's idempotency key, already durable).
+pub struct Pushed {
+    pub submitted: Submitted,
+    /// Resolves once the record is durable; the id may be handed out only then.
+    pub durable: Durable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,13 +128,16 @@ pub type Admitted<'a> = &'a (dyn Fn(JobId, bool) + Send + Sync);
 pub trait JobQueue: Send + Sync + 'static {
     /// Admits a job: its record on its way to the store and the job on the queue. The
     /// returned future resolves once the record is durable; the id may be handed out
-    /// only then.
+    /// only then. A submission whose idempotency key the store already holds queues
+    /// nothing and calls no `admitted`: it answers [`Submitted::Replayed`] (the same
+    /// request) or [`Submitted::KeyReused`] (another one), naming the first job. A full
+    /// queue refuses those too (the client retries later and then gets its answer).
     async fn push(
         &self,
         job: &NewJob,
         now_ms: i64,
         admitted: Admitted<'_>,
-    ) -> Result<(JobId, Durable), PushError>;
+    ) -> Result<Pushed, PushError>;
 
     /// For worker threads (blocking): waits up to `wait` for the next job and leases it
     /// to the caller as its next attempt. `Ok(None)` when nothing came in time.

@@ -1,16 +1,19 @@
 //! The memory store: a map behind a mutex, nothing on disk. Finished jobs are capped:
 //! past `max_finished`, the oldest finished record is evicted (counted in `/metrics`).
 //! Unfinished jobs are never evicted: the queue's own capacity bounds them.
+//! Idempotency keys live their lifetime (`--idempotency-ttl`) and at most
+//! [`MAX_KEYS`] of them are kept: expired keys are dropped at each keyed submission, and
+//! past the cap the oldest key goes first (its lifetime cut short).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{
-    finish_rule, released_attempts, Attempt, Finish, FinishPending, Finished, Requeued, Store,
-    StoreError,
+    fingerprint, finish_rule, key_hash, released_attempts, Attempt, Finish, FinishPending,
+    Finished, Requeued, Store, StoreError, Submitted,
 };
 use crate::model::{JobCounts, JobId, JobRecord, JobStatus, ListFilter, NewJob, Outcome};
 
@@ -28,6 +31,39 @@ struct Inner {
     /// Finished ids in the order they finished: the eviction order.
     finished: VecDeque<JobId>,
     counts: JobCounts,
+    /// Idempotency keys by their hash: the job, its request's fingerprint, the expiry.
+    keys: HashMap<[u8; 32], Keyed>,
+    /// Keys in the order they were recorded, with their expiry: the eviction order.
+    key_order: VecDeque<([u8; 32], i64)>,
+}
+
+struct Keyed {
+    id: JobId,
+    fingerprint: [u8; 32],
+    expires_at: i64,
+}
+
+/// Most idempotency keys the memory store keeps (about 10 MB of them).
+pub const MAX_KEYS: usize = 100_000;
+
+impl Inner {
+    /// Drops expired keys, and the oldest past [`MAX_KEYS`].
+    fn evict_keys(&mut self, now_ms: i64) {
+        while let Some(&(hash, expires_at)) = self.key_order.front() {
+            if expires_at > now_ms && self.key_order.len() < MAX_KEYS {
+                break;
+            }
+            self.key_order.pop_front();
+            // A key used again after it expired has a newer entry: keep that one.
+            if self
+                .keys
+                .get(&hash)
+                .is_some_and(|k| k.expires_at == expires_at)
+            {
+                self.keys.remove(&hash);
+            }
+        }
+    }
 }
 
 impl MemoryStore {
@@ -112,8 +148,23 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<JobId, StoreError> {
+    async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<Submitted, StoreError> {
         let mut g = self.inner.lock();
+        let keyed = job.idempotency.as_ref().map(|k| {
+            let ttl = i64::try_from(k.ttl_ms).unwrap_or(i64::MAX);
+            (key_hash(&k.key), now_ms.saturating_add(ttl))
+        });
+        let fp = keyed.map(|_| fingerprint(job));
+        if let (Some((hash, _)), Some(fp)) = (keyed, fp) {
+            g.evict_keys(now_ms);
+            if let Some(k) = g.keys.get(&hash).filter(|k| k.expires_at > now_ms) {
+                return Ok(if k.fingerprint == fp {
+                    Submitted::Replayed(k.id)
+                } else {
+                    Submitted::KeyReused(k.id)
+                });
+            }
+        }
         let id = JobId(g.next_id);
         g.next_id += 1;
         g.jobs.insert(
@@ -133,7 +184,18 @@ impl Store for MemoryStore {
             },
         );
         g.counts.queued += 1;
-        Ok(id)
+        if let (Some((hash, expires_at)), Some(fingerprint)) = (keyed, fp) {
+            g.keys.insert(
+                hash,
+                Keyed {
+                    id,
+                    fingerprint,
+                    expires_at,
+                },
+            );
+            g.key_order.push_back((hash, expires_at));
+        }
+        Ok(Submitted::New(id))
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
@@ -255,13 +317,10 @@ mod tests {
     #[tokio::test]
     async fn oldest_finished_results_are_evicted_past_the_cap_but_never_unfinished_ones() {
         let s = MemoryStore::new(2);
-        let job = NewJob {
-            kind: "k".into(),
-            params: json!({}),
-        };
+        let job = NewJob::new("k", json!({}));
         let mut ids = Vec::new();
         for _ in 0..4 {
-            ids.push(s.submit(&job, 0).await.unwrap());
+            ids.push(s.submit(&job, 0).await.unwrap().id());
         }
         for id in &ids[..3] {
             let f = s

@@ -73,6 +73,75 @@ pub type Pending<T> =
 /// Resolves once a submitted record is durable (see [`Store::submit_begin`]).
 pub type Durable = Pending<()>;
 
+/// What a submission made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    /// A new job, queued.
+    New(JobId),
+    /// Nothing: the submission repeats one with the same idempotency key and the same
+    /// request (kind and params) within the key's lifetime; this is that first job.
+    Replayed(JobId),
+    /// Nothing: the idempotency key was used for a different request, this job's.
+    KeyReused(JobId),
+}
+
+impl Submitted {
+    /// The job the answer names.
+    pub fn id(self) -> JobId {
+        match self {
+            Submitted::New(id) | Submitted::Replayed(id) | Submitted::KeyReused(id) => id,
+        }
+    }
+}
+
+/// How a store recognises a repeated request under one idempotency key: BLAKE3 of the
+/// kind and the params in canonical form (object keys sorted, no spaces), so that the
+/// same params sent with their keys in another order are the same request.
+pub fn fingerprint(job: &NewJob) -> [u8; 32] {
+    fn canonical(v: &serde_json::Value, out: &mut String) {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                    out.push(':');
+                    canonical(&m[k], out);
+                }
+                out.push('}');
+            }
+            serde_json::Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(x, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut text = String::new();
+    canonical(&job.params, &mut text);
+    let mut h = blake3::Hasher::new();
+    h.update(job.kind.as_bytes());
+    h.update(b"\0");
+    h.update(text.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// What stores keep of a client's idempotency key: its BLAKE3 hash (fixed size, and no
+/// client text in keys or indexes).
+pub fn key_hash(key: &str) -> [u8; 32] {
+    *blake3::hash(key.as_bytes()).as_bytes()
+}
+
 /// What a store did with an outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finished {
@@ -151,20 +220,28 @@ pub(crate) fn released_attempts(attempt: u32, spent: bool) -> u32 {
 pub trait Store: Send + Sync + 'static {
     /// Allocates an id and records the job as queued. Returns only once the record is
     /// durable (for stores that persist): the id is valid the instant it is returned.
-    async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<JobId, StoreError>;
+    ///
+    /// With an idempotency key, the key is recorded with the job, atomically: a later
+    /// submission with the same key within its lifetime makes nothing and answers
+    /// [`Submitted::Replayed`] (same request, by [`fingerprint`]) or
+    /// [`Submitted::KeyReused`] (another request), naming the first job, and only once
+    /// that job's record is durable. Concurrent submissions with one key make one job.
+    async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<Submitted, StoreError>;
 
     /// Starts a submission: allocates the id and puts the record on its way, ordered
     /// before any later write about the same job; the returned future resolves once the
     /// record is durable. The engine queues the job in between, so the work overlaps the
     /// commit, and still returns the id only after the future resolved. Stores without
-    /// a pipeline of writes keep the default (all done in `submit`).
+    /// a pipeline of writes keep the default (all done in `submit`). Only a
+    /// [`Submitted::New`] job is to be queued; a submission with an idempotency key may
+    /// be answered only once it is durable (the future then resolves at once).
     async fn submit_begin(
         &self,
         job: &NewJob,
         now_ms: i64,
-    ) -> Result<(JobId, Durable), StoreError> {
-        let id = self.submit(job, now_ms).await?;
-        Ok((id, Box::pin(std::future::ready(Ok(())))))
+    ) -> Result<(Submitted, Durable), StoreError> {
+        let s = self.submit(job, now_ms).await?;
+        Ok((s, Box::pin(std::future::ready(Ok(())))))
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;

@@ -32,8 +32,8 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    finish_rule, released_attempts, Attempt, Finish, FinishFailed, FinishPending, Finished,
-    Requeued, Store, StoreError,
+    fingerprint, finish_rule, key_hash, released_attempts, Attempt, Finish, FinishFailed,
+    FinishPending, Finished, Requeued, Store, StoreError, Submitted,
 };
 use crate::metrics::{batch_histogram, seconds_histogram, Metrics};
 use crate::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome};
@@ -102,6 +102,9 @@ const CHANNEL_CAPACITY: usize = 65_536;
 const COMMIT_ATTEMPTS: u32 = 5;
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 8;
+/// Least time between two deletions of expired idempotency keys (done in a batch that
+/// records a key, so an idle store writes nothing).
+const KEY_SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How often a store that cannot write tries a probe write.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -215,6 +218,16 @@ enum Op {
         at: i64,
         ack: Ack,
     },
+    /// A submission with an idempotency key: the writer decides whether it makes a job
+    /// (and allocates its id) inside the transaction that records the key, and answers
+    /// once that committed.
+    InsertKeyed {
+        kind: String,
+        params: String,
+        at: i64,
+        key: Box<KeyRow>,
+        ack: oneshot::Sender<Result<Submitted, StoreError>>,
+    },
     Start {
         id: JobId,
         attempt: u32,
@@ -254,6 +267,13 @@ enum Op {
     },
 }
 
+/// A row of `idempotency_keys`, as a keyed insert brings it.
+struct KeyRow {
+    hash: [u8; 32],
+    fingerprint: [u8; 32],
+    expires_at: i64,
+}
+
 /// The threads of an open store, joined when it closes.
 #[derive(Default)]
 struct Threads {
@@ -288,7 +308,8 @@ pub struct SqliteStore {
     lock: Mutex<Option<std::fs::File>>,
     tx: mpsc::Sender<Op>,
     threads: Mutex<Threads>,
-    next_id: AtomicU64,
+    /// Shared with the writer, which allocates the ids of keyed submissions.
+    next_id: Arc<AtomicU64>,
     /// Counts per state, kept by the writer after each commit (the store is the file's
     /// only writer, so they never drift), so `num_jobs` costs no query.
     counts: Arc<Mutex<JobCounts>>,
@@ -324,6 +345,9 @@ pub const DEFAULT_COMMIT_DELAY_US: u64 = 0;
 /// `results` holds the results of stores written before results were shared (one row
 /// per job); it is only read now. New results go to `blobs`, once per distinct body,
 /// referenced by `jobs.result_blob` (see [`Blobs`]). `meta` holds the health probe.
+/// `idempotency_keys` holds each client key (by its BLAKE3 hash) with its job, written in
+/// the job's insert transaction; expired rows are deleted by the writer (at most every
+/// [`KEY_SWEEP_EVERY`], in a batch that records a key), and ignored until then.
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS jobs (
         id INTEGER PRIMARY KEY,
         kind TEXT NOT NULL,
@@ -349,7 +373,13 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS jobs (
     CREATE TABLE IF NOT EXISTS meta (
         key TEXT PRIMARY KEY,
         value
-    );";
+    );
+    CREATE TABLE IF NOT EXISTS idempotency_keys (
+        key_hash BLOB PRIMARY KEY,
+        job_id INTEGER NOT NULL,
+        fingerprint BLOB NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID;";
 
 /// Brings a store written by an earlier version up to [`SCHEMA`].
 fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
@@ -491,7 +521,10 @@ impl SqliteStore {
             ),
             ..Threads::default()
         };
+        let next_id = Arc::new(AtomicU64::new(max_id as u64 + 1));
         let writer = Writer {
+            next_id: next_id.clone(),
+            last_key_sweep: None,
             commit_delay: opts.commit_delay,
             conn,
             unfinished,
@@ -528,7 +561,7 @@ impl SqliteStore {
             lock: Mutex::new(Some(lock)),
             tx,
             threads: Mutex::new(threads),
-            next_id: AtomicU64::new(max_id as u64 + 1),
+            next_id,
             counts,
             readers: Arc::new(Mutex::new(Vec::new())),
             unhealthy,
@@ -689,6 +722,9 @@ impl Blobs {
 
 /// The one writer of the file, on its own thread.
 struct Writer {
+    next_id: Arc<AtomicU64>,
+    /// When expired idempotency keys were last deleted.
+    last_key_sweep: Option<Instant>,
     commit_delay: Duration,
     conn: Connection,
     unfinished: Unfinished,
@@ -707,6 +743,7 @@ enum Answer {
     None,
     Finish(Finished),
     Requeue(Requeued),
+    Submitted(Submitted),
 }
 
 impl Writer {
@@ -756,6 +793,13 @@ impl Writer {
         // whole; transient errors (a busy disk, a lock) must not lose accepted writes.
         let mut res = Err(rusqlite::Error::InvalidQuery);
         let changes_before = self.conn.total_changes();
+        let sweep_keys = batch.iter().any(|op| matches!(op, Op::InsertKeyed { .. }))
+            && self
+                .last_key_sweep
+                .is_none_or(|t| t.elapsed() >= KEY_SWEEP_EVERY);
+        if sweep_keys {
+            self.last_key_sweep = Some(Instant::now());
+        }
         for attempt in 0..COMMIT_ATTEMPTS {
             out = Applied::default();
             self.blobs.rolled_back();
@@ -765,6 +809,10 @@ impl Writer {
                 &self.unfinished,
                 &mut out,
                 &mut self.blobs,
+                Keys {
+                    next_id: &self.next_id,
+                    sweep: sweep_keys,
+                },
             );
             match &res {
                 Ok(()) => break,
@@ -874,6 +922,12 @@ fn answer_op(op: Op, answer: Answer) {
         (Op::Requeue { ack, .. }, _) => {
             let _ = ack.send(Ok(Requeued::Unknown));
         }
+        (Op::InsertKeyed { ack, .. }, Answer::Submitted(s)) => {
+            let _ = ack.send(Ok(s));
+        }
+        (Op::InsertKeyed { ack, .. }, _) => {
+            let _ = ack.send(Err(StoreError::Closed));
+        }
         (Op::Start { .. } | Op::Probe, _) => {}
     }
 }
@@ -895,6 +949,9 @@ fn fail_op(op: Op, f: &WriteFailure) {
             }));
         }
         Op::Requeue { ack, .. } => {
+            let _ = ack.send(Err(f.error()));
+        }
+        Op::InsertKeyed { ack, .. } => {
             let _ = ack.send(Err(f.error()));
         }
         Op::Start { .. } | Op::Probe => {}
@@ -919,6 +976,9 @@ fn refuse(ops: Vec<Op>) {
                 }));
             }
             Op::Requeue { ack, .. } => {
+                let _ = ack.send(Err(StoreError::Closed));
+            }
+            Op::InsertKeyed { ack, .. } => {
                 let _ = ack.send(Err(StoreError::Closed));
             }
             Op::Start { .. } | Op::Probe => {}
@@ -1035,6 +1095,13 @@ impl<'a> Folded<'a> {
     }
 }
 
+/// What a batch needs for its keyed inserts: where ids come from, and whether to delete
+/// expired keys first.
+struct Keys<'a> {
+    next_id: &'a AtomicU64,
+    sweep: bool,
+}
+
 /// Applies one batch in one IMMEDIATE transaction (the write lock is taken up front,
 /// waiting on the busy handler, rather than failing when a read upgrades to a write).
 /// What it changes goes to `out`, merged by the caller only once the commit succeeded.
@@ -1044,8 +1111,21 @@ fn apply_batch(
     unfinished: &Unfinished,
     out: &mut Applied,
     blobs: &mut Blobs,
+    keys: Keys<'_>,
 ) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Expiry by the clock of the submissions (the one their keys' lifetimes count on).
+    let newest_keyed = batch
+        .iter()
+        .filter_map(|op| match op {
+            Op::InsertKeyed { at, .. } => Some(*at),
+            _ => None,
+        })
+        .max();
+    if let Some(now) = newest_keyed.filter(|_| keys.sweep) {
+        tx.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?1", [now])?;
+    }
+
     // Ops about a job inserted in this batch are folded into its insert: the row is
     // written once, in the state they leave it in (one row instead of an insert and
     // updates). `folded_into[i]` is the insert op an op was folded into.
@@ -1088,6 +1168,17 @@ fn apply_batch(
             "INSERT INTO blobs (hash, body) VALUES (?1, ?2) ON CONFLICT (hash) DO NOTHING",
         )?;
         let mut find_blob = tx.prepare_cached("SELECT id FROM blobs WHERE hash = ?1")?;
+        // A key recorded earlier in this batch is found too (same transaction).
+        let mut find_key = tx.prepare_cached(
+            "SELECT job_id, fingerprint FROM idempotency_keys \
+             WHERE key_hash = ?1 AND expires_at > ?2",
+        )?;
+        let mut add_key = tx.prepare_cached(
+            "INSERT INTO idempotency_keys (key_hash, job_id, fingerprint, expires_at) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (key_hash) DO UPDATE SET \
+             job_id = excluded.job_id, fingerprint = excluded.fingerprint, \
+             expires_at = excluded.expires_at",
+        )?;
         let mut blob_id = |body: &str| -> Result<i64, rusqlite::Error> {
             let hash = *blake3::hash(body.as_bytes()).as_bytes();
             if let Some(id) = blobs.get(&hash) {
@@ -1149,6 +1240,57 @@ fn apply_batch(
                         },
                     );
                     out.moved(None, row.status);
+                }
+                Op::InsertKeyed {
+                    kind,
+                    params,
+                    at,
+                    key,
+                    ..
+                } => {
+                    let seen = find_key
+                        .query_row(params![&key.hash[..], at], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                        })
+                        .optional()?;
+                    out.answers[i] = Answer::Submitted(match seen {
+                        Some((first, fp)) if fp[..] == key.fingerprint[..] => {
+                            Submitted::Replayed(JobId(first as u64))
+                        }
+                        Some((first, _)) => Submitted::KeyReused(JobId(first as u64)),
+                        None => {
+                            // Allocated again if the batch is retried: a failed commit
+                            // leaves a gap, as it does for unkeyed inserts.
+                            let id = keys.next_id.fetch_add(1, Ordering::Relaxed) as i64;
+                            insert.execute(params![
+                                id,
+                                kind,
+                                params,
+                                JobStatus::Queued.code(),
+                                at,
+                                None::<i64>,
+                                None::<i64>,
+                                None::<String>,
+                                None::<i64>,
+                                0
+                            ])?;
+                            add_key.execute(params![
+                                &key.hash[..],
+                                id,
+                                &key.fingerprint[..],
+                                key.expires_at
+                            ])?;
+                            out.changes.insert(
+                                id,
+                                Live {
+                                    status: JobStatus::Queued,
+                                    attempts: 0,
+                                },
+                            );
+                            out.moved(None, JobStatus::Queued);
+                            Submitted::New(JobId(id as u64))
+                        }
+                    });
                 }
                 Op::Start { id, attempt, at } => {
                     let key = id.0 as i64;
@@ -1348,17 +1490,38 @@ fn requeue(
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<JobId, StoreError> {
-        let (id, durable) = self.submit_begin(job, now_ms).await?;
+    async fn submit(&self, job: &NewJob, now_ms: i64) -> Result<Submitted, StoreError> {
+        let (s, durable) = self.submit_begin(job, now_ms).await?;
         durable.await?;
-        Ok(id)
+        Ok(s)
     }
 
     async fn submit_begin(
         &self,
         job: &NewJob,
         now_ms: i64,
-    ) -> Result<(JobId, super::Durable), StoreError> {
+    ) -> Result<(Submitted, super::Durable), StoreError> {
+        if let Some(k) = &job.idempotency {
+            // Whether a keyed submission makes a job is known only once the writer
+            // looked the key up, and its answer comes after the commit: the first job is
+            // durable before anyone learns its id, replays included.
+            let (ack, rx) = oneshot::channel();
+            let ttl = i64::try_from(k.ttl_ms).unwrap_or(i64::MAX);
+            self.send(Op::InsertKeyed {
+                kind: job.kind.clone(),
+                params: job.params.to_string(),
+                at: now_ms,
+                key: Box::new(KeyRow {
+                    hash: key_hash(&k.key),
+                    fingerprint: fingerprint(job),
+                    expires_at: now_ms.saturating_add(ttl),
+                }),
+                ack,
+            })
+            .await?;
+            let s = rx.await.map_err(|_| StoreError::Closed)??;
+            return Ok((s, Box::pin(std::future::ready(Ok(())))));
+        }
         let id = JobId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (ack, rx) = oneshot::channel();
         // Once sent, the insert precedes in the writer's queue every later op about `id`.
@@ -1371,7 +1534,7 @@ impl Store for SqliteStore {
         })
         .await?;
         Ok((
-            id,
+            Submitted::New(id),
             Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? }),
         ))
     }
@@ -1639,10 +1802,7 @@ mod tests {
     }
 
     fn job(kind: &str, params: serde_json::Value) -> NewJob {
-        NewJob {
-            kind: kind.into(),
-            params,
-        }
+        NewJob::new(kind, params)
     }
 
     #[tokio::test]
@@ -1712,7 +1872,20 @@ mod tests {
         ];
         let mut out = Applied::default();
         let mut blobs = Blobs::default();
-        apply_batch(&mut conn, &batch, &Unfinished::new(), &mut out, &mut blobs).unwrap();
+        let next_id = AtomicU64::new(100);
+        let keys = Keys {
+            next_id: &next_id,
+            sweep: false,
+        };
+        apply_batch(
+            &mut conn,
+            &batch,
+            &Unfinished::new(),
+            &mut out,
+            &mut blobs,
+            keys,
+        )
+        .unwrap();
         let finishes: Vec<Finished> = out
             .answers
             .iter()
@@ -1833,7 +2006,8 @@ mod tests {
             for _ in 0..50 {
                 ids.push(s.submit_begin(&job("k", json!({})), 1).await.unwrap());
             }
-            for (id, durable) in ids {
+            for (submitted, durable) in ids {
+                let id = submitted.id();
                 durable.await.unwrap();
                 let done = s
                     .finish(Finish {
@@ -1866,7 +2040,11 @@ mod tests {
         let s = store(dir.path());
         let mut ids = Vec::new();
         for i in 0..6 {
-            let id = s.submit(&job("k", json!({ "i": i })), 1).await.unwrap();
+            let id = s
+                .submit(&job("k", json!({ "i": i })), 1)
+                .await
+                .unwrap()
+                .id();
             // Three distinct bodies, each finished twice (in separate batches too).
             let body = format!("{{\"answer\":{}}}", i % 3);
             let done = s
@@ -1924,7 +2102,7 @@ mod tests {
             old.attempts, 1,
             "a job that ran before attempts were counted ran once"
         );
-        let id = s.submit(&job("k", json!({})), 3).await.unwrap();
+        let id = s.submit(&job("k", json!({})), 3).await.unwrap().id();
         assert_eq!(id, JobId(3));
         let done = s
             .finish(Finish {

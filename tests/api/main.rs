@@ -8,6 +8,7 @@ mod csv;
 mod dashboard;
 mod edge;
 mod helpers;
+mod idempotency;
 mod jobs;
 mod leases;
 mod load_write;

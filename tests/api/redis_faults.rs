@@ -238,18 +238,12 @@ async fn a_hundred_thousand_finished_jobs_give_redis_its_memory_back_once_they_e
         use futures_util::stream::{self, StreamExt};
         stream::iter(0..n)
             .for_each_concurrent(64, |i| async move {
-                let (id, durable) = store
-                    .push(
-                        &NewJob {
-                            kind: "k".into(),
-                            params: json!({ "i": i }),
-                        },
-                        0,
-                        &|_, _| {},
-                    )
+                let pushed = store
+                    .push(&NewJob::new("k", json!({ "i": i })), 0, &|_, _| {})
                     .await
                     .unwrap();
-                durable.await.unwrap();
+                let id = pushed.submitted.id();
+                pushed.durable.await.unwrap();
                 let done = Store::finish(
                     store,
                     Finish {
@@ -527,6 +521,51 @@ async fn a_submission_redis_never_answered_says_its_outcome_is_unknown() {
     wait_for(&app, "readiness to come back", "/readyz", StatusCode::OK).await;
     let (_, page) = app.get("/v1/jobs?kind=test.echo").await;
     assert_eq!(page["jobs"].as_array().map(Vec::len), Some(2), "{page}");
+    app.stop().await;
+}
+
+/// Issue 18, item 5: the client told "outcome unknown" retries as told, with its
+/// Idempotency-Key, and gets the job the paused Redis made after all: one job, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_the_idempotency_key_after_an_unknown_outcome_gets_that_one_job() {
+    use crate::idempotency::{jobs_of, submit_keyed};
+
+    let server = RedisServer::start();
+    let app = on_redis(&server, 1).await;
+    // Redis knows the scripts (a replica that has been serving has run them all).
+    let first = app.submit("test.echo", json!({ "n": 0 })).await;
+    app.wait_job(&first).await;
+    let body = json!({ "kind": "test.echo", "params": { "n": 1, "order": "A-17" } });
+    let key = b"order-A-17";
+    let pid = server.pid().unwrap() as i32;
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let unknown = submit_keyed(&app, key, &body).await;
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(
+        unknown.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        unknown.body
+    );
+    assert_eq!(unknown.body["outcome"], "unknown", "{}", unknown.body);
+    let detail = unknown.body["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("same Idempotency-Key"), "{}", unknown.body);
+    wait_for(&app, "readiness to come back", "/readyz", StatusCode::OK).await;
+
+    // The retry, as the answer told: the job Redis made once it went on.
+    let retry = submit_keyed(&app, key, &body).await;
+    assert_eq!(retry.status, StatusCode::ACCEPTED, "{}", retry.body);
+    assert_eq!(retry.replayed.as_deref(), Some("true"), "{}", retry.body);
+    let id = retry.body["id"].as_str().unwrap().to_string();
+    let made: Vec<Value> = jobs_of(&app, "test.echo")
+        .await
+        .into_iter()
+        .filter(|j| j["params"]["order"] == "A-17")
+        .collect();
+    assert_eq!(made.len(), 1, "exactly one job for the order: {made:?}");
+    assert_eq!(made[0]["id"], json!(id));
+    assert_eq!(app.wait_job(&id).await["status"], "done");
     app.stop().await;
 }
 

@@ -50,11 +50,11 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::Metrics;
 use crate::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome};
 use crate::queue::{
-    hostname, Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Reclaimed, Renewal,
-    Replica,
+    hostname, Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Pushed, Reclaimed,
+    Renewal, Replica,
 };
 use crate::store::{
-    Attempt, Durable, Finish, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError,
+    Attempt, Finish, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError, Submitted,
 };
 
 const STORE: &str = "redis";
@@ -91,6 +91,26 @@ fn inflight_key(consumer: &str) -> String {
 
 fn replica_key(consumer: &str) -> String {
     format!("{PREFIX}replica:{consumer}")
+}
+
+/// `submit.lua`'s KEYS[16], ARGV[8] and ARGV[9] for a job's idempotency key (see
+/// `prelude.lua`): the key's entry, the request's fingerprint, the key's lifetime.
+fn idempotency_args(inv: &mut redis::ScriptInvocation<'_>, job: &NewJob) {
+    match &job.idempotency {
+        Some(k) => {
+            let entry = blake3::Hash::from(crate::store::key_hash(&k.key)).to_hex();
+            inv.key(format!("{PREFIX}idem:{entry}"))
+                .arg(
+                    blake3::Hash::from(crate::store::fingerprint(job))
+                        .to_hex()
+                        .as_str(),
+                )
+                .arg(k.ttl_ms.max(1));
+        }
+        None => {
+            inv.arg("").arg(0);
+        }
+    }
 }
 
 /// A new epoch's name: random, so two replicas beginning one at once cannot agree by
@@ -1007,7 +1027,7 @@ impl RedisStore {
         job: &NewJob,
         capacity: usize,
         consumer: &str,
-    ) -> Result<Submitted, StoreError> {
+    ) -> Result<SubmitAnswer, StoreError> {
         let params = job.params.to_string();
         for _ in 0..2 {
             let epoch = self.epoch();
@@ -1020,6 +1040,7 @@ impl RedisStore {
                 .arg(self.inner.opts.lease.lease.as_millis() as u64)
                 .arg(&epoch)
                 .arg(high);
+            idempotency_args(&mut inv, job);
             let answer: Vec<i64> = match inv.invoke_async(&mut self.conn()).await {
                 Ok(a) => a,
                 Err(e) => {
@@ -1036,12 +1057,19 @@ impl RedisStore {
             self.inner.link.ok();
             match answer.as_slice() {
                 [-1] => self.rejoin_epoch().await?,
-                [id, leased] if *id > 0 => {
-                    self.inner.link.writes_ok();
-                    self.inner.epoch.saw(*id as u64);
-                    return Ok(Submitted::Job(JobId(*id as u64), *leased == 1));
+                [id, code] if *id > 0 => {
+                    let id = JobId(*id as u64);
+                    self.inner.epoch.saw(id.0);
+                    return Ok(match code {
+                        2 => SubmitAnswer::Made(Submitted::Replayed(id), false),
+                        3 => SubmitAnswer::Made(Submitted::KeyReused(id), false),
+                        _ => {
+                            self.inner.link.writes_ok();
+                            SubmitAnswer::Made(Submitted::New(id), *code == 1)
+                        }
+                    });
                 }
-                _ => return Ok(Submitted::Full),
+                _ => return Ok(SubmitAnswer::Full),
             }
         }
         Err(StoreError::Unavailable {
@@ -1091,9 +1119,10 @@ impl RedisStore {
 }
 
 /// What the submit script did.
-enum Submitted {
-    /// The job's id, and whether it was leased at once to the submitting replica.
-    Job(JobId, bool),
+enum SubmitAnswer {
+    /// What the submission made (a new job, or the first job of its idempotency key), and
+    /// whether a new job was leased at once to the submitting replica.
+    Made(Submitted, bool),
     /// The queue holds `--queue-capacity` jobs.
     Full,
 }
@@ -1135,10 +1164,10 @@ fn to_record(
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn submit(&self, job: &NewJob, _now_ms: i64) -> Result<JobId, StoreError> {
+    async fn submit(&self, job: &NewJob, _now_ms: i64) -> Result<Submitted, StoreError> {
         match self.submit_script(job, 0, "").await? {
-            Submitted::Job(id, _) => Ok(id),
-            Submitted::Full => Err(StoreError::Rejected {
+            SubmitAnswer::Made(s, _) => Ok(s),
+            SubmitAnswer::Full => Err(StoreError::Rejected {
                 store: STORE,
                 cause: "the queue is full".into(),
             }),
@@ -1367,7 +1396,7 @@ impl JobQueue for RedisStore {
         job: &NewJob,
         _now_ms: i64,
         admitted: Admitted<'_>,
-    ) -> Result<(JobId, Durable), PushError> {
+    ) -> Result<Pushed, PushError> {
         let inner = &self.inner;
         // A worker of ours waiting for work gets this job straight from the submit
         // script: no trip through the queue, no claim round trip, and its poll is held
@@ -1381,8 +1410,15 @@ impl JobQueue for RedisStore {
         };
         let consumer = if here { inner.consumer.as_str() } else { "" };
         let (id, leased) = match self.submit_script(job, inner.opts.capacity, consumer).await {
-            Ok(Submitted::Job(id, leased)) => (id, leased),
-            Ok(Submitted::Full) => {
+            Ok(SubmitAnswer::Made(Submitted::New(id), leased)) => (id, leased),
+            Ok(SubmitAnswer::Made(submitted, _)) => {
+                give_back();
+                return Ok(Pushed {
+                    submitted,
+                    durable: Box::pin(std::future::ready(Ok(()))),
+                });
+            }
+            Ok(SubmitAnswer::Full) => {
                 give_back();
                 return Err(PushError::Full {
                     capacity: inner.opts.capacity,
@@ -1406,7 +1442,10 @@ impl JobQueue for RedisStore {
             give_back();
         }
         // Acknowledged by Redis: as durable as its persistence settings make it.
-        Ok((id, Box::pin(std::future::ready(Ok(())))))
+        Ok(Pushed {
+            submitted: Submitted::New(id),
+            durable: Box::pin(std::future::ready(Ok(()))),
+        })
     }
 
     fn claim(&self, wait: Duration) -> Result<Option<Lease>, Closed> {

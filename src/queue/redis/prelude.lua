@@ -2,7 +2,9 @@
 -- in the {tally} hash slot:
 --   1 next_id   2 rec   3 params   4 result   5 wait   6 leases   7 counts   8 all
 --   9 expiry   10..14 st:queued st:running st:done st:failed st:cancelled   15 epoch
---   16 (claim, recover_inflight) a consumer's in-flight list
+--   16 (claim, recover_inflight) a consumer's in-flight list; (submit, with a key) the
+--      entry of the submission's idempotency key: idem:<hex BLAKE3 of the client key>,
+--      holding "<job id> <hex fingerprint of the request>", expiring with the key
 -- epoch names the data set the ids belong to ("<random>/<first id base>"): a Redis that
 -- lost its data (restarted empty, a lagging failover) has another epoch or none, and the
 -- scripts that hand out ids or record outcomes refuse to act on it (see epoch.lua).
