@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tally::config::{ServeConfig, StoreSpec};
+use tally::config::StoreSpec;
 
-use crate::helpers::TestApp;
-use crate::redis_server::RedisServer;
+use crate::helpers::{on_every_store, Backend, TestApp};
 
 /// What a keyed submission was answered.
 pub struct Answer {
@@ -55,18 +54,13 @@ pub async fn jobs_of(app: &TestApp, kind: &str) -> Vec<Value> {
     page["jobs"].as_array().cloned().unwrap_or_default()
 }
 
-async fn on(store: &str, f: impl FnOnce(&mut ServeConfig) + Send + 'static) -> TestApp {
-    let spec = store.to_string();
-    TestApp::spawn_with(move |c| {
-        if spec != "sqlite" {
-            c.store = spec.parse::<StoreSpec>().unwrap();
-        }
-        f(c);
-    })
-    .await
+async fn a_retry_gets_the_first_job(store: Backend) {
+    let app = TestApp::on(store, |_| {}).await;
+    a_retry_gets_the_first_job_on(&app).await;
+    app.stop().await;
 }
 
-async fn a_retry_gets_the_first_job(app: &TestApp) {
+async fn a_retry_gets_the_first_job_on(app: &TestApp) {
     let body = json!({ "kind": "test.echo", "params": { "order": 17, "lines": [1, 2] } });
     let first = submit_keyed(app, b"order-17-attempt", &body).await;
     assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
@@ -94,7 +88,13 @@ async fn a_retry_gets_the_first_job(app: &TestApp) {
     assert_eq!(other.replayed, None);
 }
 
-async fn another_request_with_the_key_is_422(app: &TestApp) {
+async fn another_request_with_the_key_is_422(store: Backend) {
+    let app = TestApp::on(store, |_| {}).await;
+    another_request_with_the_key_is_422_on(&app).await;
+    app.stop().await;
+}
+
+async fn another_request_with_the_key_is_422_on(app: &TestApp) {
     let body = json!({ "kind": "test.echo", "params": { "n": 1 } });
     let first = submit_keyed(app, b"reused-key", &body).await;
     assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
@@ -118,7 +118,13 @@ async fn another_request_with_the_key_is_422(app: &TestApp) {
     assert_eq!(jobs_of(app, "test.sleep").await.len(), 0);
 }
 
-async fn concurrent_submissions_make_one_job(app: &TestApp) {
+async fn concurrent_submissions_make_one_job(store: Backend) {
+    let app = TestApp::on(store, |_| {}).await;
+    concurrent_submissions_make_one_job_on(&app).await;
+    app.stop().await;
+}
+
+async fn concurrent_submissions_make_one_job_on(app: &TestApp) {
     let body = json!({ "kind": "test.echo", "params": { "burst": true } });
     let answers =
         futures_util::future::join_all((0..20).map(|_| submit_keyed(app, b"one-burst", &body)))
@@ -138,39 +144,11 @@ async fn concurrent_submissions_make_one_job(app: &TestApp) {
     assert_eq!(jobs.len(), 1, "{jobs:?}");
 }
 
-macro_rules! on_every_store {
-    ($case:ident) => {
-        mod $case {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                let app = on("memory", |_| {}).await;
-                super::$case(&app).await;
-                app.stop().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let app = on("sqlite", |_| {}).await;
-                super::$case(&app).await;
-                app.stop().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                let server = RedisServer::start();
-                let app = on(&server.url(), |_| {}).await;
-                super::$case(&app).await;
-                app.stop().await;
-            }
-        }
-    };
-}
-
-on_every_store!(a_retry_gets_the_first_job);
-on_every_store!(another_request_with_the_key_is_422);
-on_every_store!(concurrent_submissions_make_one_job);
+on_every_store!(
+    a_retry_gets_the_first_job,
+    another_request_with_the_key_is_422,
+    concurrent_submissions_make_one_job,
+);
 
 #[tokio::test]
 async fn a_malformed_idempotency_key_is_400_and_makes_no_job() {
