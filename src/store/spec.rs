@@ -40,7 +40,7 @@ impl RedisUrl {
             None => (hostport, None),
         };
         if host.is_empty() {
-            return Err("the redis URL needs a host, e.g. redis://127.0.0.1:6379/0".into());
+            return Err("the redis URL needs a host, e.g. redis://HOST:PORT/0".into());
         }
         if let Some(p) = port {
             p.parse::<u16>()
