@@ -1,7 +1,12 @@
 //! Bulk actions over the job list: `POST /v1/jobs/cancel` and `POST /v1/jobs/retry`
-//! act on the newest jobs matching `{status, kind}`, at most `limit` per call (the
-//! caller calls again while `more` is true), one job at a time through the same engine
-//! calls as the single-job routes.
+//! act on the newest jobs matching `{status, kind}`, at most `limit` per call, one job
+//! at a time through the same engine calls as the single-job routes.
+//!
+//! A run of calls walks the list once: each answer's `next_cursor` is the last id it
+//! looked at, and the next call, given it as `cursor`, looks only at older ids. A job
+//! retried on one page that fails again at once is therefore not selected again on the
+//! next, and a job submitted meanwhile is not selected at all (ids only grow), so every
+//! job that matched when the run began is acted on at most once.
 
 use axum::extract::State;
 use axum::Json;
@@ -30,6 +35,8 @@ pub struct BulkFilter {
     /// Jobs acted on at most in this call (1 to 1000, default 100).
     #[schema(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
+    /// The previous call's `next_cursor`: only jobs older than it are looked at.
+    pub cursor: Option<String>,
 }
 
 /// A job the action left alone, and why.
@@ -48,10 +55,14 @@ pub struct BulkResult {
     pub affected: usize,
     /// Jobs that matched but changed state in the meantime.
     pub skipped: Vec<BulkSkip>,
-    /// More jobs may match: call again.
+    /// More jobs may match: call again, with `next_cursor`.
     pub more: bool,
-    /// Why the call stopped before the end of its page (a full queue, a drain).
+    /// Why the call stopped before the end of its page (a full queue, a drain, a store
+    /// that stopped answering); `affected` still counts what was done before.
     pub stopped: Option<String>,
+    /// Pass as `cursor` to the next call to go on where this one stopped (null when
+    /// nothing more matches).
+    pub next_cursor: Option<String>,
 }
 
 /// The states a bulk action may apply to, from the filter's `status`.
@@ -90,6 +101,7 @@ async fn matching(
     statuses: &[JobStatus],
     kind: Option<&str>,
     limit: usize,
+    before: Option<JobId>,
 ) -> Result<(Vec<JobId>, bool), ApiError> {
     let mut ids = Vec::new();
     let mut more = false;
@@ -100,7 +112,7 @@ async fn matching(
                 status: Some(status),
                 kind: kind.map(str::to_owned),
                 limit,
-                before: None,
+                before,
             })
             .await?;
         more |= page.len() == limit;
@@ -124,15 +136,52 @@ async fn select(
 ) -> Result<(Vec<JobId>, BulkResult), ApiError> {
     let statuses = statuses(filter, allowed, action)?;
     let limit = limit_of(filter)?;
-    let (ids, more) = matching(st, &statuses, filter.kind.as_deref(), limit).await?;
+    let before = match filter.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(crate::api::ids::parse(c).ok_or_else(|| {
+            ApiError::Unprocessable(format!(
+                "cursor: expected the next_cursor of an earlier answer; got {c:?}"
+            ))
+        })?),
+    };
+    let (ids, more) = matching(st, &statuses, filter.kind.as_deref(), limit, before).await?;
     let out = BulkResult {
         matched: ids.len(),
         affected: 0,
         skipped: Vec::new(),
         more,
         stopped: None,
+        next_cursor: None,
     };
     Ok((ids, out))
+}
+
+/// Ends a page: when the walk stopped at `ids[done]` (or went through `done == len`),
+/// the next call starts after the last id looked at, or where this call started.
+fn finish_page(
+    mut out: BulkResult,
+    ids: &[JobId],
+    done: usize,
+    cursor: Option<String>,
+) -> BulkResult {
+    if out.more {
+        out.next_cursor = match done {
+            0 => cursor,
+            n => Some(crate::api::ids::text(ids[n - 1])),
+        };
+    }
+    out
+}
+
+/// A store error after part of the page was done: the answer keeps the count and says
+/// where it stopped (nothing done yet: the error itself, as for any call).
+fn stop_on_store(out: &mut BulkResult, e: crate::store::StoreError) -> Result<(), ApiError> {
+    if out.affected == 0 && out.skipped.is_empty() {
+        return Err(e.into());
+    }
+    out.stopped = Some(e.to_string());
+    out.more = true;
+    Ok(())
 }
 
 /// `POST /v1/jobs/cancel`: cancels the newest queued or running jobs that match.
@@ -146,8 +195,8 @@ async fn select(
         (status = 400, description = "Malformed JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over --max-body-bytes", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A status that cannot be cancelled, a bad limit or an unknown field", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Store unavailable", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A status that cannot be cancelled, a bad limit or cursor, or an unknown field", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable before anything was done", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn cancel(
@@ -161,7 +210,8 @@ pub async fn cancel(
         "cancel",
     )
     .await?;
-    for id in ids {
+    let mut done = 0;
+    for &id in &ids {
         match st.engine.cancel(id).await {
             Ok(()) => out.affected += 1,
             Err(e @ (CancelError::NotFound(_) | CancelError::AlreadyFinished { .. })) => {
@@ -170,10 +220,14 @@ pub async fn cancel(
                     reason: super::error::cancel_refusal(&e),
                 })
             }
-            Err(CancelError::Store(e)) => return Err(e.into()),
+            Err(CancelError::Store(e)) => {
+                stop_on_store(&mut out, e)?;
+                break;
+            }
         }
+        done += 1;
     }
-    Ok(Json(out))
+    Ok(Json(finish_page(out, &ids, done, filter.cursor)))
 }
 
 /// `POST /v1/jobs/retry`: queues again the newest failed or cancelled jobs that match.
@@ -187,8 +241,8 @@ pub async fn cancel(
         (status = 400, description = "Malformed JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over --max-body-bytes", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A status that cannot be retried, a bad limit or an unknown field", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Store unavailable", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A status that cannot be retried, a bad limit or cursor, or an unknown field", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable before anything was done", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn retry(
@@ -202,7 +256,8 @@ pub async fn retry(
         "retry",
     )
     .await?;
-    for id in ids {
+    let mut done = 0;
+    for &id in &ids {
         match st.engine.retry(id).await {
             Ok(()) => out.affected += 1,
             Err(e @ (RetryError::NotFound(_) | RetryError::NotRetryable { .. })) => {
@@ -216,8 +271,65 @@ pub async fn retry(
                 out.more = true;
                 break;
             }
-            Err(RetryError::Store(e)) => return Err(e.into()),
+            Err(RetryError::Store(e)) => {
+                stop_on_store(&mut out, e)?;
+                break;
+            }
+        }
+        done += 1;
+    }
+    Ok(Json(finish_page(out, &ids, done, filter.cursor)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(matched: usize, more: bool) -> BulkResult {
+        BulkResult {
+            matched,
+            affected: 0,
+            skipped: Vec::new(),
+            more,
+            stopped: None,
+            next_cursor: None,
         }
     }
-    Ok(Json(out))
+
+    fn unavailable() -> crate::store::StoreError {
+        crate::store::StoreError::Unavailable {
+            store: "redis",
+            cause: "OOM".into(),
+        }
+    }
+
+    #[test]
+    fn the_next_page_starts_after_the_last_job_looked_at() {
+        let ids = [JobId(9), JobId(7), JobId(4)];
+        let done = finish_page(page(3, true), &ids, 3, None);
+        assert_eq!(done.next_cursor.as_deref(), Some("job_id_4"));
+        // Stopped at the second job: it is looked at again next time.
+        let stopped = finish_page(page(3, true), &ids, 1, None);
+        assert_eq!(stopped.next_cursor.as_deref(), Some("job_id_9"));
+        // Stopped at the first: where this call started.
+        let none = finish_page(page(3, true), &ids, 0, Some("job_id_12".into()));
+        assert_eq!(none.next_cursor.as_deref(), Some("job_id_12"));
+        // The end of the walk has no cursor.
+        assert_eq!(finish_page(page(3, false), &ids, 3, None).next_cursor, None);
+    }
+
+    #[test]
+    fn a_store_error_after_part_of_a_page_keeps_the_count() {
+        let mut first = page(3, false);
+        assert!(
+            stop_on_store(&mut first, unavailable()).is_err(),
+            "nothing done: the error itself"
+        );
+        let mut later = page(3, false);
+        later.affected = 2;
+        stop_on_store(&mut later, unavailable()).unwrap();
+        assert!(later.more);
+        assert_eq!(later.affected, 2);
+        assert!(later.stopped.unwrap().contains("OOM"));
+    }
 }

@@ -276,6 +276,39 @@ async fn cancel_and_retry_work_from_the_job_page_and_are_refused_without_the_tok
     app.stop().await;
 }
 
+/// "Retry all matching" in the page over 600 jobs that fail again at once: the page
+/// walks the list with the answers' cursors, so it says 600, and each job ran twice.
+#[tokio::test]
+async fn retry_all_matching_from_the_page_retries_each_failed_job_once() {
+    let app = TestApp::spawn_with(|c| c.workers = Some(4)).await;
+    let ids = crate::dashboard::submit_failing_jobs(&app, 600).await;
+    let mut b = dashboard(&app, "#/jobs").await;
+    b.wait_js(
+        "the retry button",
+        "return document.getElementById('bulk-retry')?.disabled === false",
+    )
+    .await;
+    b.click_confirmed("#bulk-retry").await;
+    let said = b
+        .wait_js(
+            "the page to say what it queued again",
+            "const n = document.getElementById('jobs-notice'); \
+             return !n.hidden && n.textContent.includes('Queued again') && n.textContent",
+        )
+        .await;
+    assert_eq!(said, "Queued again: 600 job(s)");
+    crate::dashboard::wait_failed(&app, 600).await;
+    assert_eq!(
+        crate::dashboard::attempts_of(&app, &ids).await,
+        [(2, 600)].into(),
+        "attempts → jobs"
+    );
+    b.screenshot("jobs-retried-all").await;
+    b.check_clean(&[]).await;
+    b.close().await;
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_series_chart_draws_the_points_the_test_wrote() {
     let app = TestApp::spawn().await;

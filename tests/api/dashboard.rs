@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{Proc, TestApp, PATIENCE};
+use crate::helpers::{eventually, on_every_store, Backend, Proc, TestApp, PATIENCE};
 
 #[tokio::test]
 async fn the_dashboard_and_its_assets_are_served_from_the_binary_with_a_same_origin_policy() {
@@ -258,6 +258,100 @@ async fn bulk_cancel_stops_what_matches_the_filter_and_bulk_retry_queues_it_agai
         "cancelled"
     );
     app.stop().await;
+}
+
+on_every_store!(retry_all_matching_retries_each_failed_job_once_though_it_fails_again_at_once);
+
+/// Submits `n` jobs that fail at once on every attempt and waits until all have failed.
+pub async fn submit_failing_jobs(app: &TestApp, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(app.submit("test.panic", json!({})).await);
+    }
+    wait_failed(app, n).await;
+    ids
+}
+
+/// Waits until `n` jobs have failed and none is queued or running.
+pub async fn wait_failed(app: &TestApp, n: usize) {
+    eventually("every job to have failed", async || {
+        let stats = app.get("/v1/jobs/stats").await.1;
+        if stats["failed"] == n && stats["in_progress"] == 0 {
+            Ok(())
+        } else {
+            Err(stats.to_string())
+        }
+    })
+    .await;
+}
+
+/// Each job's `attempts`, counted: attempts → jobs.
+pub async fn attempts_of(app: &TestApp, ids: &[String]) -> std::collections::BTreeMap<u64, usize> {
+    let mut by = std::collections::BTreeMap::new();
+    for id in ids {
+        let j = app.get(&format!("/v1/jobs/{id}")).await.1;
+        *by.entry(j["attempts"].as_u64().unwrap_or(0)).or_default() += 1;
+    }
+    by
+}
+
+/// 600 jobs that fail again as soon as they run, and "retry all matching" as the
+/// dashboard drives it (pages of 500, each call given the last one's cursor): each job
+/// is queued again exactly once, and the calls say so (600 in all, not 711).
+async fn retry_all_matching_retries_each_failed_job_once_though_it_fails_again_at_once(
+    store: Backend,
+) {
+    let app = TestApp::on(store, |c| c.workers = Some(4)).await;
+    let ids = submit_failing_jobs(&app, 600).await;
+    let mut cursor = Value::Null;
+    let mut affected = 0;
+    let mut calls = 0;
+    loop {
+        calls += 1;
+        assert!(calls <= 10, "the walk ends");
+        let (status, r) = app
+            .post("/v1/jobs/retry", &json!({ "limit": 500, "cursor": cursor }))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_eq!(r["stopped"], Value::Null, "{r}");
+        affected += r["affected"].as_u64().unwrap();
+        if r["more"] == false {
+            assert_eq!(r["next_cursor"], Value::Null, "{r}");
+            break;
+        }
+        cursor = r["next_cursor"].clone();
+        assert!(cursor.is_string(), "{r}");
+    }
+    assert_eq!(affected, 600);
+    wait_failed(&app, 600).await;
+    assert_eq!(
+        attempts_of(&app, &ids).await,
+        [(2, 600)].into(),
+        "attempts → jobs"
+    );
+    // The walk started over finds them all again, once more each.
+    let (_, r) = app.post("/v1/jobs/retry", &json!({ "limit": 1000 })).await;
+    assert_eq!(
+        (r["affected"].clone(), r["more"].clone()),
+        (json!(600), json!(false)),
+        "{r}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_bulk_cursor_that_is_not_an_id_is_refused() {
+    let app = TestApp::spawn().await;
+    for cursor in [json!("job_id_"), json!("x"), json!(7)] {
+        let (status, r) = app
+            .post("/v1/jobs/retry", &json!({ "cursor": cursor }))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{cursor}: {r}");
+    }
+    let (status, r) = app
+        .post("/v1/jobs/cancel", &json!({ "cursor": "job_id_5" }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{r}");
 }
 
 #[tokio::test]

@@ -137,12 +137,15 @@ function mountList(main, params) {
     let affected = 0;
     let skipped = 0;
     try {
-      // Each call acts on at most 500 jobs; stop when nothing more matches or moves.
-      for (let round = 0; round < 100; round++) {
-        const r = await post(`/v1/jobs/${action}`, { status: status || undefined, kind: kind || undefined, limit: 500 });
+      // Each call acts on at most 500 jobs and hands back a cursor: the next call looks
+      // only at older jobs, so a job that fails again at once is not retried twice.
+      let cursor;
+      for (let round = 0; round < 1000; round++) {
+        const r = await post(`/v1/jobs/${action}`, { status: status || undefined, kind: kind || undefined, limit: 500, cursor });
         affected += r.affected;
         skipped += r.skipped.length;
-        if (!r.more || r.affected === 0 || r.stopped) {
+        cursor = r.next_cursor ?? undefined;
+        if (!r.more || !cursor || r.stopped) {
           notice(
             info,
             `${action === "cancel" ? "Cancelled" : "Queued again"}: ${affected} job(s)` +
