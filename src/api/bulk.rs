@@ -192,11 +192,11 @@ fn stop_on_store(out: &mut BulkResult, e: crate::store::StoreError) -> Result<()
     request_body = BulkFilter,
     responses(
         (status = 200, description = "What was cancelled", body = BulkResult),
-        (status = 400, description = "Malformed JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over --max-body-bytes", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A status that cannot be cancelled, a bad limit or cursor, or an unknown field", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Store unavailable before anything was done", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON"),
+        (status = 413, description = "Body over --max-body-bytes"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "A status that cannot be cancelled, a bad limit or cursor, or an unknown field"),
+        (status = 503, description = "Store unavailable before anything was done"),
     )
 )]
 pub async fn cancel(
@@ -238,11 +238,11 @@ pub async fn cancel(
     request_body = BulkFilter,
     responses(
         (status = 200, description = "What was queued again", body = BulkResult),
-        (status = 400, description = "Malformed JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over --max-body-bytes", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A status that cannot be retried, a bad limit or cursor, or an unknown field", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Store unavailable before anything was done", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON"),
+        (status = 413, description = "Body over --max-body-bytes"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "A status that cannot be retried, a bad limit or cursor, or an unknown field"),
+        (status = 503, description = "Store unavailable before anything was done"),
     )
 )]
 pub async fn retry(

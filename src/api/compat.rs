@@ -10,11 +10,12 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use serde_json::Value;
 
 use super::error::RETRY_AFTER_SECS;
 use super::ids::Wire;
-use super::openapi::wire;
+use super::wire;
 use super::AppState;
 use crate::jobs::engine::SubmitError;
 use crate::model::{JobId, JobStatus, NewJob};
@@ -88,10 +89,16 @@ fn json_text(status: StatusCode, body: String) -> Response {
 
 /// The compatible error answer, `{"status": "error", "reason": ...}`.
 pub(crate) fn error(status: StatusCode, reason: &str) -> Response {
-    json_text(
-        status,
-        serde_json::json!({ "status": "error", "reason": reason }).to_string(),
-    )
+    compat_error(status, reason.to_string(), None)
+}
+
+fn compat_error(status: StatusCode, reason: String, outcome: Option<&'static str>) -> Response {
+    let body = super::wire::CompatError {
+        status: "error",
+        reason,
+        outcome,
+    };
+    (status, Json(body)).into_response()
 }
 
 /// A store failure in the compatible shape: 503 with `Retry-After` and the cause when
@@ -100,12 +107,11 @@ pub(crate) fn error(status: StatusCode, reason: &str) -> Response {
 fn store_error(route: &str, e: &StoreError) -> Response {
     tracing::error!(route, error = %e, "store failed");
     if let StoreError::OutcomeUnknown { .. } = e {
-        let body = serde_json::json!({
-            "status": "error",
-            "reason": format!("{e}; retry with the same Idempotency-Key header to get that job rather than a second one"),
-            "outcome": "unknown",
-        });
-        let mut res = json_text(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+        let mut res = compat_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{e}; retry with the same Idempotency-Key header to get that job rather than a second one"),
+            Some("unknown"),
+        );
         res.headers_mut().insert(
             header::RETRY_AFTER,
             HeaderValue::from_static(RETRY_AFTER_SECS),
@@ -389,10 +395,10 @@ pub async fn num_jobs(State(st): State<AppState>) -> Response {
                 num_jobs = c.in_progress(),
                 "api response out"
             );
-            json_text(
-                StatusCode::OK,
-                format!("{{\"num_jobs\":{}}}", c.in_progress()),
-            )
+            Json(wire::NumJobs {
+                num_jobs: c.in_progress(),
+            })
+            .into_response()
         }
         Err(e) => store_error("num_jobs", &e),
     }
@@ -417,7 +423,7 @@ pub async fn graceful_shutdown(State(st): State<AppState>) -> Response {
         status,
         "api response out"
     );
-    json_text(StatusCode::OK, format!("{{\"status\":\"{status}\"}}"))
+    Json(wire::ShutdownStatus { status }).into_response()
 }
 
 /// The benchmark's ceiling: parses the body like a real route, touches nothing.

@@ -111,7 +111,7 @@ pub async fn reference(headers: HeaderMap) -> Result<Response, ApiError> {
     responses(
         (status = 200, description = "The file", content_type = "text/javascript", body = String),
         (status = 304, description = "Unchanged (If-None-Match)"),
-        (status = 404, description = "No such file", content_type = "application/problem+json"),
+        (status = 404, description = "No such file"),
     )
 )]
 pub async fn asset(Path(path): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {

@@ -6,9 +6,11 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use serde::de::DeserializeOwned;
 
 use super::ids::Wire;
+use super::wire::Problem;
 use crate::jobs::engine::{CancelError, RetryError, SubmitError};
 use crate::store::StoreError;
 
@@ -89,18 +91,13 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(cause) = &self {
             tracing::error!(%cause, "internal error");
         }
-        let mut body = serde_json::json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": self.to_string(),
-        });
+        let mut body = Problem::new(status, self.to_string());
         match &self {
-            ApiError::OutcomeUnknown(_) => body["outcome"] = "unknown".into(),
-            ApiError::IdempotencyKeyReused(id) => body["job_id"] = Wire(*id).to_string().into(),
+            ApiError::OutcomeUnknown(_) => body.outcome = Some("unknown"),
+            ApiError::IdempotencyKeyReused(id) => body.job_id = Some(Wire(*id).to_string()),
             _ => {}
         }
-        let mut res = (status, body.to_string()).into_response();
+        let mut res = (status, Json(body)).into_response();
         let h = res.headers_mut();
         h.insert(
             header::CONTENT_TYPE,

@@ -4,9 +4,10 @@
 use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Number, Value};
+use serde_json::{Number, Value};
 
 use super::error::{ApiError, ApiJson};
+use super::wire;
 use super::AppState;
 use crate::pipeline::{AcceptError, Event};
 
@@ -72,18 +73,21 @@ pub fn validate(body: EventBody) -> Result<Event, ApiError> {
     tag = "pipeline",
     request_body = EventBody,
     responses(
-        (status = 200, description = "Durable in the accepted log", body = super::openapi::wire::EventAnswer),
-        (status = 400, description = "Malformed JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A field missing, unknown or of the wrong type", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Reorder buffer full, or draining (Retry-After)", body = super::openapi::wire::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "Durable in the accepted log", body = super::wire::EventAnswer),
+        (status = 400, description = "Malformed JSON"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "A field missing, unknown or of the wrong type"),
+        (status = 503, description = "Reorder buffer full, or draining (Retry-After)"),
     )
 )]
 pub async fn submit(
     State(st): State<AppState>,
     ApiJson(body): ApiJson<EventBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::EventAnswer>, ApiError> {
     let event = validate(body)?;
     let seq = st.pipeline.accept(event).await?;
-    Ok(Json(json!({ "asyncAnswer": "Ok", "seq": seq })))
+    Ok(Json(wire::EventAnswer {
+        async_answer: "Ok",
+        seq,
+    }))
 }

@@ -46,6 +46,7 @@ pub mod sources;
 pub mod storage;
 pub mod stream;
 pub mod v1;
+pub mod wire;
 
 use error::{ApiError, BodyLimit};
 use routes::{RouteEntry, Routes};

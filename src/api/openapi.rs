@@ -13,318 +13,8 @@ use serde_json::{json, Value};
 use utoipa::OpenApi;
 
 use super::routes::RouteEntry;
+use super::wire;
 use crate::stats::Query;
-
-/// Shapes that handlers build with `json!` rather than a type of their own, described
-/// here for the OpenAPI document (never constructed: `serde_json` writes the real ones;
-/// the contract test checks the two agree).
-#[allow(dead_code)]
-pub mod wire {
-    use std::collections::BTreeMap;
-
-    use serde::Serialize;
-    use serde_json::Value;
-    use utoipa::ToSchema;
-
-    /// An error of the native API (RFC 9457 problem details).
-    #[derive(Serialize, ToSchema)]
-    pub struct Problem {
-        #[serde(rename = "type")]
-        pub kind: String,
-        pub title: String,
-        pub status: u16,
-        /// What is wrong, for a person.
-        pub detail: String,
-    }
-
-    /// A refused submission (422): params the kind refuses, or an `Idempotency-Key`
-    /// already used for another request.
-    #[derive(Serialize, ToSchema)]
-    pub struct KeyReusedProblem {
-        #[serde(rename = "type")]
-        pub kind: String,
-        pub title: String,
-        pub status: u16,
-        pub detail: String,
-        /// With a reused Idempotency-Key: the job that key made (`job_id_N`).
-        pub job_id: Option<String>,
-    }
-
-    /// A submission not taken now (503, with Retry-After).
-    #[derive(Serialize, ToSchema)]
-    pub struct UnavailableProblem {
-        #[serde(rename = "type")]
-        pub kind: String,
-        pub title: String,
-        pub status: u16,
-        pub detail: String,
-        /// `unknown` when the store never answered: the job may exist; retry with the
-        /// same Idempotency-Key to get it rather than a second one.
-        pub outcome: Option<String>,
-    }
-
-    /// A job taken: its id is valid on every route at once.
-    #[derive(Serialize, ToSchema)]
-    pub struct Accepted {
-        pub id: String,
-        /// `queued`.
-        pub status: String,
-    }
-
-    /// A job cancelled.
-    #[derive(Serialize, ToSchema)]
-    pub struct CancelledJob {
-        pub id: String,
-        /// `cancelled`.
-        pub status: String,
-    }
-
-    /// A page of jobs, newest first.
-    #[derive(Serialize, ToSchema)]
-    pub struct JobPage {
-        pub jobs: Vec<super::super::v1::JobView>,
-        /// Pass as `cursor` for the next page; null on the last.
-        pub next_cursor: Option<String>,
-    }
-
-    /// The body of the nine statistics routes.
-    #[derive(Serialize, ToSchema)]
-    pub struct CompatQuestion {
-        pub question: String,
-        /// The state, for `state_mean`, `state_diff_from_mean`, `state_mean_by_category`.
-        pub state: Option<String>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct CompatJobId {
-        /// `job_id_N`.
-        pub job_id: String,
-    }
-
-    /// An error of the compatible routes.
-    #[derive(Serialize, ToSchema)]
-    pub struct CompatError {
-        /// `error`.
-        pub status: String,
-        pub reason: String,
-    }
-
-    /// `running`, `done` with `data`, or `error` with `reason`.
-    #[derive(Serialize, ToSchema)]
-    pub struct CompatResult {
-        pub status: String,
-        pub data: Option<Value>,
-        pub reason: Option<String>,
-    }
-
-    /// Every job with its state (`done` or `running`), one object per job.
-    #[derive(Serialize, ToSchema)]
-    pub struct CompatJobs {
-        pub status: String,
-        pub data: Vec<BTreeMap<String, String>>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct NumJobs {
-        /// Jobs queued or running.
-        pub num_jobs: u64,
-    }
-
-    /// `running` while work remains, then `done`.
-    #[derive(Serialize, ToSchema)]
-    pub struct ShutdownStatus {
-        pub status: String,
-    }
-
-    /// `ok`, `ready`, `draining` or `unavailable`.
-    #[derive(Serialize, ToSchema)]
-    pub struct Health {
-        pub status: String,
-        /// Why the service is not ready.
-        pub detail: Option<String>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct EventAnswer {
-        /// `Ok`.
-        #[serde(rename = "asyncAnswer")]
-        pub async_answer: String,
-        /// The event's place in the journal (gap-free, from 1).
-        pub seq: u64,
-    }
-
-    /// Points refused, by reason (only those that occurred).
-    #[derive(Serialize, ToSchema)]
-    pub struct WriteReport {
-        pub accepted: u64,
-        pub rejected: u64,
-        pub reasons: BTreeMap<String, u64>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct LineError {
-        pub line: u64,
-        pub message: String,
-    }
-
-    /// A bad request; when lines were bad, which ones, and what the others stored.
-    #[derive(Serialize, ToSchema)]
-    pub struct WriteProblem {
-        #[serde(rename = "type")]
-        pub kind: String,
-        pub title: String,
-        pub status: u16,
-        pub detail: String,
-        /// The first bad lines.
-        pub errors: Option<Vec<LineError>>,
-        pub accepted_points: Option<u64>,
-        pub accepted: Option<u64>,
-        pub rejected: Option<u64>,
-        pub reasons: Option<BTreeMap<String, u64>>,
-    }
-
-    /// A point: time (ms since the epoch) and value.
-    #[derive(Serialize, ToSchema)]
-    pub struct Point {
-        pub t: i64,
-        pub v: f64,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct PointsReport {
-        pub accepted: u64,
-        pub rejected_late: u64,
-        pub rejected_expired: u64,
-        pub rejected_future: u64,
-        pub rejected_non_finite: u64,
-        pub rejected_overflow: u64,
-        pub rejected_series_limit: u64,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct Refreshed {
-        /// When the rollups were computed (ms since the epoch).
-        pub computed_at: i64,
-        pub series: u64,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct SeriesInfo {
-        pub name: String,
-        pub points: u64,
-        pub first: Option<i64>,
-        pub last: Option<i64>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct SeriesPage {
-        pub series: Vec<SeriesInfo>,
-        /// Pass as `cursor` for the next page; null on the last.
-        pub next_cursor: Option<String>,
-    }
-
-    /// Raw points, or one aggregate per bucket of `step` ms.
-    #[derive(Serialize, ToSchema)]
-    pub struct SeriesPoints {
-        pub name: String,
-        pub from: Option<i64>,
-        pub to: Option<i64>,
-        pub step: Option<i64>,
-        pub agg: Option<String>,
-        /// `v` is null where an aggregate is not finite.
-        pub points: Vec<Point>,
-    }
-
-    /// An aggregate; `sum` and `mean` are null when not finite.
-    #[derive(Serialize, ToSchema)]
-    pub struct AggSummary {
-        pub count: u64,
-        pub sum: Option<f64>,
-        pub mean: Option<f64>,
-        pub min: Option<f64>,
-        pub max: Option<f64>,
-        pub last: Option<f64>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct RollupWindow {
-        pub start: i64,
-        pub count: u64,
-        pub sum: Option<f64>,
-        pub mean: Option<f64>,
-        pub min: Option<f64>,
-        pub max: Option<f64>,
-        pub last: Option<f64>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct Rollups {
-        pub name: String,
-        /// Every point ever accepted.
-        pub total: AggSummary,
-        /// The points kept now.
-        pub retained: AggSummary,
-        pub window_ms: i64,
-        pub windows: Vec<RollupWindow>,
-        /// Null when computed on the spot for a series newer than the last refresh.
-        pub computed_at: Option<i64>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct Source {
-        pub name: String,
-        /// `upstream`.
-        pub kind: String,
-        pub url: String,
-        pub series: String,
-        /// `running` or `restarting`.
-        pub state: String,
-        pub restarts: u64,
-        pub last_error: Option<String>,
-        /// RFC 3339.
-        pub last_success: Option<String>,
-        pub last_value: Option<f64>,
-        pub points: u64,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct Sources {
-        pub sources: Vec<Source>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct Dataset {
-        pub name: String,
-        pub size: u64,
-        /// RFC 3339.
-        pub modified: Option<String>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct Datasets {
-        pub datasets: Vec<Dataset>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct Uploaded {
-        pub name: String,
-        pub size: u64,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct CsvStarted {
-        #[serde(rename = "Task started, your id")]
-        pub id: String,
-    }
-
-    /// A task of the storage service that did not give a result.
-    #[derive(Serialize, ToSchema)]
-    pub struct StorageStatus {
-        /// `running`, `failed`, `cancelled` or `error`.
-        pub status: String,
-        pub error: Option<String>,
-    }
-}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -414,6 +104,19 @@ pub fn document(routes: &[RouteEntry], kinds: &[String]) -> Value {
             false
         }
     });
+    // An error answer described without a body is a problem document: the one place
+    // that says so, instead of each handler's annotation.
+    for op in paths.values_mut().filter_map(Value::as_object_mut) {
+        for (_, op) in op.iter_mut().filter(|(method, _)| is_method(method)) {
+            if let Some(responses) = op["responses"].as_object_mut() {
+                for (status, response) in responses.iter_mut() {
+                    if status.as_str() >= "400" && response.get("content").is_none() {
+                        response["content"] = problem_content();
+                    }
+                }
+            }
+        }
+    }
     for r in routes.iter().filter(|r| r.guarded) {
         let method = r.method.as_str().to_ascii_lowercase();
         if let Some(op) = paths
@@ -454,12 +157,17 @@ fn is_method(key: &str) -> bool {
     )
 }
 
+/// The content of an error answer of the native API.
+fn problem_content() -> Value {
+    json!({
+        "application/problem+json": { "schema": { "$ref": "#/components/schemas/Problem" } }
+    })
+}
+
 /// Marks an operation as needing the bearer token, with the answers that implies.
 fn guard(op: &mut Value) {
     op["security"] = json!([{ "bearer": [] }]);
-    let problem = json!({
-        "application/problem+json": { "schema": { "$ref": "#/components/schemas/Problem" } }
-    });
+    let problem = problem_content();
     if let Some(responses) = op["responses"].as_object_mut() {
         responses.entry("401").or_insert_with(|| {
             json!({

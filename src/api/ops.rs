@@ -5,10 +5,9 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use super::error::ApiError;
-use super::openapi::wire;
+use super::wire;
 use super::AppState;
 use crate::model::JobStatus;
 use prometheus_client::metrics::family::Family;
@@ -23,8 +22,8 @@ use crate::metrics::{Metrics, StateLabels};
     tag = "operations",
     responses((status = 200, description = "Alive", body = wire::Health))
 )]
-pub async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+pub async fn healthz() -> Json<wire::Health> {
+    Json(wire::Health::is("ok"))
 }
 
 /// Ready to take work: 503 while draining, and while the store cannot write (with the
@@ -42,16 +41,19 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
     if st.engine.is_draining() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "draining" })),
+            Json(wire::Health::is("draining")),
         )
             .into_response();
     }
     match st.engine.store_health() {
-        Ok(()) => Json(json!({ "status": "ready" })).into_response(),
+        Ok(()) => Json(wire::Health::is("ready")).into_response(),
         Err(cause) => {
             let mut res = (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "unavailable", "detail": cause })),
+                Json(wire::Health {
+                    status: "unavailable",
+                    detail: Some(cause),
+                }),
             )
                 .into_response();
             res.headers_mut().insert(

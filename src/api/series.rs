@@ -10,10 +10,10 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::error::{ApiError, ApiJson};
-use super::openapi::wire;
+use super::wire;
 use super::{ops, AppState};
 use crate::series::agg::{AggFn, SeriesRollup};
 use crate::series::line_protocol::Precision;
@@ -68,17 +68,6 @@ pub(crate) fn float_text(v: f64) -> String {
     } else {
         serde_json::to_string(&v).unwrap_or_else(|_| v.to_string())
     }
-}
-
-/// `{"late": 2, "future": 1}`: the reasons points were refused for, only those that
-/// occurred.
-fn reasons_json(reasons: &[(&str, u64)]) -> Value {
-    Value::Object(
-        reasons
-            .iter()
-            .map(|&(k, n)| (k.to_string(), json!(n)))
-            .collect(),
-    )
 }
 
 /// Reusable body buffers for `/write`. Batches of line protocol are large (10,000 lines is
@@ -137,8 +126,8 @@ async fn read_pooled(mut body: axum::body::Body, limit: usize) -> Result<Vec<u8>
         (status = 204, description = "Every point stored"),
         (status = 200, description = "Every line parsed; some points refused", body = wire::WriteReport),
         (status = 400, description = "Bad lines (the good ones are stored), or a bad precision", body = wire::WriteProblem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over --max-write-bytes", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "A compressed body", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over --max-write-bytes"),
+        (status = 415, description = "A compressed body"),
     )
 )]
 pub async fn write(
@@ -184,18 +173,21 @@ pub async fn write(
         if rejected == 0 {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
-        return Ok(Json(json!({
-            "accepted": r.store.accepted,
-            "rejected": rejected,
-            "reasons": reasons_json(&reasons),
-        }))
+        return Ok(Json(wire::WriteReport {
+            accepted: r.store.accepted,
+            rejected,
+            reasons: wire::Reasons(reasons),
+        })
         .into_response());
     }
-    let errors: Vec<Value> = r
+    let errors = r
         .parse
         .errors
         .iter()
-        .map(|e| json!({ "line": e.line, "message": e.kind.to_string() }))
+        .map(|e| wire::LineError {
+            line: e.line as u64,
+            message: e.kind.to_string(),
+        })
         .collect();
     let mut detail = format!(
         "{} of {} lines rejected; the points of the other lines were stored ({} points)",
@@ -210,18 +202,15 @@ pub async fn write(
             r.bad_names
         ));
     }
-    let body = json!({
-        "type": "about:blank",
-        "title": "Bad Request",
-        "status": 400,
-        "detail": detail,
-        "errors": errors,
-        "accepted_points": r.store.accepted,
-        "accepted": r.store.accepted,
-        "rejected": rejected,
-        "reasons": reasons_json(&reasons),
-    });
-    let mut res = (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    let body = wire::WriteProblem {
+        problem: wire::Problem::new(StatusCode::BAD_REQUEST, detail),
+        errors,
+        accepted_points: r.store.accepted,
+        accepted: r.store.accepted,
+        rejected,
+        reasons: wire::Reasons(reasons),
+    };
+    let mut res = (StatusCode::BAD_REQUEST, Json(body)).into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
@@ -260,16 +249,16 @@ fn point_of(i: usize, p: &Value) -> Result<(i64, f64), ApiError> {
     request_body = Vec<wire::Point>,
     responses(
         (status = 200, description = "Points stored and refused, by reason", body = wire::PointsReport),
-        (status = 400, description = "A bad series name or malformed JSON", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Not an array of points", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A bad series name or malformed JSON"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "Not an array of points"),
     )
 )]
 pub async fn post_points(
     State(st): State<AppState>,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<Value>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::PointsReport>, ApiError> {
     validate_name(&name)?;
     let arr = body.as_array().ok_or_else(|| {
         ApiError::Unprocessable("expected a JSON array of {\"t\", \"v\"} points".into())
@@ -287,11 +276,15 @@ pub async fn post_points(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mut body = json!({ "accepted": r.accepted });
-    for (reason, n) in r.reasons() {
-        body[format!("rejected_{reason}")] = json!(n);
-    }
-    Ok(Json(body))
+    Ok(Json(wire::PointsReport {
+        accepted: r.accepted,
+        rejected_late: r.late,
+        rejected_expired: r.expired,
+        rejected_future: r.future,
+        rejected_non_finite: r.non_finite,
+        rejected_overflow: r.overflow,
+        rejected_series_limit: r.series_limit,
+    }))
 }
 
 /// Series per page of `GET /v1/series`: default and largest.
@@ -310,13 +303,13 @@ const SERIES_MAX_PAGE: usize = 10_000;
     ),
     responses(
         (status = 200, description = "A page of series in name order", body = wire::SeriesPage),
-        (status = 400, description = "A bad parameter", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A bad parameter"),
     )
 )]
 pub async fn list(
     State(st): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::SeriesPage>, ApiError> {
     let mut limit = SERIES_PAGE;
     let mut cursor: Option<String> = None;
     for (k, v) in params {
@@ -349,11 +342,19 @@ pub async fn list(
     let next = more
         .then(|| page.last().map(|s| s.name.to_string()))
         .flatten();
-    let series: Vec<Value> = page
+    let series = page
         .into_iter()
-        .map(|s| json!({ "name": &*s.name, "points": s.points, "first": s.first, "last": s.last }))
+        .map(|s| wire::SeriesInfo {
+            name: s.name.to_string(),
+            points: s.points,
+            first: s.first,
+            last: s.last,
+        })
         .collect();
-    Ok(Json(json!({ "series": series, "next_cursor": next })))
+    Ok(Json(wire::SeriesPage {
+        series,
+        next_cursor: next,
+    }))
 }
 
 fn int_param(
@@ -387,15 +388,15 @@ fn int_param(
     ),
     responses(
         (status = 200, description = "Points", body = wire::SeriesPoints),
-        (status = 400, description = "A bad parameter", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such series", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A bad parameter"),
+        (status = 404, description = "No such series"),
     )
 )]
 pub async fn query(
     State(st): State<AppState>,
     Path(name): Path<String>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::SeriesPoints>, ApiError> {
     if let Some(k) = params
         .keys()
         .find(|k| !matches!(k.as_str(), "from" | "to" | "step" | "agg"))
@@ -427,41 +428,41 @@ pub async fn query(
     let points = tokio::task::spawn_blocking(move || store.query(&n, q))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let points: Vec<Value> = points
-        .into_iter()
-        .map(|(t, v)| json!({ "t": t, "v": v }))
-        .collect();
-    let agg_name = step.map(|_| format!("{agg:?}").to_lowercase());
-    Ok(Json(json!({
-        "name": name,
-        "from": from,
-        "to": to,
-        "step": step,
-        "agg": agg_name,
-        "points": points,
-    })))
+    Ok(Json(wire::SeriesPoints {
+        name,
+        from,
+        to,
+        step,
+        agg: step.map(|_| format!("{agg:?}").to_lowercase()),
+        points: points
+            .into_iter()
+            .map(|(t, v)| wire::Point { t, v })
+            .collect(),
+    }))
 }
 
-fn rollup_json(name: &str, r: &SeriesRollup, window_ms: i64, computed_at: Option<i64>) -> Value {
-    let windows: Vec<Value> = r
+fn rollup_view(
+    name: &str,
+    r: &SeriesRollup,
+    window_ms: i64,
+    computed_at: Option<i64>,
+) -> wire::Rollups {
+    let windows = r
         .windows
         .iter()
-        .map(|(start, a)| {
-            let s = a.summary();
-            json!({
-                "start": start, "count": s.count, "sum": s.sum, "mean": s.mean,
-                "min": s.min, "max": s.max, "last": s.last,
-            })
+        .map(|(start, a)| wire::RollupWindow {
+            start: *start,
+            agg: a.summary().into(),
         })
         .collect();
-    json!({
-        "name": name,
-        "total": r.total.summary(),
-        "retained": r.retained.summary(),
-        "window_ms": window_ms,
-        "windows": windows,
-        "computed_at": computed_at,
-    })
+    wire::Rollups {
+        name: name.to_string(),
+        total: r.total.summary().into(),
+        retained: r.retained.summary().into(),
+        window_ms,
+        windows,
+        computed_at,
+    }
 }
 
 /// `GET /v1/series/{name}/rollups`: from the last published snapshot; a series created
@@ -473,18 +474,18 @@ fn rollup_json(name: &str, r: &SeriesRollup, window_ms: i64, computed_at: Option
     params(("name" = String, Path)),
     responses(
         (status = 200, description = "The series' rollups", body = wire::Rollups),
-        (status = 400, description = "A bad series name", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such series", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A bad series name"),
+        (status = 404, description = "No such series"),
     )
 )]
 pub async fn rollups(
     State(st): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Rollups>, ApiError> {
     let window_ms = st.series.options().window_ms;
     let snap = st.rollups.snapshot();
     if let Some(r) = snap.series.get(name.as_str()) {
-        return Ok(Json(rollup_json(
+        return Ok(Json(rollup_view(
             &name,
             r,
             window_ms,
@@ -492,7 +493,7 @@ pub async fn rollups(
         )));
     }
     let r = st.series.rollup(&name)?;
-    Ok(Json(rollup_json(&name, &r, window_ms, None)))
+    Ok(Json(rollup_view(&name, &r, window_ms, None)))
 }
 
 /// `POST /v1/series/rollups/refresh`: recompute and publish now.
@@ -502,10 +503,10 @@ pub async fn rollups(
     tag = "series",
     responses((status = 200, description = "Recomputed and published", body = wire::Refreshed))
 )]
-pub async fn refresh(State(st): State<AppState>) -> Json<Value> {
+pub async fn refresh(State(st): State<AppState>) -> Json<wire::Refreshed> {
     let snap = st.rollups.refresh_async().await;
-    Json(json!({
-        "computed_at": snap.computed_at_ms,
-        "series": snap.series.len(),
-    }))
+    Json(wire::Refreshed {
+        computed_at: snap.computed_at_ms,
+        series: snap.series.len() as u64,
+    })
 }

@@ -2,9 +2,8 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
 
-use super::v1::rfc3339;
+use super::wire::{self, rfc3339};
 use super::AppState;
 
 /// `GET /v1/sources`: `{"sources": [{name, kind, url, series, state, restarts,
@@ -13,27 +12,25 @@ use super::AppState;
     get,
     path = "/v1/sources",
     tag = "series",
-    responses((status = 200, description = "The sources", body = super::openapi::wire::Sources))
+    responses((status = 200, description = "The sources", body = wire::Sources))
 )]
-pub async fn list(State(st): State<AppState>) -> Json<Value> {
-    let sources: Vec<Value> = st
+pub async fn list(State(st): State<AppState>) -> Json<wire::Sources> {
+    let sources = st
         .sources
         .list()
         .into_iter()
-        .map(|s| {
-            json!({
-                "name": s.name,
-                "kind": "upstream",
-                "url": s.url,
-                "series": s.series,
-                "state": s.state.as_str(),
-                "restarts": s.restarts,
-                "last_error": s.last_error,
-                "last_success": s.last_success_ms.map(rfc3339),
-                "last_value": s.last_value,
-                "points": s.points,
-            })
+        .map(|s| wire::Source {
+            name: s.name,
+            kind: "upstream",
+            url: s.url,
+            series: s.series,
+            state: s.state.as_str(),
+            restarts: s.restarts,
+            last_error: s.last_error,
+            last_success: s.last_success_ms.map(rfc3339),
+            last_value: s.last_value,
+            points: s.points,
         })
         .collect();
-    Json(json!({ "sources": sources }))
+    Json(wire::Sources { sources })
 }

@@ -11,11 +11,11 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http_body_util::BodyExt;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use super::error::ApiError;
-use super::openapi::wire;
+use super::wire;
 use super::AppState;
 use crate::csv::datasets::{check_name, DatasetError};
 use crate::csv::job::KIND;
@@ -48,25 +48,23 @@ fn rfc3339(t: SystemTime) -> String {
     tag = "csv",
     responses(
         (status = 200, description = "The datasets, by name", body = wire::Datasets),
-        (status = 500, description = "The data directory cannot be read", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "The data directory cannot be read"),
     )
 )]
-pub async fn list(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn list(State(st): State<AppState>) -> Result<Json<wire::Datasets>, ApiError> {
     let dir = st.datasets.clone();
     let all = tokio::task::spawn_blocking(move || dir.list())
         .await
         .map_err(join_error)??;
-    let items: Vec<Value> = all
+    let datasets = all
         .into_iter()
-        .map(|d| {
-            json!({
-                "name": d.name,
-                "size": d.size,
-                "modified": d.modified.map(rfc3339),
-            })
+        .map(|d| wire::Dataset {
+            name: d.name,
+            size: d.size,
+            modified: d.modified.map(rfc3339),
         })
         .collect();
-    Ok(Json(json!({ "datasets": items })))
+    Ok(Json(wire::Datasets { datasets }))
 }
 
 /// Streams the body to a temporary file, then renames it into place: a reader never
@@ -80,8 +78,8 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
     responses(
         (status = 201, description = "Created", body = wire::Uploaded),
         (status = 200, description = "Replaced", body = wire::Uploaded),
-        (status = 400, description = "A bad name, or a link or directory in the way", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Over --max-upload-bytes", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A bad name, or a link or directory in the way"),
+        (status = 413, description = "Over --max-upload-bytes"),
     )
 )]
 pub async fn upload(
@@ -140,7 +138,14 @@ pub async fn upload(
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(json!({ "name": name, "size": written }))).into_response())
+    Ok((
+        status,
+        Json(wire::Uploaded {
+            name,
+            size: written,
+        }),
+    )
+        .into_response())
 }
 
 #[utoipa::path(
@@ -150,8 +155,8 @@ pub async fn upload(
     params(("name" = String, Path, description = "A plain file name")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 400, description = "A bad name", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such dataset", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A bad name"),
+        (status = 404, description = "No such dataset"),
     )
 )]
 pub async fn delete(
@@ -176,16 +181,16 @@ pub async fn delete(
     params(("file" = String, Path, description = "A dataset in --data-dir")),
     responses(
         (status = 200, description = "A `csv.column_sum` job (every 10th column) started", body = wire::CsvStarted),
-        (status = 400, description = "A bad name", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Not a `csv_name=` path", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Queue full, shutting down or store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A bad name"),
+        (status = 404, description = "Not a `csv_name=` path"),
+        (status = 503, description = "Queue full, shutting down or store unavailable"),
     )
 )]
 pub async fn compat_submit(
     State(st): State<AppState>,
     Path(segment): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::CsvStarted>, ApiError> {
     let Some(name) = segment.strip_prefix("csv_name=") else {
         return Err(ApiError::NotFound(format!(
             "no route for {} /{segment}",
@@ -214,9 +219,9 @@ pub async fn compat_submit(
         .submit(NewJob::new(KIND, json!({ "dataset": name })), false)
         .await?
         .id;
-    Ok(Json(
-        json!({ "Task started, your id": crate::api::ids::text(id) }),
-    ))
+    Ok(Json(wire::CsvStarted {
+        id: crate::api::ids::text(id),
+    }))
 }
 
 /// The number of tasks in progress (queued or running), as a bare JSON number.
@@ -226,16 +231,16 @@ pub async fn compat_submit(
     tag = "csv",
     responses(
         (status = 200, description = "Tasks queued or running, as a bare number", body = u64, content_type = "application/json"),
-        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable"),
     )
 )]
-pub async fn get_counter(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let c = st.engine.counts().await?;
-    Ok(Json(json!(c.in_progress())))
+pub async fn get_counter(State(st): State<AppState>) -> Result<Json<u64>, ApiError> {
+    Ok(Json(st.engine.counts().await?.in_progress()))
 }
 
-fn json_error(status: StatusCode, body: Value) -> Response {
-    (status, Json(body)).into_response()
+/// A task's state in the storage service's shape.
+fn storage_status(status: &'static str, error: Option<String>) -> Json<wire::StorageStatus> {
+    Json(wire::StorageStatus { status, error })
 }
 
 /// The result JSON of a finished task; `{"status": "running"}` while it is not;
@@ -249,28 +254,29 @@ fn json_error(status: StatusCode, body: Value) -> Response {
     responses(
         (status = 200, description = "The result JSON once done, else `{\"status\": ...}`", body = Value),
         (status = 404, description = "No such task", body = wire::StorageStatus),
-        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable"),
     )
 )]
 pub async fn get_json(State(st): State<AppState>, Path(raw): Path<String>) -> Response {
     let unknown = || {
-        json_error(
+        (
             StatusCode::NOT_FOUND,
-            json!({ "status": "error", "error": format!("no task with id {raw:?}") }),
+            storage_status("error", Some(format!("no task with id {raw:?}"))),
         )
+            .into_response()
     };
     let Some(id) = crate::api::ids::parse(&raw) else {
         return unknown();
     };
     if st.engine.is_in_flight(id) {
-        return Json(json!({ "status": "running" })).into_response();
+        return storage_status("running", None).into_response();
     }
     match st.engine.state(id).await {
         Err(e) => ApiError::from(e).into_response(),
         Ok(None) => unknown(),
         Ok(Some(r)) => match r.status {
             JobStatus::Queued | JobStatus::Running => {
-                Json(json!({ "status": "running" })).into_response()
+                storage_status("running", None).into_response()
             }
             JobStatus::Done => {
                 let mut res = r.result.unwrap_or_else(|| "null".into()).into_response();
@@ -280,10 +286,10 @@ pub async fn get_json(State(st): State<AppState>, Path(raw): Path<String>) -> Re
                 );
                 res
             }
-            s @ (JobStatus::Failed | JobStatus::Cancelled) => Json(json!({
-                "status": s.as_str(),
-                "error": r.error.unwrap_or_else(|| s.as_str().to_string()),
-            }))
+            s @ (JobStatus::Failed | JobStatus::Cancelled) => storage_status(
+                s.as_str(),
+                Some(r.error.unwrap_or_else(|| s.as_str().to_string())),
+            )
             .into_response(),
         },
     }

@@ -2,21 +2,19 @@
 //! `/v1/jobs/{id}/retry`, `/v1/jobs/stats`.
 
 use std::collections::HashMap;
-use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::{ApiError, ApiJson};
 use super::ids::{self, Wire};
-use super::openapi::wire;
+use super::wire::{self, view, JobView};
 use super::AppState;
-use crate::model::{IdempotencyKey, JobId, JobRecord, JobStatus, ListFilter, NewJob};
+use crate::model::{IdempotencyKey, JobId, JobStatus, ListFilter, NewJob};
 
 /// A job to run: its kind and its params.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -27,59 +25,6 @@ pub struct SubmitBody {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     params: Option<Value>,
-}
-
-/// How far a running job got, in units of its own (bytes, rows).
-#[derive(Serialize, utoipa::ToSchema)]
-struct Progress {
-    done: u64,
-    total: u64,
-}
-
-/// A job on the wire.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct JobView {
-    id: String,
-    kind: String,
-    /// `queued`, `running`, `done`, `failed` or `cancelled`.
-    #[schema(value_type = String, pattern = "^(queued|running|done|failed|cancelled)$")]
-    status: &'static str,
-    #[schema(value_type = Object)]
-    params: Value,
-    /// RFC 3339 (ms).
-    submitted_at: String,
-    started_at: Option<String>,
-    finished_at: Option<String>,
-    /// The job's answer once done (any JSON).
-    #[schema(value_type = Option<Value>)]
-    result: Option<Box<RawValue>>,
-    error: Option<String>,
-    /// Runs of the job so far (a worker that died or stalled, or a retry, adds one).
-    attempts: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    progress: Option<Progress>,
-}
-
-pub(crate) fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-fn view(r: JobRecord, progress: Option<(u64, u64)>) -> JobView {
-    JobView {
-        id: ids::text(r.id),
-        kind: r.kind,
-        status: r.status.as_str(),
-        params: r.params,
-        submitted_at: rfc3339(r.submitted_at),
-        started_at: r.started_at.map(rfc3339),
-        finished_at: r.finished_at.map(rfc3339),
-        // Stored results are JSON we wrote ourselves; a corrupt one shows as null.
-        result: r.result.and_then(|s| RawValue::from_string(s).ok()),
-        error: r.error,
-        attempts: r.attempts,
-        progress: progress.map(|(done, total)| Progress { done, total }),
-    }
 }
 
 fn parse_id(raw: &str) -> Result<JobId, ApiError> {
@@ -143,11 +88,11 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
                 ("Location" = String, description = "The job's URL"),
                 ("Idempotent-Replayed" = String, description = "`true` when this is the answer to an earlier submission with the same Idempotency-Key (no new job); absent otherwise"),
             )),
-        (status = 400, description = "Unknown kind, a malformed body or a malformed Idempotency-Key", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over --max-body-bytes", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Params the kind refuses, or an Idempotency-Key already used for another request (`job_id` names the job it made)", body = wire::KeyReusedProblem, content_type = "application/problem+json"),
-        (status = 503, description = "Queue full, shutting down or store unavailable (Retry-After); `outcome: unknown` when the store never answered and the job may exist: retry with the same Idempotency-Key", body = wire::UnavailableProblem, content_type = "application/problem+json"),
+        (status = 400, description = "Unknown kind, a malformed body or a malformed Idempotency-Key"),
+        (status = 413, description = "Body over --max-body-bytes"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "Params the kind refuses, or an Idempotency-Key already used for another request (`job_id` names the job it made)"),
+        (status = 503, description = "Queue full, shutting down or store unavailable (Retry-After); `outcome: unknown` when the store never answered and the job may exist: retry with the same Idempotency-Key"),
     )
 )]
 pub async fn submit(
@@ -182,7 +127,7 @@ pub async fn submit(
     let mut res = (
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
-        Json(serde_json::json!({ "id": ids::text(id), "status": "queued" })),
+        Json(wire::Accepted::queued(id)),
     )
         .into_response();
     if submitted.replayed {
@@ -200,8 +145,8 @@ pub async fn submit(
     params(("id" = String, Path, description = "`job_id_N`")),
     responses(
         (status = 200, description = "The job", body = JobView),
-        (status = 404, description = "No such job", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job"),
+        (status = 503, description = "Store unavailable"),
     )
 )]
 pub async fn get(
@@ -228,20 +173,21 @@ pub async fn get(
     params(("id" = String, Path, description = "`job_id_N`")),
     responses(
         (status = 200, description = "Cancelled", body = wire::CancelledJob),
-        (status = 404, description = "No such job", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already finished", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job"),
+        (status = 409, description = "Already finished"),
+        (status = 503, description = "Store unavailable"),
     )
 )]
 pub async fn cancel(
     State(st): State<AppState>,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::CancelledJob>, ApiError> {
     let id = parse_id(&raw)?;
     st.engine.cancel(id).await?;
-    Ok(Json(
-        serde_json::json!({ "id": ids::text(id), "status": "cancelled" }),
-    ))
+    Ok(Json(wire::CancelledJob {
+        id: ids::text(id),
+        status: "cancelled",
+    }))
 }
 
 /// `POST /v1/jobs/{id}/retry`: a failed or cancelled job runs again, same id, next
@@ -253,9 +199,9 @@ pub async fn cancel(
     params(("id" = String, Path, description = "`job_id_N`")),
     responses(
         (status = 202, description = "Queued again", body = wire::Accepted),
-        (status = 404, description = "No such job", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Queued, running or done", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Queue full, shutting down or store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job"),
+        (status = 409, description = "Queued, running or done"),
+        (status = 503, description = "Queue full, shutting down or store unavailable"),
     )
 )]
 pub async fn retry(
@@ -267,7 +213,7 @@ pub async fn retry(
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/jobs/{}", Wire(id)))],
-        Json(serde_json::json!({ "id": ids::text(id), "status": "queued" })),
+        Json(wire::Accepted::queued(id)),
     )
         .into_response())
 }
@@ -288,14 +234,14 @@ const DEFAULT_PAGE: usize = 50;
     ),
     responses(
         (status = 200, description = "A page", body = wire::JobPage),
-        (status = 400, description = "A bad parameter", body = wire::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A bad parameter"),
+        (status = 503, description = "Store unavailable"),
     )
 )]
 pub async fn list(
     State(st): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::JobPage>, ApiError> {
     let mut filter = ListFilter {
         limit: DEFAULT_PAGE,
         ..ListFilter::default()
@@ -338,10 +284,10 @@ pub async fn list(
     let next = (jobs.len() == filter.limit)
         .then(|| jobs.last().map(|j| ids::text(j.id)))
         .flatten();
-    let views: Vec<JobView> = jobs.into_iter().map(|r| view(r, None)).collect();
-    Ok(Json(
-        serde_json::json!({ "jobs": views, "next_cursor": next }),
-    ))
+    Ok(Json(wire::JobPage {
+        jobs: jobs.into_iter().map(|r| view(r, None)).collect(),
+        next_cursor: next,
+    }))
 }
 
 /// `GET /v1/jobs/stats`: jobs in the store by state.
@@ -350,20 +296,12 @@ pub async fn list(
     path = "/v1/jobs/stats",
     tag = "jobs",
     responses(
-        (status = 200, description = "Counts", body = super::overview::JobCountsView),
-        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "Counts", body = wire::JobCountsView),
+        (status = 503, description = "Store unavailable"),
     )
 )]
-pub async fn stats(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let c = st.engine.counts().await?;
-    Ok(Json(serde_json::json!({
-        "queued": c.queued,
-        "running": c.running,
-        "done": c.done,
-        "failed": c.failed,
-        "cancelled": c.cancelled,
-        "in_progress": c.in_progress(),
-    })))
+pub async fn stats(State(st): State<AppState>) -> Result<Json<wire::JobCountsView>, ApiError> {
+    Ok(Json(st.engine.counts().await?.into()))
 }
 
 /// `GET /v1/replicas`: the processes taking work from the queue (with Redis, every
@@ -373,32 +311,16 @@ pub async fn stats(State(st): State<AppState>) -> Result<Json<Value>, ApiError> 
     path = "/v1/replicas",
     tag = "jobs",
     responses(
-        (status = 200, description = "The replicas", body = super::overview::ReplicasBody),
-        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The replicas", body = wire::ReplicasBody),
+        (status = 503, description = "Store unavailable"),
     )
 )]
-pub async fn replicas(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn replicas(State(st): State<AppState>) -> Result<Json<wire::ReplicasBody>, ApiError> {
     let replicas = st.engine.replicas().await?;
-    let now = crate::now_ms();
-    let list: Vec<Value> = replicas
-        .into_iter()
-        .map(|r| {
-            serde_json::json!({
-                "name": r.name,
-                "host": r.host,
-                "pid": r.pid,
-                "workers": r.workers,
-                "busy": r.busy,
-                "last_seen": rfc3339(r.last_seen_ms),
-                "seen_ms_ago": (now - r.last_seen_ms).max(0),
-                "this": r.this,
-            })
-        })
-        .collect();
-    Ok(Json(serde_json::json!({
-        "store": st.engine.store_name(),
-        "replicas": list,
-    })))
+    Ok(Json(wire::ReplicasBody {
+        store: st.engine.store_name().to_string(),
+        replicas: wire::replica_views(replicas),
+    }))
 }
 
 /// `GET /v1/queue`: jobs waiting for a worker and jobs leased, on every replica.
@@ -407,14 +329,10 @@ pub async fn replicas(State(st): State<AppState>) -> Result<Json<Value>, ApiErro
     path = "/v1/queue",
     tag = "jobs",
     responses(
-        (status = 200, description = "The queue", body = super::overview::QueueView),
-        (status = 503, description = "Store unavailable", body = wire::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The queue", body = wire::QueueView),
+        (status = 503, description = "Store unavailable"),
     )
 )]
-pub async fn queue(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let q = st.engine.queue_stats().await?;
-    Ok(Json(serde_json::json!({
-        "waiting": q.waiting,
-        "leased": q.leased,
-    })))
+pub async fn queue(State(st): State<AppState>) -> Result<Json<wire::QueueView>, ApiError> {
+    Ok(Json(st.engine.queue_stats().await?.into()))
 }
