@@ -184,6 +184,92 @@ fn stop_on_store(out: &mut BulkResult, e: crate::store::StoreError) -> Result<()
     Ok(())
 }
 
+/// What acting on one job of the page came to.
+enum Step {
+    Done,
+    /// It changed state in the meantime: left alone, for this reason.
+    Skip(String),
+    /// Nothing more can be done now (a full queue, a drain): the page stops here.
+    Stop(String),
+    Store(crate::store::StoreError),
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    Cancel,
+    Retry,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Cancel => "cancel",
+            Action::Retry => "retry",
+        }
+    }
+
+    /// The states it applies to.
+    fn applies_to(self) -> [JobStatus; 2] {
+        match self {
+            Action::Cancel => [JobStatus::Queued, JobStatus::Running],
+            Action::Retry => [JobStatus::Failed, JobStatus::Cancelled],
+        }
+    }
+
+    async fn apply(self, st: &AppState, id: JobId) -> Step {
+        match self {
+            Action::Cancel => match st.engine.cancel(id).await {
+                Ok(()) => Step::Done,
+                Err(e @ (CancelError::NotFound(_) | CancelError::AlreadyFinished { .. })) => {
+                    Step::Skip(super::error::cancel_refusal(&e))
+                }
+                Err(CancelError::Store(e)) => Step::Store(e),
+            },
+            Action::Retry => match st.engine.retry(id).await {
+                Ok(()) => Step::Done,
+                Err(e @ (RetryError::NotFound(_) | RetryError::NotRetryable { .. })) => {
+                    Step::Skip(super::error::retry_refusal(&e))
+                }
+                Err(e @ (RetryError::QueueFull { .. } | RetryError::ShuttingDown)) => {
+                    Step::Stop(e.to_string())
+                }
+                Err(RetryError::Store(e)) => Step::Store(e),
+            },
+        }
+    }
+}
+
+/// One page of a bulk action: selects what matches and applies the action to each job
+/// in turn, newest first, until the page ends or a job stops it.
+async fn walk(
+    st: &AppState,
+    filter: BulkFilter,
+    action: Action,
+) -> Result<Json<BulkResult>, ApiError> {
+    let (ids, mut out) = select(st, &filter, action.applies_to(), action.name()).await?;
+    let mut done = 0;
+    for &id in &ids {
+        match action.apply(st, id).await {
+            Step::Done => out.affected += 1,
+            Step::Skip(reason) => out.skipped.push(BulkSkip {
+                id: crate::api::ids::text(id),
+                reason,
+            }),
+            Step::Stop(why) => {
+                out.stopped = Some(why);
+                out.more = true;
+                break;
+            }
+            Step::Store(e) => {
+                stop_on_store(&mut out, e)?;
+                break;
+            }
+        }
+        done += 1;
+    }
+    Ok(Json(finish_page(out, &ids, done, filter.cursor)))
+}
+
 /// `POST /v1/jobs/cancel`: cancels the newest queued or running jobs that match.
 #[utoipa::path(
     post,
@@ -203,31 +289,7 @@ pub async fn cancel(
     State(st): State<AppState>,
     ApiJson(filter): ApiJson<BulkFilter>,
 ) -> Result<Json<BulkResult>, ApiError> {
-    let (ids, mut out) = select(
-        &st,
-        &filter,
-        [JobStatus::Queued, JobStatus::Running],
-        "cancel",
-    )
-    .await?;
-    let mut done = 0;
-    for &id in &ids {
-        match st.engine.cancel(id).await {
-            Ok(()) => out.affected += 1,
-            Err(e @ (CancelError::NotFound(_) | CancelError::AlreadyFinished { .. })) => {
-                out.skipped.push(BulkSkip {
-                    id: crate::api::ids::text(id),
-                    reason: super::error::cancel_refusal(&e),
-                })
-            }
-            Err(CancelError::Store(e)) => {
-                stop_on_store(&mut out, e)?;
-                break;
-            }
-        }
-        done += 1;
-    }
-    Ok(Json(finish_page(out, &ids, done, filter.cursor)))
+    walk(&st, filter, Action::Cancel).await
 }
 
 /// `POST /v1/jobs/retry`: queues again the newest failed or cancelled jobs that match.
@@ -249,36 +311,7 @@ pub async fn retry(
     State(st): State<AppState>,
     ApiJson(filter): ApiJson<BulkFilter>,
 ) -> Result<Json<BulkResult>, ApiError> {
-    let (ids, mut out) = select(
-        &st,
-        &filter,
-        [JobStatus::Failed, JobStatus::Cancelled],
-        "retry",
-    )
-    .await?;
-    let mut done = 0;
-    for &id in &ids {
-        match st.engine.retry(id).await {
-            Ok(()) => out.affected += 1,
-            Err(e @ (RetryError::NotFound(_) | RetryError::NotRetryable { .. })) => {
-                out.skipped.push(BulkSkip {
-                    id: crate::api::ids::text(id),
-                    reason: super::error::retry_refusal(&e),
-                })
-            }
-            Err(e @ (RetryError::QueueFull { .. } | RetryError::ShuttingDown)) => {
-                out.stopped = Some(e.to_string());
-                out.more = true;
-                break;
-            }
-            Err(RetryError::Store(e)) => {
-                stop_on_store(&mut out, e)?;
-                break;
-            }
-        }
-        done += 1;
-    }
-    Ok(Json(finish_page(out, &ids, done, filter.cursor)))
+    walk(&st, filter, Action::Retry).await
 }
 
 #[cfg(test)]
