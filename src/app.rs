@@ -180,7 +180,7 @@ impl Application {
             engine,
             http_metrics: api::HttpMetrics::register(&metrics),
             server_metrics: api::server::ServerMetrics::register(&metrics),
-            gauges: api::ops::Gauges::register(&metrics),
+            gauges: api::state::Gauges::register(&metrics),
             metrics,
             auth: cfg.auth_token.clone(),
             shutdown: CancellationToken::new(),

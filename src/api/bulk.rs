@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiJson};
-use super::AppState;
+use super::state::AppState;
 use crate::jobs::engine::{CancelError, RetryError};
 use crate::model::{JobId, JobStatus, ListFilter};
 

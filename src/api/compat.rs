@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::error::RETRY_AFTER_SECS;
 use super::ids::Wire;
+use super::state::AppState;
 use super::wire;
-use super::AppState;
 use crate::jobs::engine::SubmitError;
 use crate::model::{JobId, JobStatus, NewJob};
 use crate::stats::Query;

@@ -7,8 +7,8 @@ use serde::Deserialize;
 use serde_json::{Number, Value};
 
 use super::error::{ApiError, ApiJson};
+use super::state::AppState;
 use super::wire;
-use super::AppState;
 use crate::pipeline::{AcceptError, Event};
 
 /// The body of `POST /v1/events`; every field is required and no other is allowed.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, Method};
+use axum::http::{header, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -19,16 +19,10 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::config::Secret;
-use crate::csv::datasets::DataDir;
-use crate::jobs::engine::Engine;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-
-use crate::metrics::{seconds_histogram, HistogramFamily, HttpLabels, Metrics, RouteLabels};
-use crate::pipeline::Pipeline;
+use crate::metrics::{HttpLabels, RouteLabels};
 use crate::stats::Query;
 
+pub mod auth;
 pub mod bulk;
 pub mod compat;
 pub mod cross_site;
@@ -43,60 +37,16 @@ pub mod routes;
 pub mod series;
 pub mod server;
 pub mod sources;
+pub mod state;
 pub mod storage;
 pub mod stream;
 pub mod v1;
 pub mod wire;
 
+use auth::authorized;
 use error::{ApiError, BodyLimit};
 use routes::{RouteEntry, Routes};
-
-/// What every handler may use; shared behind one `Arc`, so that handing it to a
-/// request costs one reference count.
-pub type AppState = Arc<AppContext>;
-
-pub struct AppContext {
-    pub engine: Engine,
-    /// The shared registry (`/metrics` renders it; each subsystem registered its own
-    /// families on it when it was built).
-    pub metrics: Arc<Metrics>,
-    /// Requests by route and status, and their latency.
-    pub http_metrics: HttpMetrics,
-    /// Open, refused and timed-out connections of every listener.
-    pub server_metrics: Arc<server::ServerMetrics>,
-    /// Values owned by the store and the queue, sampled when `/metrics` is scraped.
-    pub gauges: ops::Gauges,
-    /// `Some` when `--auth-token` is set.
-    pub auth: Option<Secret>,
-    /// Cancelled to ask the application to drain and stop (`/api/graceful_shutdown`).
-    pub shutdown: tokio_util::sync::CancellationToken,
-    /// `--idempotency-ttl`: how long a submission's `Idempotency-Key` holds.
-    pub idempotency_ttl: std::time::Duration,
-    /// How long `/api/get_results` may hold a poll of an unfinished job (long polling).
-    pub poll_hold: std::time::Duration,
-    /// `--data-dir`: datasets of `csv.column_sum` jobs.
-    pub datasets: DataDir,
-    /// `--max-upload-bytes`: largest dataset upload.
-    pub max_upload_bytes: u64,
-    /// The ordered pipeline behind `POST /v1/events`.
-    pub pipeline: Pipeline,
-    /// The in-memory live series.
-    pub series: Arc<crate::series::store::SeriesStore>,
-    /// Line-protocol ingest into `series` (`POST /write` and the TCP listener).
-    pub ingest: Arc<crate::series::ingest::Ingester>,
-    /// The published rollups of the live series and their refresh.
-    pub rollups: Arc<crate::series::rollup::Rollups>,
-    /// `--max-write-bytes`: largest `POST /write` body.
-    pub max_write_bytes: usize,
-    /// The polled sources (`--source`, `--config`) and their supervision state.
-    pub sources: Arc<crate::series::sources::Sources>,
-}
-
-impl AppContext {
-    pub fn request_shutdown(&self) {
-        self.shutdown.cancel();
-    }
-}
+pub use state::{AppContext, AppState, HttpMetrics};
 
 pub struct RouterOptions {
     pub max_body_bytes: usize,
@@ -243,33 +193,6 @@ fn panicked(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal(format!("a handler panicked: {msg}")).into_response()
 }
 
-/// The HTTP edge's request families (`tally_http_requests`, `..._duration_seconds`).
-#[derive(Clone)]
-pub struct HttpMetrics {
-    requests: Family<HttpLabels, Counter>,
-    duration: HistogramFamily<RouteLabels>,
-}
-
-impl HttpMetrics {
-    pub fn register(m: &Metrics) -> Self {
-        let h = HttpMetrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(seconds_histogram),
-        };
-        m.register(
-            "http_requests",
-            "HTTP requests, by route and status",
-            h.requests.clone(),
-        );
-        m.register(
-            "http_request_duration_seconds",
-            "HTTP request latency, by route",
-            h.duration.clone(),
-        );
-        h
-    }
-}
-
 /// Counts every request by route template and status, and times it.
 async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
@@ -309,83 +232,9 @@ async fn track(State(st): State<AppState>, req: Request, next: Next) -> Response
     res
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The credentials of `Authorization: Bearer <token>`. The scheme is case-insensitive
-/// and may be followed by more than one space (RFC 9110 §11.1, §11.4).
-fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
-    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
-    let space = value.iter().position(|&b| b == b' ')?;
-    let (scheme, rest) = value.split_at(space);
-    if !scheme.eq_ignore_ascii_case(b"bearer") {
-        return None;
-    }
-    let token = rest.trim_ascii();
-    (!token.is_empty()).then_some(token)
-}
-
-/// Whether a request may use a guarded route: always without `--auth-token`, else only
-/// with the token as a bearer credential (compared in constant time).
-pub(crate) fn authorized(auth: Option<&Secret>, headers: &HeaderMap) -> bool {
-    match auth {
-        None => true,
-        Some(Secret(token)) => {
-            bearer_token(headers).is_some_and(|given| same_secret(given, token.as_bytes()))
-        }
-    }
-}
-
 async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
     if !authorized(st.auth.as_ref(), req.headers()) {
         return ApiError::Unauthorized.into_response();
     }
     next.run(req).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::http::HeaderValue;
-
-    #[test]
-    fn secrets_compare_by_content_and_length() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abc", b"abd"));
-        assert!(!same_secret(b"abc", b"abcd"));
-        assert!(!same_secret(b"", b"a"));
-    }
-
-    #[test]
-    fn the_bearer_scheme_is_case_insensitive_and_the_token_must_match() {
-        let token = Secret("s3cret".to_string());
-        for (header, ok) in [
-            (Some("Bearer s3cret"), true),
-            (Some("bearer s3cret"), true),
-            (Some("BEARER s3cret"), true),
-            (Some("Bearer   s3cret"), true),
-            (Some("Bearer s3cret "), true),
-            (Some("Bearer wrong"), false),
-            (Some("Bearer s3cre"), false),
-            (Some("Bearers3cret"), false),
-            (Some("Bearer"), false),
-            (Some("Bearer "), false),
-            (Some("Basic s3cret"), false),
-            (Some("Token s3cret"), false),
-            (Some("s3cret"), false),
-            (None, false),
-        ] {
-            let mut h = HeaderMap::new();
-            if let Some(v) = header {
-                h.insert(header::AUTHORIZATION, HeaderValue::from_static(v));
-            }
-            assert_eq!(authorized(Some(&token), &h), ok, "{header:?}");
-            assert!(authorized(None, &h), "no token configured: {header:?}");
-        }
-    }
 }

@@ -7,13 +7,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::error::ApiError;
+use super::state::AppState;
 use super::wire;
-use super::AppState;
 use crate::model::JobStatus;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 
-use crate::metrics::{Metrics, StateLabels};
+use crate::metrics::StateLabels;
 
 /// Alive: answers without touching the store or the workers.
 #[utoipa::path(
@@ -62,43 +60,6 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
             );
             res
         }
-    }
-}
-
-/// Values owned by the store and the queue (which may live in Redis, shared by every
-/// replica), sampled when `/metrics` is scraped rather than kept up to date.
-#[derive(Clone, Default)]
-pub struct Gauges {
-    jobs_in_store: Family<StateLabels, Gauge>,
-    evictions: Gauge,
-    queue_depth: Gauge,
-    queue_leased: Gauge,
-}
-
-impl Gauges {
-    pub fn register(m: &Metrics) -> Self {
-        let g = Gauges::default();
-        m.register(
-            "jobs",
-            "Jobs in the store, by state",
-            g.jobs_in_store.clone(),
-        );
-        m.register(
-            "store_evictions",
-            "Finished results evicted to respect the memory store's cap",
-            g.evictions.clone(),
-        );
-        m.register(
-            "queue_depth",
-            "Jobs waiting for a worker (on every replica)",
-            g.queue_depth.clone(),
-        );
-        m.register(
-            "queue_leased",
-            "Jobs claimed by a worker under a lease (on every replica)",
-            g.queue_leased.clone(),
-        );
-        g
     }
 }
 

@@ -7,11 +7,11 @@ use axum::extract::State;
 use axum::Json;
 
 use super::error::ApiError;
+use super::state::AppState;
 use super::wire::{
     replica_views, JobCountsView, KindView, Overview, PipelineView, QueueView, SeriesSummary,
     Totals, Workers,
 };
-use super::AppState;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 

@@ -7,7 +7,7 @@ use axum::http::Method;
 use axum::routing::{self, MethodRouter};
 use axum::Router;
 
-use super::AppState;
+use super::state::AppState;
 
 /// One route as the router serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,8 +13,9 @@ use axum::{Json, Router};
 use serde_json::Value;
 
 use super::error::{ApiError, ApiJson};
+use super::ops;
+use super::state::AppState;
 use super::wire;
-use super::{ops, AppState};
 use crate::series::agg::{AggFn, SeriesRollup};
 use crate::series::line_protocol::Precision;
 use crate::series::store::{validate_name, RangeQuery, SeriesError};

@@ -3,8 +3,8 @@
 use axum::extract::State;
 use axum::Json;
 
+use super::state::AppState;
 use super::wire::{self, rfc3339};
-use super::AppState;
 
 /// `GET /v1/sources`: `{"sources": [{name, kind, url, series, state, restarts,
 /// last_error, last_success, last_value, points}]}`.

@@ -15,8 +15,8 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use super::error::ApiError;
+use super::state::AppState;
 use super::wire;
-use super::AppState;
 use crate::csv::datasets::{check_name, DatasetError};
 use crate::csv::job::KIND;
 use crate::model::{JobStatus, NewJob};
@@ -199,7 +199,7 @@ pub async fn compat_submit(
     };
     // Starting work is guarded like the other mutating routes (this route lives in the
     // open router so that unknown one-segment paths stay 404 rather than 401).
-    if !super::authorized(st.auth.as_ref(), &headers) {
+    if !super::auth::authorized(st.auth.as_ref(), &headers) {
         return Err(ApiError::Unauthorized);
     }
     check_name(name)?;

@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream, StreamExt};
 
 use super::error::ApiError;
-use super::{overview, sources, v1, AppState};
+use super::state::AppState;
+use super::{overview, sources, v1};
 
 /// `interval_ms`: default, least and most.
 const DEFAULT_INTERVAL_MS: u64 = 2000;

@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use super::error::{ApiError, ApiJson};
 use super::ids::{self, Wire};
+use super::state::AppState;
 use super::wire::{self, view, JobView};
-use super::AppState;
 use crate::model::{IdempotencyKey, JobId, JobStatus, ListFilter, NewJob};
 
 /// A job to run: its kind and its params.
