@@ -28,6 +28,7 @@ use crate::series::sources::{self, FlagDefaults, Sources};
 use crate::series::store::SeriesStore;
 use crate::stats::{self, Dataset};
 use crate::store::sqlite::SqliteOptions;
+use crate::store::StoreSpec;
 use crate::telemetry;
 
 pub struct Application {
@@ -160,9 +161,19 @@ impl Application {
             return Err(anyhow::Error::new(e).context("recovering unfinished jobs"));
         }
 
+        let journal = cfg.journal_path();
+        if journal.is_none() && matches!(cfg.store, StoreSpec::Redis(_)) {
+            // Said at every start: the pipeline is per replica on Redis (issue: one
+            // ordered pipeline across replicas), and without a file nothing is kept.
+            tracing::warn!(
+                "the ordered pipeline writes no journal: --store is redis and --journal is not \
+                 set, so POST /v1/events acknowledges events that are ordered and then dropped; \
+                 give this replica a --journal of its own to keep them"
+            );
+        }
         let pipeline = match Pipeline::start(
             PipelineOptions {
-                journal: cfg.journal_path(),
+                journal,
                 process_delay_max_ms: cfg.process_delay_max_ms,
                 reorder_capacity: cfg.reorder_capacity as usize,
             },

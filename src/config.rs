@@ -346,9 +346,10 @@ pub struct ServeConfig {
 
     /// The ordered pipeline's journal (JSON lines); its write-ahead log is
     /// `<journal>.accepted`. Default: `journal.jsonl` next to the SQLite file; with
-    /// `--store memory` and no `--journal`, nothing is written to disk (events are
-    /// numbered, processed and ordered the same, then dropped). Files are created by the
-    /// first event.
+    /// `--store memory` or `--store redis://...` and no `--journal`, nothing is written to
+    /// disk (events are numbered, processed and ordered the same, then dropped; with Redis
+    /// the start-up log warns). The journal is per process: give each replica its own.
+    /// Files are created by the first event.
     #[arg(long, env = "TALLY_JOURNAL")]
     pub journal: Option<PathBuf>,
 

@@ -265,3 +265,31 @@ async fn a_replica_told_to_stop_hands_its_jobs_to_the_others_at_once() {
     );
     drop(b);
 }
+
+/// With Redis and no `--journal`, events are ordered and dropped: the start says so in
+/// the log (and `/v1/pipeline` shows no journal); with a journal of its own, nothing is
+/// said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_redis_without_a_journal_says_at_start_that_events_are_not_kept() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let warning = "the ordered pipeline writes no journal";
+    for (journal, warned) in [(None, true), (Some("events.jsonl"), false)] {
+        let mut args = vec!["--store", url.as_str()];
+        if let Some(j) = journal {
+            args.extend(["--journal", j]);
+        }
+        let p = Proc::start(dir.path(), &args);
+        let (_, pipeline) = p.client().get("/v1/pipeline").await;
+        assert_eq!(pipeline["journal"].is_null(), warned, "{pipeline}");
+        p.signal(libc::SIGTERM);
+        let (status, lines) = p.wait_exit(Duration::from_secs(20));
+        assert!(status.success(), "{status:?}");
+        assert_eq!(
+            lines.iter().any(|l| l.contains(warning)),
+            warned,
+            "journal {journal:?}: {lines:#?}"
+        );
+    }
+}
