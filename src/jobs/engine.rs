@@ -941,34 +941,19 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
             continue;
         }
         live.started_at.store(now_ms(), Ordering::SeqCst);
+        let end = |outcome, label, took| complete(inner, id, attempt, &live, outcome, label, took);
         // A job that took the process down with it every time (crash loop): its starts
         // were counted, and it stops here.
         if attempt - retry_base > inner.opts.lease.max_attempts {
             let msg = gave_up(attempt - 1 - retry_base);
             inner.metrics.dead_letters.inc();
-            complete(
-                inner,
-                id,
-                attempt,
-                &live,
-                Outcome::Failed(msg),
-                "failed",
-                None,
-            );
+            end(Outcome::Failed(msg), "failed", None);
             continue;
         }
         let Some(handler) = inner.registry.get(&kind).cloned() else {
             // Only possible for a job queued by a process with other kinds.
             let msg = format!("unknown job kind '{kind}'");
-            complete(
-                inner,
-                id,
-                attempt,
-                &live,
-                Outcome::Failed(msg),
-                "failed",
-                None,
-            );
+            end(Outcome::Failed(msg), "failed", None);
             continue;
         };
         inner.metrics.busy_workers.inc();
@@ -977,29 +962,9 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
         let took = started.elapsed();
         inner.metrics.busy_workers.dec();
         match result {
-            Ok(Ok(value)) => complete(
-                inner,
-                id,
-                attempt,
-                &live,
-                Outcome::Done(value),
-                "done",
-                Some(took),
-            ),
-            Ok(Err(JobError::Failed(msg))) => complete(
-                inner,
-                id,
-                attempt,
-                &live,
-                Outcome::Failed(msg),
-                "failed",
-                Some(took),
-            ),
-            Ok(Err(JobError::Cancelled)) => complete(
-                inner,
-                id,
-                attempt,
-                &live,
+            Ok(Ok(value)) => end(Outcome::Done(value), "done", Some(took)),
+            Ok(Err(JobError::Failed(msg))) => end(Outcome::Failed(msg), "failed", Some(took)),
+            Ok(Err(JobError::Cancelled)) => end(
                 Outcome::Cancelled("cancelled".into()),
                 "cancelled",
                 Some(took),
@@ -1007,15 +972,7 @@ fn worker_loop(inner: &Arc<Inner>, n: usize) {
             Err(payload) => {
                 let msg = format!("worker panicked: {}", panic_message(payload.as_ref()));
                 tracing::error!(job = %id, kind = %live.kind, worker = n, "{msg}; replacing the worker");
-                complete(
-                    inner,
-                    id,
-                    attempt,
-                    &live,
-                    Outcome::Failed(msg),
-                    "panic",
-                    Some(took),
-                );
+                end(Outcome::Failed(msg), "panic", Some(took));
                 inner.metrics.worker_restarts.inc();
                 // This thread's state is suspect after a panic: a fresh one takes its place.
                 if !inner.stop.is_cancelled() {
