@@ -16,7 +16,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tally::config::StoreSpec;
 
-use crate::helpers::{Proc, TestApp, PATIENCE};
+use crate::helpers::{eventually, eventually_within, Proc, TestApp};
 use crate::redis_server::RedisServer;
 use crate::tcp_proxy::TcpProxy;
 
@@ -41,17 +41,15 @@ async fn on_redis(server: &RedisServer, workers: u64) -> TestApp {
 }
 
 async fn wait_for(app: &TestApp, what: &str, path: &str, want: StatusCode) {
-    let until = Instant::now() + PATIENCE;
-    loop {
-        if app.get(path).await.0 == want {
-            return;
+    eventually(&format!("{what}: {path} to answer {want}"), async || {
+        let (status, body) = app.get(path).await;
+        if status == want {
+            Ok(())
+        } else {
+            Err(format!("{status} {body}"))
         }
-        assert!(
-            Instant::now() < until,
-            "{what}: {path} never answered {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,15 +141,15 @@ async fn every_id_acknowledged_before_a_kill_9_of_redis_with_appendfsync_always_
         })
         .collect();
     // Let a few hundred through, then kill Redis mid-stream.
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually("more than 200 jobs queued or running", async || {
         let (_, stats) = app.get("/v1/jobs/stats").await;
         if stats["queued"].as_u64().unwrap_or(0) + stats["running"].as_u64().unwrap_or(0) > 200 {
-            break;
+            Ok(())
+        } else {
+            Err(stats.to_string())
         }
-        assert!(Instant::now() < until, "{stats}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     server.kill9();
     let mut acked = Vec::new();
     for s in submitters {
@@ -215,11 +213,15 @@ async fn a_hundred_thousand_finished_jobs_give_redis_its_memory_back_once_they_e
     let full = server.used_memory();
     eprintln!("used_memory: {before} before, {full} with {N} finished jobs");
     // They expire 15 s after they finished; the janitor deletes them.
-    let until = Instant::now() + Duration::from_secs(60);
-    while store.counts().await.unwrap().done > 0 {
-        assert!(Instant::now() < until, "finished jobs never expired");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually_within(
+        Duration::from_secs(60),
+        "finished jobs to expire",
+        async || match store.counts().await.unwrap().done {
+            0 => Ok(()),
+            done => Err(format!("{done} finished jobs left")),
+        },
+    )
+    .await;
     let after = server.used_memory();
     eprintln!("used_memory after expiry: {after}");
     assert!(
@@ -283,14 +285,6 @@ fn fill_up(server: &RedisServer) {
     set_maxmemory(server, used / 2);
 }
 
-async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
-    let until = Instant::now() + PATIENCE;
-    while !probe().await {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_taken_for_a_replica_whose_link_stalled_runs_once_the_link_is_back() {
     let server = RedisServer::start();
@@ -320,11 +314,15 @@ async fn a_job_taken_for_a_replica_whose_link_stalled_runs_once_the_link_is_back
     })
     .await;
     // A's fetcher waits in a blocking move (BLMOVE) on Redis for the next job...
-    let blocked = || {
+    eventually("A's fetcher to block on the queue", async || {
         let list: String = server.query(redis::cmd("CLIENT").arg("LIST"));
-        list.lines().any(|l| l.contains("cmd=blmove"))
-    };
-    eventually("A's fetcher to block on the queue", async || blocked()).await;
+        if list.lines().any(|l| l.contains("cmd=blmove")) {
+            Ok(())
+        } else {
+            Err(format!("CLIENT LIST: {list}"))
+        }
+    })
+    .await;
     // ...then its link stalls: Redis moves the job submitted through B into A's
     // in-flight list, and the reply waits in the proxy past A's reply timeout.
     proxy.hold();
@@ -333,7 +331,11 @@ async fn a_job_taken_for_a_replica_whose_link_stalled_runs_once_the_link_is_back
     eventually("Redis to move the job towards A", async || {
         let wait: Vec<String> =
             server.query(redis::cmd("LRANGE").arg("{tally}:wait").arg(0).arg(-1));
-        !wait.contains(&n)
+        if wait.contains(&n) {
+            Err(format!("{n} still in {{tally}}:wait: {wait:?}"))
+        } else {
+            Ok(())
+        }
     })
     .await;
     // The partition lasts 4.5 s, longer than A's reply timeout of 3 s for the blocking
@@ -470,12 +472,17 @@ async fn a_full_redis_recovers_by_itself_as_finished_jobs_expire() {
     // Nobody frees anything by hand: the finished jobs expire and the service takes
     // work again.
     eventually("the service to take work again", async || {
-        app.post(
-            "/v1/jobs",
-            &json!({ "kind": "test.echo", "params": { "after": true } }),
-        )
-        .await
-        .0 == StatusCode::ACCEPTED
+        let (status, body) = app
+            .post(
+                "/v1/jobs",
+                &json!({ "kind": "test.echo", "params": { "after": true } }),
+            )
+            .await;
+        if status == StatusCode::ACCEPTED {
+            Ok(())
+        } else {
+            Err(format!("{status} {body}"))
+        }
     })
     .await;
     wait_for(&app, "readiness to come back", "/readyz", StatusCode::OK).await;
