@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::helpers::{metric, Proc, TestApp, PATIENCE};
+use crate::helpers::{eventually, metric, Proc, TestApp, PATIENCE};
 
 const Q1: &str = "Percent of adults aged 18 years and older who have obesity";
 
@@ -169,14 +169,15 @@ async fn idle_connections_do_not_hold_up_a_shutdown() {
         .starts_with("HTTP/1.1 200"));
     let mut silent = connect(&app).await;
     // Wait until both are accepted (the gauge counts this request's connection too).
-    let until = Instant::now() + PATIENCE;
-    while metric_of(&app, "tally_http_connections").await < 3.0 {
-        assert!(
-            Instant::now() < until,
-            "the connections were never accepted"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the connections to be accepted", async || {
+        let n = metric_of(&app, "tally_http_connections").await;
+        if n >= 3.0 {
+            Ok(())
+        } else {
+            Err(format!("tally_http_connections is {n}, expected 3"))
+        }
+    })
+    .await;
     app.stop().await;
     assert!(closed_by_server(&mut idle).await, "the idle connection");
     assert!(closed_by_server(&mut silent).await, "the silent connection");
@@ -215,15 +216,14 @@ async fn past_max_connections_a_new_connection_gets_503_and_healthz_answers_once
     assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
 
     // The held connections time out; then /healthz answers again.
-    let until = Instant::now() + PATIENCE;
-    loop {
-        let res = app.client.get(app.url("/healthz")).send().await;
-        if res.is_ok_and(|r| r.status() == StatusCode::OK) {
-            break;
+    eventually("/healthz to answer again", async || {
+        match app.client.get(app.url("/healthz")).send().await {
+            Ok(r) if r.status() == StatusCode::OK => Ok(()),
+            Ok(r) => Err(format!("/healthz answered {}", r.status())),
+            Err(e) => Err(format!("/healthz failed: {e}")),
         }
-        assert!(Instant::now() < until, "/healthz never answered again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     for mut conn in held {
         assert!(closed_by_server(&mut conn).await);
     }

@@ -3,14 +3,14 @@
 //! and range queries against values the tests compute themselves, and bad input.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tally::config::StoreSpec;
 use tokio::io::AsyncWriteExt;
 
-use crate::helpers::{metric, TestApp, PATIENCE};
+use crate::helpers::{eventually, metric, TestApp, PATIENCE};
 
 async fn spawn_series(f: impl FnOnce(&mut tally::config::ServeConfig)) -> TestApp {
     TestApp::spawn_with(|c| {
@@ -102,18 +102,15 @@ async fn get_sum_equals_the_sum_of_points_pushed_over_http_line_protocol_tcp_and
     sock.write_all(lines.as_bytes()).await.unwrap();
     sock.shutdown().await.unwrap();
 
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually(&format!("/getSum to be {expected}"), async || {
         let sum = get_sum(&app.client, &app.addr).await;
         if sum == expected {
-            break;
+            Ok(())
+        } else {
+            Err(format!("/getSum is {sum}, expected {expected}"))
         }
-        assert!(
-            Instant::now() < until,
-            "/getSum is {sum}, expected {expected}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
 
     // The compatible listener answers the same, and only /getSum and /healthz.
     let compat = app.compat_addr.clone().unwrap();
@@ -326,16 +323,7 @@ async fn retention_drops_points_older_than_it_and_refuses_points_that_arrive_exp
         (Some(2), Some(1))
     );
     // Poll the on-demand refresh (which enforces retention) until the points age out.
-    let until = Instant::now() + PATIENCE;
-    loop {
-        refresh(&app).await;
-        let (_, list) = app.get("/v1/series").await;
-        if list["series"].as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(Instant::now() < until, "never expired: {list}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_expired(&app).await;
     assert_eq!(get_sum(&app.client, &app.addr).await, 3.0);
     let page = app.metrics().await;
     assert_eq!(
@@ -491,19 +479,20 @@ async fn tcp_garbage_and_over_long_lines_are_counted_and_the_server_keeps_servin
     sock.write_all(&payload).await.unwrap();
     sock.shutdown().await.unwrap();
 
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually("/getSum 5 and 2 invalid lines counted", async || {
         let page = app.metrics().await;
         let invalid = metric(
             &page,
             "tally_series_points_rejected_total{reason=\"invalid\"}",
         );
-        if get_sum(&app.client, &app.addr).await == 5.0 && invalid == Some(2.0) {
-            break;
+        let sum = get_sum(&app.client, &app.addr).await;
+        if sum == 5.0 && invalid == Some(2.0) {
+            Ok(())
+        } else {
+            Err(format!("/getSum = {sum}, invalid = {invalid:?}"))
         }
-        assert!(Instant::now() < until, "invalid = {invalid:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     let (status, _) = app.get("/healthz").await;
     assert_eq!(status, StatusCode::OK);
     app.stop().await;
@@ -579,15 +568,27 @@ async fn get_sum_text(app: &TestApp) -> String {
 
 /// Polls `/metrics` until `name` reads `want`.
 async fn wait_metric(app: &TestApp, name: &str, want: f64) {
-    let until = Instant::now() + PATIENCE;
-    loop {
-        let got = metric(&app.metrics().await, name);
-        if got == Some(want) {
-            return;
+    eventually(&format!("{name} to be {want}"), async || {
+        match metric(&app.metrics().await, name) {
+            Some(got) if got == want => Ok(()),
+            got => Err(format!("{name} is {got:?}, expected {want}")),
         }
-        assert!(Instant::now() < until, "{name} is {got:?}, expected {want}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
+}
+
+/// Polls the on-demand refresh (which enforces retention) until no series is left.
+async fn wait_expired(app: &TestApp) {
+    eventually("every series to expire", async || {
+        refresh(app).await;
+        let (_, list) = app.get("/v1/series").await;
+        if list["series"].as_array().unwrap().is_empty() {
+            Ok(())
+        } else {
+            Err(format!("never expired: {list}"))
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -788,16 +789,7 @@ async fn new_series_past_the_limit_are_refused_and_counted_and_removed_series_fr
     assert_eq!(metric(&page, "tally_series"), Some(3.0));
 
     // Once retention empties them, their slots take new series again.
-    let until = Instant::now() + PATIENCE;
-    loop {
-        refresh(&app).await;
-        let (_, list) = app.get("/v1/series").await;
-        if list["series"].as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(Instant::now() < until, "never expired: {list}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_expired(&app).await;
     let t = now_ms();
     let body: String = (5..8).map(|i| format!("s{i} value=1 {t}\n")).collect();
     let (status, res) = write(&app, "?precision=ms", body).await;
@@ -883,14 +875,15 @@ async fn idle_tcp_connections_are_closed_so_a_new_connection_is_served_after_the
         .await
         .unwrap();
     late.shutdown().await.unwrap();
-    let until = Instant::now() + PATIENCE;
-    while get_sum(&app.client, &app.addr).await != 7.0 {
-        assert!(
-            Instant::now() < until,
-            "the new connection was never served"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the new connection to be served", async || {
+        let sum = get_sum(&app.client, &app.addr).await;
+        if sum == 7.0 {
+            Ok(())
+        } else {
+            Err(format!("/getSum is {sum}, expected 7"))
+        }
+    })
+    .await;
     // The idle ones were closed by the server (EOF) and counted.
     for mut sock in idle {
         let mut buf = [0u8; 1];

@@ -4,7 +4,7 @@
 //! field, and bad source configuration refused at start-up.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
@@ -13,7 +13,7 @@ use serde_json::Value;
 use tally::app::Application;
 use tally::config::{ServeConfig, StoreSpec};
 
-use crate::helpers::{metric, TestApp, UpstreamProc, PATIENCE};
+use crate::helpers::{eventually, metric, TestApp, UpstreamProc, PATIENCE};
 
 /// Serves `router` on 127.0.0.1:0 for the rest of the test; returns its base URL.
 async fn serve(router: Router) -> String {
@@ -57,15 +57,15 @@ async fn source(app: &TestApp, name: &str) -> Value {
 
 /// Polls `/v1/sources` until `f` holds for source `name`; returns that view of it.
 async fn wait_source(app: &TestApp, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually(what, async || {
         let s = source(app, name).await;
         if f(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err(s.to_string())
         }
-        assert!(Instant::now() < until, "timed out waiting for {what}: {s}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 async fn series_points(app: &TestApp, name: &str) -> Vec<f64> {
@@ -115,26 +115,27 @@ async fn points_polled_from_tally_upstream_are_in_range_and_get_sum_equals_the_s
     // Stop the upstream, so that the series stops growing, then compare once two reads
     // of /getSum around the read of the series agree.
     upstream.kill();
-    let until = Instant::now() + PATIENCE;
-    loop {
+    let points = eventually("/getSum to settle on the series' sum", async || {
         let before = get_sum(&app).await;
         let points = series_points(&app, "demo").await;
         let after = get_sum(&app).await;
-        if before == after && points.iter().sum::<f64>() == after {
-            assert!(points.len() >= 10);
-            for v in &points {
-                assert!((10.0..=25.0).contains(v) && v.fract() == 0.0, "{v}");
-            }
-            let s = source(&app, "demo").await;
-            assert_eq!(s["points"].as_u64(), Some(points.len() as u64), "{s}");
-            break;
+        let sum = points.iter().sum::<f64>();
+        if before == after && sum == after {
+            Ok(points)
+        } else {
+            Err(format!(
+                "/getSum {before} then {after}, the series' {} points sum to {sum}",
+                points.len()
+            ))
         }
-        assert!(
-            Instant::now() < until,
-            "/getSum never settled on the series' sum"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    })
+    .await;
+    assert!(points.len() >= 10);
+    for v in &points {
+        assert!((10.0..=25.0).contains(v) && v.fract() == 0.0, "{v}");
     }
+    let s = source(&app, "demo").await;
+    assert_eq!(s["points"].as_u64(), Some(points.len() as u64), "{s}");
     let page = app.metrics().await;
     let ok = metric(
         &page,
@@ -186,11 +187,13 @@ async fn a_slow_upstream_gets_several_requests_in_flight_but_never_more_than_the
         c.sources = vec![format!("slow={slow}")];
     })
     .await;
-    let until = Instant::now() + PATIENCE;
-    while most.load(Ordering::SeqCst) < 3 {
-        assert!(Instant::now() < until, "never 3 requests in flight");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("3 requests in flight", async || {
+        match most.load(Ordering::SeqCst) {
+            n if n >= 3 => Ok(()),
+            n => Err(format!("at most {n} in flight so far")),
+        }
+    })
+    .await;
     wait_source(&app, "slow", "six points", |s| {
         s["points"].as_u64() >= Some(6)
     })
@@ -231,14 +234,13 @@ async fn failing_upstreams_are_retried_and_counted_by_outcome_while_the_service_
     })
     .await;
 
-    let until = Instant::now() + PATIENCE;
     let wanted = [
         ("refused", "error"),
         ("failing", "error"),
         ("garbage", "bad_body"),
         ("slow", "timeout"),
     ];
-    loop {
+    eventually("every failure to be counted 3 times", async || {
         let page = app.metrics().await;
         let counts: Vec<Option<f64>> = wanted
             .iter()
@@ -251,16 +253,13 @@ async fn failing_upstreams_are_retried_and_counted_by_outcome_while_the_service_
             .collect();
         if counts.iter().all(|c| *c >= Some(3.0)) {
             assert!(!page.contains("outcome=\"ok\""), "{page}");
-            break;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < until,
-            "not every failure counted 3 times: {counts:?}"
-        );
         let (status, _) = app.get("/healthz").await;
         assert_eq!(status, StatusCode::OK);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        Err(format!("not every failure counted 3 times: {counts:?}"))
+    })
+    .await;
 
     let (status, _) = app.get("/healthz").await;
     assert_eq!(status, StatusCode::OK);
