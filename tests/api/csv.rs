@@ -4,7 +4,6 @@
 //! storage-service routes and `tally sum`.
 
 use std::path::Path;
-use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -12,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{fixture, Proc, TestApp, PATIENCE};
+use crate::helpers::{eventually, eventually_blocking, fixture, Proc, TestApp};
 
 // ---------------------------------------------------------------- generation and oracle
 
@@ -440,19 +439,19 @@ async fn a_long_scan_reports_progress_in_bytes_and_stops_when_cancelled() {
             json!({ "dataset": "big.csv", "every": 1 }),
         )
         .await;
-    let until = Instant::now() + PATIENCE;
-    let seen = loop {
+    let seen = eventually("the scan to report progress", async || {
         let (_, job) = app.get(&format!("/v1/jobs/{id}")).await;
         assert_ne!(
             job["status"], "done",
             "the scan ended before progress was seen"
         );
         if job["progress"]["done"].as_u64().unwrap_or(0) > 0 {
-            break job;
+            Ok(job)
+        } else {
+            Err(format!("no progress: {job}"))
         }
-        assert!(Instant::now() < until, "no progress: {job}");
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    };
+    })
+    .await;
     assert_eq!(seen["status"], "running");
     assert_eq!(seen["progress"]["total"].as_u64(), Some(size));
     assert!(seen["progress"]["done"].as_u64().unwrap() <= size);
@@ -558,18 +557,19 @@ fn tally_sum_on_a_file_truncated_during_the_scan_exits_1_naming_the_change() {
     // The scan has begun once the file is mapped into the process.
     let maps = format!("/proc/{}/maps", child.id());
     let shown = big.to_str().unwrap();
-    let until = Instant::now() + PATIENCE;
-    while !std::fs::read_to_string(&maps)
-        .unwrap_or_default()
-        .contains(shown)
-    {
+    eventually_blocking(&format!("tally sum to map {shown}"), || {
+        if std::fs::read_to_string(&maps)
+            .unwrap_or_default()
+            .contains(shown)
+        {
+            return Ok(());
+        }
         assert!(
             child.try_wait().unwrap().is_none(),
             "tally sum ended before its file was seen mapped"
         );
-        assert!(Instant::now() < until, "tally sum never mapped {shown}");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+        Err(format!("{shown} not in {maps}"))
+    });
 
     std::fs::write(&big, SMALL).unwrap();
 
@@ -829,15 +829,15 @@ async fn uploads_deletes_and_csv_name_need_the_token_when_one_is_set() {
 // ---------------------------------------------------------------- storage-service routes
 
 async fn compat_result(app: &TestApp, id: &str) -> (StatusCode, Value) {
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually(&format!("{id} to finish"), async || {
         let (status, body) = app.get(&format!("/storage/get_json/{id}")).await;
         if body != json!({ "status": "running" }) {
-            return (status, body);
+            Ok((status, body))
+        } else {
+            Err(format!("{id} still running: {body}"))
         }
-        assert!(Instant::now() < until, "{id} still running");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test]

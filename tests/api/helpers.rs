@@ -13,7 +13,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use crate::support::http::{
-    accepted_id, eventually, eventually_within, fixture, health_csv, metric, reply, PATIENCE,
+    accepted_id, eventually, eventually_blocking, eventually_within, fixture, health_csv, metric,
+    reply, PATIENCE,
 };
 pub use crate::support::process::{Proc, ProcClient, UpstreamProc};
 

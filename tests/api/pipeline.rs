@@ -4,12 +4,11 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{metric, Proc, TestApp, PATIENCE};
+use crate::helpers::{eventually, metric, Proc, TestApp, PATIENCE};
 
 /// The journal's lines, parsed; panics on a line that is not JSON (a torn line).
 fn journal(path: &Path) -> Vec<Value> {
@@ -28,19 +27,18 @@ fn journal(path: &Path) -> Vec<Value> {
 
 /// Polls until the journal has at least `n` lines.
 async fn wait_lines(path: &Path, n: usize) -> Vec<Value> {
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually(&format!("the journal to have {n} lines"), async || {
         let lines = journal(path);
         if lines.len() >= n {
-            return lines;
+            Ok(lines)
+        } else {
+            Err(format!(
+                "the journal has {} lines, expected {n}",
+                lines.len()
+            ))
         }
-        assert!(
-            Instant::now() < until,
-            "the journal has {} lines, expected {n}",
-            lines.len()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 /// Checks the journal's invariants: sequence numbers 1, 2, 3, ... with no gap and no
@@ -105,18 +103,16 @@ async fn metrics_text(addr: &str) -> String {
 
 /// Polls `/metrics` until at least `n` events were acknowledged.
 async fn wait_accepted(addr: &str, n: f64) {
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually(&format!("{n} events to be accepted"), async || {
         let page = metrics_text(addr).await;
-        if metric(&page, "tally_events_accepted_total").unwrap_or(0.0) >= n {
-            return;
+        let accepted = metric(&page, "tally_events_accepted_total").unwrap_or(0.0);
+        if accepted >= n {
+            Ok(())
+        } else {
+            Err(format!("{accepted} events accepted, fewer than {n}"))
         }
-        assert!(
-            Instant::now() < until,
-            "fewer than {n} events were accepted"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 fn serve_args(dir: &Path) -> Vec<String> {
@@ -293,20 +289,17 @@ async fn an_event_that_fails_processing_is_journaled_as_failed_and_later_ones_fo
     assert_eq!(lines[1]["result"], 42);
     assert_eq!(lines[2]["result"], 2.5);
     // The counters move just after the write: poll them.
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually("1 failed and 2 ok events journaled", async || {
         let page = app.metrics().await;
         let failed = metric(&page, "tally_events_journaled_total{status=\"failed\"}");
         let ok = metric(&page, "tally_events_journaled_total{status=\"ok\"}");
         if (failed, ok) == (Some(1.0), Some(2.0)) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("journaled counters: {failed:?} failed, {ok:?} ok"))
         }
-        assert!(
-            Instant::now() < until,
-            "journaled counters: {failed:?} failed, {ok:?} ok"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    })
+    .await;
     app.stop().await;
 }
 
@@ -460,15 +453,16 @@ async fn the_memory_store_without_a_journal_flag_writes_nothing_to_disk() {
         assert_eq!(body["seq"], seq);
     }
     let addr = p.addr.clone();
-    let until = Instant::now() + PATIENCE;
-    while metric(
-        &metrics_text(&addr).await,
-        "tally_events_journaled_total{status=\"ok\"}",
-    ) != Some(20.0)
-    {
-        assert!(Instant::now() < until, "the events were never journaled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the 20 events to be journaled", async || {
+        match metric(
+            &metrics_text(&addr).await,
+            "tally_events_journaled_total{status=\"ok\"}",
+        ) {
+            Some(20.0) => Ok(()),
+            ok => Err(format!("{ok:?} events journaled ok")),
+        }
+    })
+    .await;
     p.signal(libc::SIGTERM);
     let (status, _) = tokio::task::spawn_blocking(move || p.wait_exit(PATIENCE))
         .await

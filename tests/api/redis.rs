@@ -2,13 +2,11 @@
 //! API, CSV sums and their storage-service routes, the native job API, metrics and the
 //! drain work as they do on SQLite; two applications on one Redis share one view.
 
-use std::time::{Duration, Instant};
-
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tally::config::{ServeConfig, StoreSpec};
 
-use crate::helpers::{metric, TestApp, PATIENCE};
+use crate::helpers::{eventually, metric, TestApp};
 use crate::redis_server::RedisServer;
 
 async fn on_redis(server: &RedisServer, f: impl FnOnce(&mut ServeConfig)) -> TestApp {
@@ -46,17 +44,17 @@ async fn csv_sums_and_the_storage_routes_work_on_redis() {
     let (status, body) = app.get("/csv_name=t.csv").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let id = body["Task started, your id"].as_str().unwrap().to_string();
-    let until = Instant::now() + PATIENCE;
-    loop {
+    let r = eventually(&format!("{id} to finish"), async || {
         let (_, r) = app.get(&format!("/storage/get_json/{id}")).await;
         if r.get("status").is_none() {
-            // csv_name= sums every 10th column: here only the first.
-            assert_eq!(r, json!({ "a": 5.0 }));
-            break;
+            Ok(r)
+        } else {
+            Err(r.to_string())
         }
-        assert!(Instant::now() < until, "{r}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
+    // csv_name= sums every 10th column: here only the first.
+    assert_eq!(r, json!({ "a": 5.0 }));
     assert_eq!(app.get("/storage/get_counter").await.1, json!(0));
     app.stop().await;
 }
@@ -171,8 +169,7 @@ async fn two_applications_on_one_redis_share_ids_results_counters_and_cancels() 
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    let until = Instant::now() + PATIENCE;
-    loop {
+    eventually("the cancelled job to free its worker", async || {
         let busy: f64 =
             [&a, &b]
                 .iter()
@@ -184,14 +181,14 @@ async fn two_applications_on_one_redis_share_ids_results_counters_and_cancels() 
                 .into_iter()
                 .sum();
         if busy == 0.0 {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "the cancelled job kept its worker busy: {busy} busy workers"
+            ))
         }
-        assert!(
-            Instant::now() < until,
-            "the cancelled job kept its worker busy"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let (_, job) = a.get(&format!("/v1/jobs/{slow}")).await;
     assert_eq!(job["status"], "cancelled");
     let (_, replicas) = a.get("/v1/replicas").await;

@@ -4,12 +4,12 @@
 //! gives the same answers and the same counters.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
-use crate::helpers::{metric, Proc, ProcClient};
+use crate::helpers::{eventually_within, metric, Proc, ProcClient};
 use crate::redis_server::RedisServer;
 
 const JOBS: usize = 5000;
@@ -145,15 +145,19 @@ async fn replicas_on_one_redis_finish_every_job_once_through_a_kill_and_a_stall(
 
     // Everything ends.
     let live = [&clients[0], &clients[2]];
-    let until = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, stats) = live[0].get("/v1/jobs/stats").await;
-        if stats["done"] == json!(JOBS + long.len()) && stats["in_progress"] == json!(0) {
-            break;
-        }
-        assert!(Instant::now() < until, "not everything finished: {stats}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_within(
+        Duration::from_secs(120),
+        "everything to finish",
+        async || {
+            let (_, stats) = live[0].get("/v1/jobs/stats").await;
+            if stats["done"] == json!(JOBS + long.len()) && stats["in_progress"] == json!(0) {
+                Ok(())
+            } else {
+                Err(format!("not everything finished: {stats}"))
+            }
+        },
+    )
+    .await;
 
     // Every job done once, with its own result; both live replicas agree on everything.
     let views = [all_jobs(live[0]).await, all_jobs(live[1]).await];

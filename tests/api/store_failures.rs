@@ -3,12 +3,10 @@
 //! `/readyz` says so, outcomes are kept until they can be written, and everything
 //! recovers by itself once there is room again.
 
-use std::time::{Duration, Instant};
-
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{metric, Proc, PATIENCE};
+use crate::helpers::{eventually, metric, Proc, PATIENCE};
 
 /// A file size limit under which no write to any file can succeed.
 const NO_ROOM: Option<u64> = Some(1);
@@ -161,22 +159,19 @@ async fn a_drain_does_not_claim_success_while_an_outcome_is_unwritten() {
     // The next start (with room) runs it again and records it.
     let p = Proc::start(dir.path(), &["--store", "sqlite:t.db"]);
     let c = p.client();
-    let until = Instant::now() + PATIENCE;
-    loop {
+    let job = eventually("the job to finish after the restart", async || {
         let (_, job) = c.get(&format!("/v1/jobs/{id}")).await;
         if job["status"] == "done" {
-            assert!(job["result"]
-                .as_str()
-                .unwrap_or_default()
-                .starts_with("drain"));
-            // Run again: its first start may or may not have reached the disk.
-            assert!(job["attempts"].as_u64().unwrap_or(0) >= 1, "{job}");
-            break;
+            Ok(job)
+        } else {
+            Err(job.to_string())
         }
-        assert!(
-            Instant::now() < until,
-            "never finished after the restart: {job}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert!(job["result"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("drain"));
+    // Run again: its first start may or may not have reached the disk.
+    assert!(job["attempts"].as_u64().unwrap_or(0) >= 1, "{job}");
 }

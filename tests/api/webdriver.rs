@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use crate::helpers::PATIENCE;
+use crate::helpers::{eventually, PATIENCE};
 
 /// Chromium's flags: headless, and nothing that talks to the outside (this machine
 /// refuses outside connections anyway; a quiet browser is also a faster one).
@@ -105,11 +105,12 @@ impl Browser {
             // Its own process group, so a failed test kills the browser with it.
             .process_group(0);
         let driver = cmd.spawn().expect("chromedriver starts");
-        let until = Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < until, "chromedriver did not listen");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually("chromedriver to listen", async || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .map(drop)
+                .map_err(|e| format!("connecting to port {port}: {e}"))
+        })
+        .await;
         let mut args: Vec<String> = FLAGS.iter().map(|s| s.to_string()).collect();
         args.push(format!("--user-data-dir={}", profile.path().display()));
         let caps: Capabilities = serde_json::from_value(json!({
