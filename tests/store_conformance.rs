@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use tally::metrics::Metrics;
@@ -120,6 +120,7 @@ async fn crash_and_restart(s: Subject) -> Subject {
 
 #[path = "support/mod.rs"]
 mod support;
+use support::http::eventually_within;
 use support::redis_server;
 
 /// A replica on a private Redis; a "crash" drops it (no close) and opens a new one on
@@ -244,18 +245,19 @@ fn counts(queued: u64, running: u64, done: u64, failed: u64, cancelled: u64) -> 
 /// Reclaims until `n` expired leases came back (a lease expires `LEASE` after its last
 /// renewal).
 async fn reclaim(s: &Subject, n: usize) -> tally::queue::Reclaimed {
-    let until = Instant::now() + PATIENCE;
     let mut all = tally::queue::Reclaimed::default();
-    loop {
+    eventually_within(PATIENCE, &format!("{n} expired leases"), async || {
         let r = s.queue.reclaim_expired(5_000).await.unwrap();
         all.requeued.extend(r.requeued);
         all.dead.extend(r.dead);
         if all.requeued.len() + all.dead.len() >= n {
-            return all;
+            Ok(())
+        } else {
+            Err(format!("no lease expired: {all:?}"))
         }
-        assert!(Instant::now() < until, "no lease expired: {all:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    all
 }
 
 pub async fn a_job_is_readable_at_once_runs_and_keeps_its_result(s: Subject) {
@@ -463,9 +465,7 @@ pub async fn unfinished_jobs_survive_a_crash_and_run_again(s: Subject, durable: 
     // Both unfinished jobs run again: an in-process queue requeues them at start, a
     // shared one once the dead process's lease expires.
     let mut again = Vec::new();
-    let until = Instant::now() + PATIENCE;
-    while again.len() < 2 {
-        assert!(Instant::now() < until, "only {again:?} ran again");
+    eventually_within(PATIENCE, "both unfinished jobs to run again", async || {
         // What runs again is alive: its lease is renewed while we wait for the other.
         let held: Vec<(JobId, u32)> = again.iter().map(|l: &Lease| (l.id, l.attempt)).collect();
         if !held.is_empty() {
@@ -475,7 +475,13 @@ pub async fn unfinished_jobs_survive_a_crash_and_run_again(s: Subject, durable: 
         if let Some(l) = claim(&s, Duration::from_millis(20)).await {
             again.push(l);
         }
-    }
+        if again.len() >= 2 {
+            Ok(())
+        } else {
+            Err(format!("only {again:?} ran again"))
+        }
+    })
+    .await;
     s.store.flush().await.unwrap();
     assert_eq!(s.store.counts().await.unwrap(), counts(0, 2, 1, 0, 0));
     again.sort_by_key(|l| l.id);
@@ -1007,14 +1013,6 @@ mod redis_faults {
         );
     }
 
-    async fn until(what: &str, mut probe: impl AsyncFnMut() -> bool) {
-        let deadline = Instant::now() + PATIENCE;
-        while !probe().await {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_a_lost_reply_left_in_this_replicas_list_goes_back_and_runs() {
         let server = Arc::new(redis_server::RedisServer::start());
@@ -1081,7 +1079,10 @@ mod redis_faults {
         );
         set_maxmemory(&server, 0);
         assert_eq!(finish(&s, &l, done("\"kept\"")).await, Finished::Recorded);
-        until("the store to be healthy", async || s.store.health().is_ok()).await;
+        eventually_within(PATIENCE, "the store to be healthy", async || {
+            s.store.health()
+        })
+        .await;
         let _ = Attempt::Any;
     }
 
@@ -1097,8 +1098,16 @@ mod redis_faults {
         }
         set_maxmemory(&server, server.used_memory() / 2);
         // The counters drop inside the script; the expirations metric once it answered.
-        until("finished jobs to expire", async || {
-            s.store.counts().await.unwrap().done == 0 && store.expirations() >= CAPACITY as u64
+        eventually_within(PATIENCE, "finished jobs to expire", async || {
+            let done = s.store.counts().await.unwrap().done;
+            let expired = store.expirations();
+            if done == 0 && expired >= CAPACITY as u64 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{done} finished jobs left, {expired} expirations counted"
+                ))
+            }
         })
         .await;
         assert_eq!(store.expirations(), CAPACITY as u64);
