@@ -104,14 +104,23 @@ pub async fn eventually_within<T>(
 }
 
 /// The blocking twin of [`eventually`], for tests without a runtime.
-pub fn eventually_blocking<T>(what: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let until = Instant::now() + PATIENCE;
+pub fn eventually_blocking<T>(what: &str, probe: impl FnMut() -> Result<T, String>) -> T {
+    eventually_blocking_within(PATIENCE, what, probe)
+}
+
+/// [`eventually_blocking`] with another deadline.
+pub fn eventually_blocking_within<T>(
+    within: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let until = Instant::now() + within;
     loop {
         match probe() {
             Ok(v) => return v,
             Err(last) => assert!(
                 Instant::now() < until,
-                "timed out after {PATIENCE:?} waiting for {what}; last: {last}"
+                "timed out after {within:?} waiting for {what}; last: {last}"
             ),
         }
         std::thread::sleep(Duration::from_millis(10));

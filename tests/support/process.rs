@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use super::http::{accepted_id, reply, PATIENCE};
+use super::http::{accepted_id, eventually_blocking_within, reply, PATIENCE};
 
 /// The `tally` binary running as a child process.
 pub struct Proc {
@@ -145,25 +145,19 @@ impl Proc {
 
     /// Waits for the process to exit on its own; its status and everything it printed.
     pub fn wait_exit(mut self, within: Duration) -> (ExitStatus, Vec<String>) {
-        let until = Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                // Its stdout is closed: the reader ends once it took the last lines.
-                if let Some(reader) = self.reader.take() {
-                    reader.join().expect("the output reader does not panic");
-                }
-                let lines = self.lines.lock().unwrap().clone();
-                return (st, lines);
-            }
-            if Instant::now() > until {
-                let _ = self.child.kill();
-                panic!(
-                    "tally did not exit within {within:?}; output: {:?}",
-                    self.lines.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        // On a timeout the panic drops `self`, whose Drop kills the process.
+        let st = eventually_blocking_within(within, "tally to exit", || {
+            self.child
+                .try_wait()
+                .unwrap()
+                .ok_or_else(|| format!("still running; output: {:?}", self.lines.lock().unwrap()))
+        });
+        // Its stdout is closed: the reader ends once it took the last lines.
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the output reader does not panic");
         }
+        let lines = self.lines.lock().unwrap().clone();
+        (st, lines)
     }
 
     pub fn client(&self) -> ProcClient {
@@ -272,14 +266,12 @@ impl UpstreamProc {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
         let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         assert_eq!(rc, 0, "kill(SIGTERM) failed");
-        let until = Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < until, "tally upstream ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        eventually_blocking_within(within, "tally upstream to exit on SIGTERM", || {
+            self.child
+                .try_wait()
+                .unwrap()
+                .ok_or_else(|| "still running: it ignored SIGTERM".to_string())
+        })
     }
 
     /// Stops it now (kill -9) and reaps it.

@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::http::eventually_blocking_within;
 
 pub struct RedisServer {
     child: Option<Child>,
@@ -60,20 +62,14 @@ impl RedisServer {
             .spawn()
             .expect("redis-server starts");
         self.child = Some(child);
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut c) = self.client().get_connection() {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < until,
-                "redis-server did not come up on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("redis-server to come up on {}", self.port);
+        eventually_blocking_within(Duration::from_secs(20), &what, || {
+            let mut c = self.client().get_connection().map_err(|e| e.to_string())?;
+            redis::cmd("PING")
+                .query::<String>(&mut c)
+                .map(drop)
+                .map_err(|e| format!("PING: {e}"))
+        })
     }
 
     pub fn url(&self) -> String {
