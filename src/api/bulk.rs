@@ -176,7 +176,9 @@ fn finish_page(
 /// A store error after part of the page was done: the answer keeps the count and says
 /// where it stopped (nothing done yet: the error itself, as for any call).
 fn stop_on_store(out: &mut BulkResult, e: crate::store::StoreError) -> Result<(), ApiError> {
-    if out.affected == 0 && out.skipped.is_empty() {
+    // A store's own failure is an internal error (logged, its cause not sent), as on
+    // every route; only a store that cannot answer now ends the page with the count.
+    if (out.affected == 0 && out.skipped.is_empty()) || !e.is_transient() {
         return Err(e.into());
     }
     out.stopped = Some(e.to_string());
@@ -364,5 +366,15 @@ mod tests {
         assert!(later.more);
         assert_eq!(later.affected, 2);
         assert!(later.stopped.unwrap().contains("OOM"));
+        let mut failed = page(3, false);
+        failed.affected = 2;
+        let own = crate::store::StoreError::Failed {
+            store: "sqlite",
+            cause: "schema".into(),
+        };
+        assert!(
+            stop_on_store(&mut failed, own).is_err(),
+            "a store's own failure is not sent as `stopped`"
+        );
     }
 }
