@@ -4,12 +4,14 @@
 //! - [`config`]: the command line (clap, every flag also `TALLY_<FLAG>`), parsed once.
 //! - [`jobs`]: jobs as data (kind + JSON params), the kind registry, and the engine that
 //!   queues them and runs them on a pool of worker threads.
-//! - [`queue`]: where jobs wait and who holds them: the [`queue::JobQueue`] trait (claims
-//!   are leases with numbered attempts) and its in-process implementation.
+//! - [`model`]: the plain data every room speaks (ids, records, states, outcomes); the
+//!   ground floor.
 //! - [`store`]: where job records and results live: the [`store::Store`] trait with an
-//!   SQLite (default, durable, group-committed), an in-memory and a Redis implementation
-//!   (the one several replicas share; it is their queue too, with Lua scripts for every
-//!   multi-key change).
+//!   SQLite (default, durable, group-committed) and an in-memory implementation.
+//! - [`queue`]: where jobs wait and who holds them: the [`queue::JobQueue`] trait (claims
+//!   are leases with numbered attempts), its in-process implementation over a store, and
+//!   Redis (`queue::redis`), which is store and queue at once for several replicas, with
+//!   Lua scripts for every multi-key change; [`queue::open`] opens the pair a spec names.
 //! - [`stats`]: the survey dataset and the nine statistics computations.
 //! - [`csv`]: the hand-written parallel CSV column-sum engine, the `csv.column_sum` job
 //!   kind and the data directory it reads from.
@@ -27,8 +29,8 @@
 //! - [`cli`]: the subcommands beside `serve`: `tally sum`, `tally load` (the pipeline's
 //!   and the job API's load client) and `tally upstream` (the demo upstream).
 //! - [`origin`]: web origins, as `--allowed-origin` names them and browsers send them.
-//! - [`lifecycle`]: the handle every background component hands back, and the
-//!   cancellation and task-tracking plumbing they share.
+//! - [`lifecycle`]: the `Component` shutdown shape every background piece implements, and
+//!   the cancellation and task-tracking plumbing they share.
 //! - [`telemetry`]: tracing setup (UTC timestamps, rotating log file).
 //! - [`app`]: [`app::Application`], the one start-up path shared by `main` and the tests.
 

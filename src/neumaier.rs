@@ -106,10 +106,9 @@ impl WideSum {
     /// overflows, else the same sum scaled by `2^-64` (exact for totals of normal size) and
     /// scaled back, which overflows only if the result itself does.
     pub fn sum_with(&self, live: &[Neumaier]) -> f64 {
-        let dropped = self;
-        let hi = dropped.hi.value();
+        let hi = self.hi.value();
         if hi == 0.0 {
-            let mut n = dropped.lo;
+            let mut n = self.lo;
             for t in live {
                 n.merge(t);
             }
@@ -123,11 +122,11 @@ impl WideSum {
         if hi.abs() >= f64::from_bits((1023 + 80) << 52) {
             return f64::INFINITY.copysign(hi);
         }
-        let mut n = dropped.lo.scaled(SCALE_DOWN);
+        let mut n = self.lo.scaled(SCALE_DOWN);
         for t in live {
             n.merge(&t.scaled(SCALE_DOWN));
         }
-        n.merge(&dropped.hi.scaled(WIDE_UNIT_SCALED));
+        n.merge(&self.hi.scaled(WIDE_UNIT_SCALED));
         n.value() * SCALE_UP
     }
 }

@@ -109,7 +109,8 @@ fn store_error(route: &str, e: &StoreError) -> Response {
     if let StoreError::OutcomeUnknown { .. } = e {
         let mut res = compat_error(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("{e}; retry with the same Idempotency-Key header to get that job rather than a second one"),
+            // These routes take no Idempotency-Key, so the advice is the job list.
+            format!("{e}; the job may exist: look for it in /api/jobs before submitting again"),
             Some("unknown"),
         );
         res.headers_mut().insert(

@@ -1,4 +1,5 @@
-//! The bodies the API answers with: each handler returns one of these, and the OpenAPI
+//! The bodies the API answers with: each handler returns one of these (the bulk routes
+//! keep their request and answer beside their handler, in `bulk.rs`), and the OpenAPI
 //! document's schemas are derived from the same types, so a body cannot drift from its
 //! description. Errors are [`Problem`] (built by `error.rs`) and its variants with one
 //! more field. This room imports no handler: handlers and `openapi.rs` import it.

@@ -1,4 +1,4 @@
-//! Jobs: the data a job is made of ([`model`]), the kinds that know how to run them
+//! Jobs: the data a job is made of ([`crate::model`]), the kinds that know how to run them
 //! ([`JobHandler`], [`Registry`]), and the [`engine::Engine`] that queues and runs them.
 //!
 //! Architecture Invariant: a handler is plain synchronous code that gets JSON params and

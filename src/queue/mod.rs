@@ -1,6 +1,8 @@
 //! Where jobs wait for a worker and who holds them while they run: the [`JobQueue`]
-//! trait, a queue whose claims are leases, and its in-process implementation
-//! ([`local::LocalQueue`], used with the SQLite and memory stores).
+//! trait, a queue whose claims are leases; its in-process implementation
+//! ([`local::LocalQueue`], over the SQLite and memory stores); Redis ([`redis`]), which is
+//! store and queue at once and the one several replicas share; and [`open`], which opens
+//! the store and queue a `--store` spec names.
 //!
 //! The rules every implementation keeps (they are what lets a job survive a dead or
 //! stalled worker, in one process or across replicas):

@@ -1,6 +1,6 @@
 //! Where job records and results live. One async trait, several implementations:
 //! SQLite (default: durable, WAL, group commits), memory (nothing on disk) and Redis
-//! (shared by several replicas; also their [`crate::queue::JobQueue`]).
+//! (`crate::queue::redis`: shared by several replicas, and their queue too).
 //!
 //! Architecture Invariant: the trait speaks only of data (ids, records, attempts,
 //! outcomes), never of in-process things (channels, closures, threads), so a networked

@@ -126,8 +126,8 @@ fn liveness_ms(lease_ms: u64) -> u64 {
 
 /// A script: its flags line, the prelude, its body. Flagged scripts (Redis 7) are refused
 /// as a whole before they start when Redis is out of memory, unless they `allow-oom`:
-/// those that free memory or keep it level (expiry, renewals, hand-backs, heartbeats)
-/// do, so a full Redis can recover and leases do not expire for want of memory; those
+/// those that free memory or keep it level (expiry, renewals, hand-backs and reclaims,
+/// in-flight recovery, heartbeats, the epoch check, which writes two small keys) do, so a full Redis can recover and leases do not expire for want of memory; those
 /// that grow it (submit, claim, finish, retry) do not, and never half-run.
 macro_rules! script {
     ($file:literal) => {
