@@ -20,6 +20,8 @@ RUN apk add --no-cache musl-dev
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# web/static/ is embedded in the binary at compile time (rust-embed).
+COPY web ./web
 COPY data ./data
 COPY benches ./benches
 COPY examples ./examples
