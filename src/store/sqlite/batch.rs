@@ -17,11 +17,21 @@ pub(super) struct Applied {
 }
 
 impl Applied {
-    pub(super) fn moved(&mut self, from: Option<JobStatus>, to: JobStatus) {
+    /// Job `key`'s status and attempt as the batch leaves them, before the commit.
+    pub(super) fn live(&self, unfinished: &Unfinished, key: i64) -> Option<Live> {
+        self.changes
+            .get(&key)
+            .or_else(|| unfinished.get(&key))
+            .copied()
+    }
+
+    /// Job `key` moved from `from` (`None`: a new job) to `to`.
+    pub(super) fn moved(&mut self, key: i64, from: Option<JobStatus>, to: Live) {
+        self.changes.insert(key, to);
         if let Some(f) = from {
             *self.out_of.slot(f) += 1;
         }
-        *self.into.slot(to) += 1;
+        *self.into.slot(to.status) += 1;
     }
 }
 
@@ -220,14 +230,11 @@ pub(super) fn apply_batch(
                         blob,
                         row.attempts
                     ])?;
-                    out.changes.insert(
-                        id.0 as i64,
-                        Live {
-                            status: row.status,
-                            attempts: row.attempts,
-                        },
-                    );
-                    out.moved(None, row.status);
+                    let live = Live {
+                        status: row.status,
+                        attempts: row.attempts,
+                    };
+                    out.moved(id.0 as i64, None, live);
                 }
                 Op::InsertKeyed {
                     kind,
@@ -268,61 +275,44 @@ pub(super) fn apply_batch(
                                 &key.fingerprint[..],
                                 key.expires_at
                             ])?;
-                            out.changes.insert(
-                                id,
-                                Live {
-                                    status: JobStatus::Queued,
-                                    attempts: 0,
-                                },
-                            );
-                            out.moved(None, JobStatus::Queued);
+                            let live = Live {
+                                status: JobStatus::Queued,
+                                attempts: 0,
+                            };
+                            out.moved(id, None, live);
                             Submitted::New(JobId(id as u64))
                         }
                     });
                 }
                 Op::Start { id, attempt, at } => {
                     let key = id.0 as i64;
-                    let cur = out
-                        .changes
-                        .get(&key)
-                        .or_else(|| unfinished.get(&key))
-                        .copied();
+                    let cur = out.live(unfinished, key);
                     // A newer attempt takes over a job whose last attempt was reclaimed.
                     if let Some(live) =
                         cur.filter(|l| !l.status.is_finished() && *attempt > l.attempts)
                     {
                         start.execute(params![key, attempt, at])?;
-                        out.changes.insert(
-                            key,
-                            Live {
-                                status: JobStatus::Running,
-                                attempts: *attempt,
-                            },
-                        );
-                        out.moved(Some(live.status), JobStatus::Running);
+                        let to = Live {
+                            status: JobStatus::Running,
+                            attempts: *attempt,
+                        };
+                        out.moved(key, Some(live.status), to);
                     }
                 }
                 Op::Release {
                     id, attempt, spent, ..
                 } => {
                     let key = id.0 as i64;
-                    let cur = out
-                        .changes
-                        .get(&key)
-                        .or_else(|| unfinished.get(&key))
-                        .copied();
+                    let cur = out.live(unfinished, key);
                     if cur.is_some_and(|l| l.status == JobStatus::Running && l.attempts == *attempt)
                     {
                         let attempts = released_attempts(*attempt, *spent);
                         release.execute(params![key, attempts])?;
-                        out.changes.insert(
-                            key,
-                            Live {
-                                status: JobStatus::Queued,
-                                attempts,
-                            },
-                        );
-                        out.moved(Some(JobStatus::Running), JobStatus::Queued);
+                        let to = Live {
+                            status: JobStatus::Queued,
+                            attempts,
+                        };
+                        out.moved(key, Some(JobStatus::Running), to);
                     }
                 }
                 Op::Finish {
@@ -334,8 +324,8 @@ pub(super) fn apply_batch(
                     ..
                 } => {
                     let key = id.0 as i64;
-                    let cur = match out.changes.get(&key).or_else(|| unfinished.get(&key)) {
-                        Some(l) => Some(*l),
+                    let cur = match out.live(unfinished, key) {
+                        Some(l) => Some(l),
                         // Not unfinished: finished or unknown. Rare (late outcomes,
                         // cancels of finished jobs), so a read is fine.
                         None => lookup
@@ -370,14 +360,11 @@ pub(super) fn apply_batch(
                                     blob,
                                     attempts
                                 ])?;
-                                out.changes.insert(
-                                    key,
-                                    Live {
-                                        status: after,
-                                        attempts,
-                                    },
-                                );
-                                out.moved(Some(live.status), after);
+                                let to = Live {
+                                    status: after,
+                                    attempts,
+                                };
+                                out.moved(key, Some(live.status), to);
                                 Finished::Recorded
                             }
                             other => other,
@@ -408,16 +395,15 @@ pub(super) fn apply_batch(
                         .map(|(id, l)| (*id, l.attempts))
                         .collect();
                     for (id, attempts) in running {
-                        let cur = out.changes.get(&id).or_else(|| unfinished.get(&id));
-                        if cur.is_some_and(|l| l.status == JobStatus::Running) {
-                            out.changes.insert(
-                                id,
-                                Live {
-                                    status: JobStatus::Queued,
-                                    attempts,
-                                },
-                            );
-                            out.moved(Some(JobStatus::Running), JobStatus::Queued);
+                        if out
+                            .live(unfinished, id)
+                            .is_some_and(|l| l.status == JobStatus::Running)
+                        {
+                            let to = Live {
+                                status: JobStatus::Queued,
+                                attempts,
+                            };
+                            out.moved(id, Some(JobStatus::Running), to);
                         }
                     }
                 }
@@ -459,14 +445,11 @@ pub(super) fn requeue(
     // A result from a store before shared results must not come back with it.
     tx.prepare_cached("DELETE FROM results WHERE id = ?1")?
         .execute([key])?;
-    out.changes.insert(
-        key,
-        Live {
-            status: JobStatus::Queued,
-            attempts: rec.attempts,
-        },
-    );
-    out.moved(Some(rec.status), JobStatus::Queued);
+    let to = Live {
+        status: JobStatus::Queued,
+        attempts: rec.attempts,
+    };
+    out.moved(key, Some(rec.status), to);
     rec.status = JobStatus::Queued;
     rec.started_at = None;
     rec.finished_at = None;

@@ -56,10 +56,12 @@ impl Writer {
             last_batch = batch.len();
             self.commit(&mut batch);
             if let Some(rest) = after_close {
-                refuse(rest);
+                for op in rest {
+                    fail_op(op, StoreError::Closed);
+                }
                 rx.close();
                 while let Ok(op) = rx.try_recv() {
-                    refuse(vec![op]);
+                    fail_op(op, StoreError::Closed);
                 }
                 return;
             }
@@ -149,7 +151,7 @@ impl Writer {
                     *self.unhealthy.lock() = Some(f.cause.clone());
                 }
                 for op in batch.drain(..) {
-                    fail_op(op, &f);
+                    fail_op(op, f.error());
                 }
             }
         }
@@ -215,56 +217,29 @@ pub(super) fn answer_op(op: Op, answer: Answer) {
     }
 }
 
-/// Tells each op of a failed batch why; outcomes go back to their sender.
-pub(super) fn fail_op(op: Op, f: &WriteFailure) {
+/// Tells an op that was not applied why: the cause of its batch's failure, or
+/// `Closed` after the store closed. Outcomes go back to their sender.
+pub(super) fn fail_op(op: Op, error: StoreError) {
     match op {
         Op::Insert { ack, .. }
         | Op::Flush { ack }
         | Op::Recover { ack }
         | Op::Release { ack, .. }
         | Op::Close { ack } => {
-            let _ = ack.send(Err(f.error()));
+            let _ = ack.send(Err(error));
         }
         Op::Finish { ack, outcome, .. } => {
             let _ = ack.send(Err(FinishFailed {
-                error: f.error(),
+                error,
                 outcome: Some(outcome),
             }));
         }
         Op::Requeue { ack, .. } => {
-            let _ = ack.send(Err(f.error()));
+            let _ = ack.send(Err(error));
         }
         Op::InsertKeyed { ack, .. } => {
-            let _ = ack.send(Err(f.error()));
+            let _ = ack.send(Err(error));
         }
         Op::Start { .. } | Op::Probe => {}
-    }
-}
-
-/// Answers ops that came after the store closed.
-pub(super) fn refuse(ops: Vec<Op>) {
-    for op in ops {
-        match op {
-            Op::Insert { ack, .. }
-            | Op::Flush { ack }
-            | Op::Recover { ack }
-            | Op::Release { ack, .. }
-            | Op::Close { ack } => {
-                let _ = ack.send(Err(StoreError::Closed));
-            }
-            Op::Finish { ack, outcome, .. } => {
-                let _ = ack.send(Err(FinishFailed {
-                    error: StoreError::Closed,
-                    outcome: Some(outcome),
-                }));
-            }
-            Op::Requeue { ack, .. } => {
-                let _ = ack.send(Err(StoreError::Closed));
-            }
-            Op::InsertKeyed { ack, .. } => {
-                let _ = ack.send(Err(StoreError::Closed));
-            }
-            Op::Start { .. } | Op::Probe => {}
-        }
     }
 }
