@@ -150,6 +150,19 @@ pub struct JobRecord {
     pub retry_base: u32,
 }
 
+impl JobRecord {
+    /// Queued again by a retry: no times, result or error, and its budget of attempts
+    /// counted from here.
+    pub fn requeue(&mut self) {
+        self.status = JobStatus::Queued;
+        self.started_at = None;
+        self.finished_at = None;
+        self.error = None;
+        self.result = None;
+        self.retry_base = self.attempts;
+    }
+}
+
 /// Where a job stands and how it ended: what a poll needs, without params or times.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobState {

@@ -238,12 +238,7 @@ impl Store for MemoryStore {
             JobStatus::Done => return Ok(Requeued::Done),
             JobStatus::Failed | JobStatus::Cancelled => {}
         }
-        rec.status = JobStatus::Queued;
-        rec.started_at = None;
-        rec.finished_at = None;
-        rec.error = None;
-        rec.result = None;
-        rec.retry_base = rec.attempts;
+        rec.requeue();
         let out = rec.clone();
         *g.counts.slot(before) -= 1;
         g.counts.queued += 1;

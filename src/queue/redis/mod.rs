@@ -566,21 +566,12 @@ impl RedisStore {
         self.inner.epoch.name.lock().clone()
     }
 
-    /// Learns which data set Redis holds, at start (see `epoch.lua`).
+    /// Learns which data set Redis holds (see `epoch.lua`): at start (no epoch known yet),
+    /// and whenever Redis does not hold the one this replica knows (another epoch, none, or
+    /// a counter below ids already handed out): then the id sequence moves past every id
+    /// that may have been handed out, under a new epoch, or adopts the one another replica
+    /// began.
     async fn join_epoch(&self) -> Result<(), StoreError> {
-        let mut inv = self.invocation(&self.inner.scripts.epoch);
-        inv.arg("").arg(0).arg(fresh_epoch());
-        let (name, next, _): (String, u64, u8) =
-            self.wrote(inv.invoke_async(&mut self.conn()).await)?;
-        *self.inner.epoch.name.lock() = name;
-        self.inner.epoch.saw(next);
-        Ok(())
-    }
-
-    /// Redis does not hold the data set this replica knows (another epoch, none, or a
-    /// counter below ids already handed out): move the id sequence past every id that may
-    /// have been handed out, under a new epoch, or adopt the one another replica began.
-    async fn rejoin_epoch(&self) -> Result<(), StoreError> {
         let known = self.epoch();
         let high = self.inner.epoch.high_water.load(Ordering::SeqCst);
         let mut inv = self.invocation(&self.inner.scripts.epoch);
@@ -596,7 +587,7 @@ impl RedisStore {
                      lagging failover): jobs acknowledged before the loss are gone; ids go on \
                      from {} so that none is handed out twice", next + 1
                 );
-            } else {
+            } else if !known.is_empty() {
                 tracing::warn!(old = %known, new = %name, "another replica found redis had lost its data; following its new id range");
             }
             *self.inner.epoch.name.lock() = name;
@@ -622,7 +613,7 @@ impl RedisStore {
             .arg(liveness_ms(lease_ms));
         let (now, epoch, next): (i64, String, u64) = inv.invoke_async(&mut self.conn()).await?;
         if epoch != self.epoch() || next < self.inner.epoch.high_water.load(Ordering::SeqCst) {
-            if let Err(e) = self.rejoin_epoch().await {
+            if let Err(e) = self.join_epoch().await {
                 tracing::warn!(error = %e, "could not check which data set redis holds");
             }
         } else {
@@ -1056,7 +1047,7 @@ impl RedisStore {
             };
             self.inner.link.ok();
             match answer.as_slice() {
-                [-1] => self.rejoin_epoch().await?,
+                [-1] => self.join_epoch().await?,
                 [id, code] if *id > 0 => {
                     let id = JobId(*id as u64);
                     self.inner.epoch.saw(id.0);

@@ -450,11 +450,6 @@ pub(super) fn requeue(
         attempts: rec.attempts,
     };
     out.moved(key, Some(rec.status), to);
-    rec.status = JobStatus::Queued;
-    rec.started_at = None;
-    rec.finished_at = None;
-    rec.error = None;
-    rec.result = None;
-    rec.retry_base = rec.attempts;
+    rec.requeue();
     Ok(Requeued::Yes(Box::new(rec)))
 }
