@@ -498,13 +498,17 @@ mod tests {
     use super::*;
     use crate::series::store::StoreOptions;
 
-    #[test]
-    fn lines_are_grouped_per_series_and_bad_names_and_strings_are_not_stored() {
+    fn ingester() -> Ingester {
         let metrics = Metrics::new();
-        let ingester = Ingester::new(
+        Ingester::new(
             Arc::new(SeriesStore::new(StoreOptions::default(), &metrics)),
             &metrics,
-        );
+        )
+    }
+
+    #[test]
+    fn lines_are_grouped_per_series_and_bad_names_and_strings_are_not_stored() {
+        let ingester = ingester();
         let store = ingester.store();
         let long = "m".repeat(300);
         let body =
@@ -522,11 +526,7 @@ mod tests {
 
     #[test]
     fn interleaved_series_that_differ_in_one_part_are_kept_apart() {
-        let metrics = Metrics::new();
-        let ingester = Ingester::new(
-            Arc::new(SeriesStore::new(StoreOptions::default(), &metrics)),
-            &metrics,
-        );
+        let ingester = ingester();
         let store = ingester.store();
         // Each line differs from the one before in exactly one part: tag value, tag key,
         // field, measurement, number of tags; the last repeats the first series.
@@ -552,11 +552,7 @@ mod tests {
 
     #[test]
     fn a_part_with_many_fields_finds_each_through_its_index_across_batches() {
-        let metrics = Metrics::new();
-        let ingester = Ingester::new(
-            Arc::new(SeriesStore::new(StoreOptions::default(), &metrics)),
-            &metrics,
-        );
+        let ingester = ingester();
         // 3 × FIELD_SCAN fields on one part: past the linear scan.
         let n = 3 * FIELD_SCAN;
         let line = |ts: i64| {
@@ -578,11 +574,7 @@ mod tests {
 
     #[test]
     fn a_cache_that_outgrew_its_bounds_is_not_kept_for_the_next_batch() {
-        let metrics = Metrics::new();
-        let ingester = Ingester::new(
-            Arc::new(SeriesStore::new(StoreOptions::default(), &metrics)),
-            &metrics,
-        );
+        let ingester = ingester();
         ingester.ingest(b"m v=1 1000\n", Precision::Milliseconds, 2000, "write");
         assert_eq!(
             ingester.part_caches.lock().len(),
