@@ -279,6 +279,11 @@ impl Application {
                 max_body_bytes: cfg.max_body_bytes,
                 test_routes: cfg.enable_test_jobs,
                 allowed_origins: cfg.allowed_origins.clone(),
+                hosts: crate::origin::HostPolicy::new(
+                    &[cfg.bind.ip()],
+                    &cfg.allowed_hosts,
+                    &cfg.allowed_origins,
+                ),
             },
         );
         let http_tasks = Tasks::new();

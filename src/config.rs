@@ -291,6 +291,19 @@ pub struct ServeConfig {
     )]
     pub allowed_origins: Vec<crate::origin::AllowedOrigin>,
 
+    /// A host name the service is reached by (`tally.example.com`, or `*.example.com` for
+    /// every name below it), besides names of one label (`localhost`), loopback addresses
+    /// and the addresses it listens on; needed behind a proxy or DNS name that passes its `Host` on
+    /// (repeatable; the environment variable takes a comma-separated list). Requests for any
+    /// other host get 421: a defence against DNS rebinding.
+    #[arg(
+        long = "allowed-host",
+        env = "TALLY_ALLOWED_HOST",
+        value_name = "HOST",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<crate::origin::AllowedHost>,
+
     /// Directory of the datasets of `csv.column_sum` jobs; names resolve only inside it.
     /// Created at the first upload.
     #[arg(long, env = "TALLY_DATA_DIR", default_value = "data")]

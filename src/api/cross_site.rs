@@ -8,6 +8,11 @@
 //! neither `same-origin` nor `none`, or when `Origin` is present and is `null` or does not
 //! match the `Host` header, unless that origin was allowed with `--allowed-origin`.
 //! Requests with neither header (curl, scripts, non-browser clients) pass.
+//!
+//! Before that, every request (any method, any route) whose `Host` names something the
+//! service is not reachable as ([`HostPolicy`]) gets 421 Misdirected Request: without it a
+//! rebound DNS name makes another site's page same-origin with the service, and the check
+//! above would let it through.
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
@@ -22,7 +27,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::error::ApiError;
-use crate::origin::{AllowedOrigin, Origin};
+use crate::origin::{AllowedOrigin, HostPolicy, Origin};
 
 /// Routes whose GET (and so HEAD, which axum routes to the GET handler) changes state, as
 /// matched path templates. `/{segment}` is the catch-all that serves `GET /csv_name=<file>`
@@ -96,12 +101,14 @@ fn check(
 #[derive(Clone)]
 pub struct CrossSiteLayer {
     allowed: Arc<[AllowedOrigin]>,
+    hosts: Arc<HostPolicy>,
 }
 
 impl CrossSiteLayer {
-    pub fn new(allowed: Vec<AllowedOrigin>) -> Self {
+    pub fn new(allowed: Vec<AllowedOrigin>, hosts: HostPolicy) -> Self {
         CrossSiteLayer {
             allowed: allowed.into(),
+            hosts: Arc::new(hosts),
         }
     }
 }
@@ -113,6 +120,7 @@ impl<S> Layer<S> for CrossSiteLayer {
         CrossSite {
             inner,
             allowed: self.allowed.clone(),
+            hosts: self.hosts.clone(),
         }
     }
 }
@@ -121,6 +129,7 @@ impl<S> Layer<S> for CrossSiteLayer {
 pub struct CrossSite<S> {
     inner: S,
     allowed: Arc<[AllowedOrigin]>,
+    hosts: Arc<HostPolicy>,
 }
 
 impl<S> Service<Request> for CrossSite<S>
@@ -136,6 +145,12 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
+        // No Host at all is an HTTP/1.0 client, never a browser.
+        if let Some(host) = req.headers().get(header::HOST) {
+            if !host.to_str().is_ok_and(|h| self.hosts.allows(h)) {
+                return Either::Left(ready(Ok(misdirected(&req, host))));
+            }
+        }
         let route = req
             .extensions()
             .get::<MatchedPath>()
@@ -152,6 +167,69 @@ where
                 Either::Left(ready(Ok(refused(&req, refusal))))
             }
         }
+    }
+}
+
+/// CORS for the origins of `--allowed-origin` (none without it: same-origin pages need
+/// none): a preflight from one of them is answered with the methods and request headers
+/// the API takes, `Authorization` included (the token travels in a header, never in a
+/// cookie, so credentials mode stays off), and its requests' answers carry
+/// `Access-Control-Allow-Origin`, so the page can read them; the headers a client acts on
+/// are exposed. Any other origin gets no CORS header, so the browser refuses, and its
+/// state-changing requests are refused here as before. Inside the Host check: a rebound
+/// name gets 421 before any CORS answer.
+pub fn cors(allowed: &[AllowedOrigin]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if allowed.is_empty() {
+        return None;
+    }
+    let allowed: Arc<[AllowedOrigin]> = allowed.into();
+    let origin = AllowOrigin::predicate(move |o, _| {
+        o.to_str()
+            .ok()
+            .and_then(Origin::parse)
+            .is_some_and(|o| allowed.iter().any(|a| *a.origin() == o))
+    });
+    Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([
+                Method::GET,
+                Method::HEAD,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::CONTENT_ENCODING,
+                header::ACCEPT,
+                header::HeaderName::from_static("idempotency-key"),
+                header::HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([
+                header::LOCATION,
+                header::RETRY_AFTER,
+                header::ETAG,
+                header::WWW_AUTHENTICATE,
+                super::v1::IDEMPOTENT_REPLAYED,
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+/// 421 for a `Host` the service does not answer to, naming it and the flag that allows it.
+fn misdirected(req: &Request, host: &axum::http::HeaderValue) -> Response {
+    let host = String::from_utf8_lossy(host.as_bytes());
+    tracing::warn!(host = %host, path = req.uri().path(), "request for a host this service does not answer to refused");
+    let reason = format!(
+        "the Host header names '{host}', which this service does not answer to (a defence against DNS rebinding): serve it with --allowed-host NAME"
+    );
+    if req.uri().path().starts_with("/api/") {
+        super::compat::error(StatusCode::MISDIRECTED_REQUEST, &reason)
+    } else {
+        ApiError::Misdirected(reason).into_response()
     }
 }
 

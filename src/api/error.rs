@@ -41,6 +41,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// The `Host` header names something this service does not answer to.
+    #[error("{0}")]
+    Misdirected(String),
     #[error("{0}")]
     QueueFull(String),
     #[error("the service is shutting down and takes no new work")]
@@ -73,6 +76,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::QueueFull(_)
             | ApiError::ShuttingDown
             | ApiError::Unavailable(_)

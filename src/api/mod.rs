@@ -54,6 +54,8 @@ pub struct RouterOptions {
     pub test_routes: bool,
     /// `--allowed-origin`: other origins whose pages may change state.
     pub allowed_origins: Vec<crate::origin::AllowedOrigin>,
+    /// The `Host` names served (loopback, the listening addresses, `--allowed-host`).
+    pub hosts: crate::origin::HostPolicy,
 }
 
 /// The routes, open and guarded, without their state or middleware: what
@@ -156,12 +158,23 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
     let _ = openapi_json.set(openapi::document(&list, &kinds).to_string());
 
     let limit = opts.max_body_bytes;
-    routes
+    let routes = routes
         .fallback(ops::not_found)
-        .method_not_allowed_fallback(ops::method_not_allowed)
-        // On every route, present and future: unsafe methods and state-changing GETs
-        // from other sites' pages get 403 (inside `track`, so refusals are counted).
-        .layer(cross_site::CrossSiteLayer::new(opts.allowed_origins))
+        .method_not_allowed_fallback(ops::method_not_allowed);
+    // Preflights of `--allowed-origin` pages are answered before routing (they would get
+    // 405), and their answers carry the CORS headers.
+    let routes = match cross_site::cors(&opts.allowed_origins) {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    };
+    routes
+        // On every route, present and future: a Host the service is not reachable as gets
+        // 421, unsafe methods and state-changing GETs from other sites' pages get 403
+        // (inside `track`, so refusals are counted).
+        .layer(cross_site::CrossSiteLayer::new(
+            opts.allowed_origins,
+            opts.hosts,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(limit))
         // The limit, for the errors that name it.

@@ -105,15 +105,26 @@ pub fn document(routes: &[RouteEntry], kinds: &[String]) -> Value {
         }
     });
     // An error answer described without a body is a problem document: the one place
-    // that says so, instead of each handler's annotation.
-    for op in paths.values_mut().filter_map(Value::as_object_mut) {
-        for (_, op) in op.iter_mut().filter(|(method, _)| is_method(method)) {
+    // that says so, instead of each handler's annotation. Every route answers 421 to a
+    // Host it does not serve (the DNS rebinding check, before routing).
+    for (path, item) in paths.iter_mut() {
+        let compat = path.starts_with("/api/");
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (_, op) in item.iter_mut().filter(|(method, _)| is_method(method)) {
             if let Some(responses) = op["responses"].as_object_mut() {
                 for (status, response) in responses.iter_mut() {
                     if status.as_str() >= "400" && response.get("content").is_none() {
                         response["content"] = problem_content();
                     }
                 }
+                responses.entry("421").or_insert_with(|| {
+                    json!({
+                        "description": "The Host header names a host this service does not answer to (see --allowed-host)",
+                        "content": if compat { compat_error_content() } else { problem_content() },
+                    })
+                });
             }
         }
     }
@@ -164,6 +175,11 @@ fn problem_content() -> Value {
     })
 }
 
+/// The content of an error answer of the compatible `/api/*` routes.
+fn compat_error_content() -> Value {
+    json!({ "application/json": { "schema": { "$ref": "#/components/schemas/CompatError" } } })
+}
+
 /// Marks an operation as needing the bearer token, with the answers that implies.
 fn guard(op: &mut Value) {
     op["security"] = json!([{ "bearer": [] }]);
@@ -189,7 +205,7 @@ fn compat_query(q: Query) -> Value {
     let error = |what: &str| {
         json!({
             "description": what,
-            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CompatError" } } }
+            "content": compat_error_content()
         })
     };
     let state = if q.needs_state() {
@@ -252,6 +268,7 @@ mod tests {
             max_body_bytes: 1 << 20,
             test_routes,
             allowed_origins: Vec::new(),
+            hosts: crate::origin::HostPolicy::loopback(),
         }
     }
 

@@ -4,6 +4,7 @@
 mod bad_input;
 mod browser;
 mod contract;
+mod cross_origin;
 mod csv;
 mod dashboard;
 mod edge;

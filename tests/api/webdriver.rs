@@ -92,6 +92,11 @@ pub struct Browser {
 impl Browser {
     /// Starts chromedriver and a headless Chromium for the server at `base`.
     pub async fn open(base: &str) -> Browser {
+        Browser::open_with(base, &[]).await
+    }
+
+    /// [`Browser::open`] with more Chromium flags (e.g. `--host-resolver-rules`).
+    pub async fn open_with(base: &str, flags: &[&str]) -> Browser {
         let chromium = find_program(&["chromium", "chromium-browser"]).expect(INSTALL_HINT);
         let chromedriver = find_program(&["chromedriver"]).expect(INSTALL_HINT);
         let turn = ONE_AT_A_TIME.lock().await;
@@ -113,6 +118,7 @@ impl Browser {
         .await;
         let mut args: Vec<String> = FLAGS.iter().map(|s| s.to_string()).collect();
         args.push(format!("--user-data-dir={}", profile.path().display()));
+        args.extend(flags.iter().map(|f| f.to_string()));
         let caps: Capabilities = serde_json::from_value(json!({
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": chromium, "args": args },
@@ -170,6 +176,25 @@ impl Browser {
     }
 
     /// The first element matching `css`, once it exists.
+    /// Runs `fetch(url, init)` in the page (`init` is a JS object literal) and answers
+    /// `"<status> <body>"`, or `"error <message>"` when the browser refused it (CORS).
+    pub async fn fetch(&self, url: &str, init: &str) -> String {
+        let r = self
+            .client
+            .execute_async(
+                &format!(
+                    "const done = arguments[arguments.length - 1];
+                     fetch({url:?}, {init})
+                       .then(r => r.text().then(t => done(r.status + ' ' + t)))
+                       .catch(e => done('error ' + e));"
+                ),
+                vec![],
+            )
+            .await
+            .expect("the script runs");
+        r.as_str().unwrap_or_default().to_string()
+    }
+
     pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
         self.client
             .wait()
