@@ -732,6 +732,24 @@ mod tests {
         NewJob::new(kind, params)
     }
 
+    /// Finishes attempt 1 of `id` with `result`, which must be recorded.
+    async fn finish_done(
+        s: &SqliteStore,
+        id: JobId,
+        result: String,
+        started_at: Option<i64>,
+        at: i64,
+    ) {
+        let f = Finish {
+            id,
+            attempt: Attempt::Of(1),
+            outcome: Outcome::Done(result),
+            started_at,
+            at,
+        };
+        assert_eq!(s.finish(f).await.unwrap(), Finished::Recorded);
+    }
+
     #[tokio::test]
     async fn a_second_store_on_the_same_file_is_refused_until_the_first_is_closed() {
         let dir = tempfile::tempdir().unwrap();
@@ -936,17 +954,7 @@ mod tests {
             for (submitted, durable) in ids {
                 let id = submitted.id();
                 durable.await.unwrap();
-                let done = s
-                    .finish(Finish {
-                        id,
-                        attempt: Attempt::Of(1),
-                        outcome: Outcome::Done(result(id)),
-                        started_at: Some(2),
-                        at: 3,
-                    })
-                    .await
-                    .unwrap();
-                assert_eq!(done, Finished::Recorded);
+                finish_done(&s, id, result(id), Some(2), 3).await;
             }
         }
         reading.store(false, Ordering::Relaxed);
@@ -974,17 +982,7 @@ mod tests {
                 .id();
             // Three distinct bodies, each finished twice (in separate batches too).
             let body = format!("{{\"answer\":{}}}", i % 3);
-            let done = s
-                .finish(Finish {
-                    id,
-                    attempt: Attempt::Of(1),
-                    outcome: Outcome::Done(body),
-                    started_at: None,
-                    at: 2,
-                })
-                .await
-                .unwrap();
-            assert_eq!(done, Finished::Recorded);
+            finish_done(&s, id, body, None, 2).await;
             ids.push(id);
         }
         for (i, id) in ids.iter().enumerate() {
@@ -1031,17 +1029,7 @@ mod tests {
         );
         let id = s.submit(&job("k", json!({})), 3).await.unwrap().id();
         assert_eq!(id, JobId(3));
-        let done = s
-            .finish(Finish {
-                id,
-                attempt: Attempt::Of(1),
-                outcome: Outcome::Done("{\"new\":true}".into()),
-                started_at: None,
-                at: 4,
-            })
-            .await
-            .unwrap();
-        assert_eq!(done, Finished::Recorded);
+        finish_done(&s, id, "{\"new\":true}".into(), None, 4).await;
         assert_eq!(
             s.get(id).await.unwrap().unwrap().result.as_deref(),
             Some("{\"new\":true}")
