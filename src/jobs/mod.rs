@@ -100,11 +100,6 @@ impl JobContext {
         self.cancelled.store(true, Ordering::Relaxed);
     }
 
-    pub fn set_progress(&self, done: u64, total: u64) {
-        self.total.store(total, Ordering::Relaxed);
-        self.done.store(done, Ordering::Relaxed);
-    }
-
     /// The cancel flag itself, for engines that poll it directly (the CSV scan).
     pub fn cancel_flag(&self) -> &AtomicBool {
         &self.cancelled

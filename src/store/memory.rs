@@ -77,34 +77,15 @@ impl MemoryStore {
             evictions: AtomicU64::new(0),
         }
     }
-}
 
-impl MemoryStore {
-    fn apply_start(&self, id: JobId, attempt: u32, now_ms: i64) {
-        let mut g = self.inner.lock();
-        let Some(rec) = g.jobs.get_mut(&id) else {
-            return;
-        };
-        // A newer attempt takes over a job whose last attempt was reclaimed.
-        if rec.status.is_finished() || attempt <= rec.attempts {
-            return;
-        }
-        let before = rec.status;
-        rec.status = JobStatus::Running;
-        rec.started_at = Some(now_ms);
-        rec.attempts = attempt;
-        *g.counts.slot(before) -= 1;
-        g.counts.running += 1;
-    }
-
-    fn apply_finish(
-        &self,
-        id: JobId,
-        attempt: Attempt,
-        outcome: Outcome,
-        started_at: Option<i64>,
-        now_ms: i64,
-    ) -> Finished {
+    fn apply_finish(&self, f: Finish) -> Finished {
+        let Finish {
+            id,
+            attempt,
+            outcome,
+            started_at,
+            at: now_ms,
+        } = f;
         let mut g = self.inner.lock();
         let Some(rec) = g.jobs.get_mut(&id) else {
             return Finished::Unknown;
@@ -203,7 +184,20 @@ impl Store for MemoryStore {
     }
 
     fn start(&self, id: JobId, attempt: u32, now_ms: i64) -> Result<(), StoreError> {
-        self.apply_start(id, attempt, now_ms);
+        let mut g = self.inner.lock();
+        let Some(rec) = g.jobs.get_mut(&id) else {
+            return Ok(());
+        };
+        // A newer attempt takes over a job whose last attempt was reclaimed.
+        if rec.status.is_finished() || attempt <= rec.attempts {
+            return Ok(());
+        }
+        let before = rec.status;
+        rec.status = JobStatus::Running;
+        rec.started_at = Some(now_ms);
+        rec.attempts = attempt;
+        *g.counts.slot(before) -= 1;
+        g.counts.running += 1;
         Ok(())
     }
 
@@ -223,8 +217,7 @@ impl Store for MemoryStore {
     }
 
     fn finish(&self, f: Finish) -> FinishPending {
-        let answer = self.apply_finish(f.id, f.attempt, f.outcome, f.started_at, f.at);
-        Box::pin(std::future::ready(Ok(answer)))
+        Box::pin(std::future::ready(Ok(self.apply_finish(f))))
     }
 
     async fn requeue(&self, id: JobId, _now_ms: i64) -> Result<Requeued, StoreError> {
