@@ -7,9 +7,9 @@
 #   docker compose up --scale tally=3          # replicas on Redis behind nginx (compose.yaml)
 #
 # The build is `cargo build --release --locked` with no feature flags, exactly what the
-# tests build: tally has no optional Cargo features today. Nothing links to OpenSSL (the
-# HTTP and Redis clients are built without TLS); the C parts (bundled SQLite, mimalloc)
-# are compiled by gcc against musl.
+# tests build: tally has no optional Cargo features today. Nothing links to OpenSSL: the
+# HTTP client's TLS (https sources) is rustls with ring, and the Redis client is built
+# without TLS; the C parts (bundled SQLite, mimalloc, ring) are compiled by gcc against musl.
 
 # The Rust release the repository is developed with (Cargo.toml's rust-version is the floor).
 FROM rust:1.95-alpine3.23 AS build
@@ -37,8 +37,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
        fi
 
 # Alpine rather than scratch: busybox's wget runs the health check, and a shell helps when
-# debugging a replica. The binary itself needs nothing from the image.
+# debugging a replica. The binary needs nothing else from the image but the root
+# certificates https sources are verified against (SSL_CERT_FILE or SSL_CERT_DIR replace
+# them); like musl-dev above, the image's own revision of ca-certificates.
 FROM alpine:3.23
+# hadolint ignore=DL3018
+RUN apk add --no-cache ca-certificates
 RUN addgroup -S -g 10001 tally \
     && adduser -S -D -H -u 10001 -G tally -h /var/lib/tally -s /sbin/nologin tally \
     && mkdir -p /var/lib/tally/data \

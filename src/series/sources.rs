@@ -8,6 +8,13 @@
 //! once a run stayed up a minute). Failed requests (connection errors, non-2xx, bad bodies,
 //! timeouts) are counted and logged (rate-limited) and never end the loop.
 //!
+//! `https://` URLs are fetched over rustls (ring), verified against the system's root
+//! certificates, or those of `SSL_CERT_FILE` / `SSL_CERT_DIR` when either is set (the
+//! convention of OpenSSL and rustls-native-certs). Without any usable root the client is
+//! still built, with a warning: http sources work, and an https source's requests fail,
+//! like a certificate that does not verify, with the reason (`invalid peer certificate:
+//! UnknownIssuer`) in its `last_error`, the log and `tally_source_requests_total`.
+//!
 //! Configuration comes from `--source NAME=URL` flags and from the `[[source]]` tables of
 //! `--config FILE` (TOML); [`load_specs`] validates both at start-up. `panic_after` is a
 //! test-only knob (refused without `--enable-test-jobs`): the poll loop panics after that
@@ -16,7 +23,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -556,6 +563,9 @@ impl Sources {
         &self,
         stop: &CancellationToken,
     ) -> Vec<impl std::future::Future<Output = ()> + Send + 'static> {
+        if !self.entries.is_empty() {
+            report_roots();
+        }
         self.entries
             .iter()
             .map(|entry| {
@@ -662,10 +672,7 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
 /// `stop` is cancelled. In-flight requests are aborted when the run ends.
 async fn poll_loop(shared: Arc<Shared>, stop: CancellationToken) -> Result<(), SourceError> {
     let spec = &shared.entry.spec;
-    let client = reqwest::Client::builder()
-        .timeout(spec.timeout)
-        .build()
-        .map_err(|e| SourceError::Client(e.to_string()))?;
+    let client = http_client(spec.timeout)?;
     let permits = Arc::new(Semaphore::new(spec.concurrency));
     let mut ticker = tokio::time::interval(spec.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -696,7 +703,67 @@ async fn poll_loop(shared: Arc<Shared>, stop: CancellationToken) -> Result<(), S
     }
 }
 
-/// An error and its causes, `a: b: c`, without the URL (it may hold a password).
+/// Says once per process, as the sources start, which root certificates https sources
+/// verify against: how many were found where, and every file that could not be read.
+/// reqwest loads the same store itself (`rustls-tls-native-roots`, at each client build),
+/// but keeps quiet when it is empty or partly unreadable.
+fn report_roots() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let found = rustls_native_certs::load_native_certs();
+        let from = match (
+            std::env::var_os("SSL_CERT_FILE"),
+            std::env::var_os("SSL_CERT_DIR"),
+        ) {
+            (None, None) => "the system's store",
+            _ => "SSL_CERT_FILE / SSL_CERT_DIR",
+        };
+        for e in &found.errors {
+            tracing::warn!(error = %e, from, "reading the root certificates");
+        }
+        if found.certs.is_empty() {
+            tracing::warn!(
+                from,
+                "no root certificates found: https sources will fail to verify \
+                 (install the system's CA certificates, or set SSL_CERT_FILE)"
+            );
+        } else {
+            tracing::info!(
+                count = found.certs.len(),
+                from,
+                "https sources verify against these root certificates"
+            );
+        }
+    });
+}
+
+/// The HTTP client of one poll loop: rustls with the roots [`report_roots`] describes. A
+/// store in which no certificate parses makes reqwest refuse to build; the client is then
+/// built without those roots (https cannot verify, http works) rather than not at all.
+fn http_client(timeout: Duration) -> Result<reqwest::Client, SourceError> {
+    let builder = || reqwest::Client::builder().timeout(timeout);
+    match builder().build() {
+        Ok(client) => Ok(client),
+        Err(e) => {
+            static ONCE: Once = Once::new();
+            let error = chain(e);
+            ONCE.call_once(|| {
+                tracing::warn!(
+                    error = %error,
+                    "no usable root certificate, the HTTP client is built without: \
+                     https sources will fail to verify"
+                );
+            });
+            builder()
+                .tls_built_in_native_certs(false)
+                .build()
+                .map_err(|e| SourceError::Client(chain(e)))
+        }
+    }
+}
+
+/// An error and its causes, `a: b: c`, without the URL (it may hold a password). A cause
+/// already in the text so far is skipped (reqwest and hyper repeat their inner errors).
 fn chain(e: reqwest::Error) -> String {
     let e = e.without_url();
     let mut out = e.to_string();

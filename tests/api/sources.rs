@@ -1,7 +1,8 @@
 //! Polled sources: the poller against `tally upstream` (the real binary), failing
 //! upstreams (connection refused, 500, garbage, timeout) retried and counted while the
 //! service stays healthy, a panicking source restarted, a config-file source with a JSON
-//! field, and bad source configuration refused at start-up.
+//! field, bad source configuration refused at start-up, and `https://` sources against a
+//! local HTTPS upstream with a CA of its own (trusted through `SSL_CERT_FILE`, or not).
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,7 +14,8 @@ use serde_json::Value;
 use tally::app::Application;
 use tally::config::{ServeConfig, StoreSpec};
 
-use crate::helpers::{eventually, metric, TestApp, UpstreamProc, PATIENCE};
+use crate::helpers::{eventually, metric, Proc, ProcClient, TestApp, UpstreamProc, PATIENCE};
+use crate::support::tls::{HttpsUpstream, TestCa};
 
 /// Serves `router` on 127.0.0.1:0 for the rest of the test; returns its base URL.
 async fn serve(router: Router) -> String {
@@ -394,4 +396,184 @@ async fn a_bad_source_configuration_is_refused_at_start_up_naming_the_source_and
     }))
     .await;
     assert!(e.contains("`a` is defined more than once"), "{e}");
+}
+
+/// `tally serve` as a child process polling `sources` (`NAME=URL`), with `SSL_CERT_FILE`
+/// set to `cert_file` and `SSL_CERT_DIR` to an empty folder, so that the machine's own
+/// roots play no part. A child process, because the roots are read from its environment.
+fn spawn_with_roots(dir: &Path, cert_file: &Path, sources: &[String]) -> Proc {
+    let empty = dir.join("no-certs");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut args = vec!["--store", "memory", "--source-interval-ms", "20"];
+    for s in sources {
+        args.extend(["--source", s.as_str()]);
+    }
+    Proc::start_with_env(
+        dir,
+        &args,
+        &[
+            ("SSL_CERT_FILE", cert_file.to_str().unwrap()),
+            ("SSL_CERT_DIR", empty.to_str().unwrap()),
+        ],
+    )
+}
+
+/// Polls a child's `/v1/sources` until `f` holds for source `name`; returns that view.
+async fn wait_proc_source(
+    client: &ProcClient,
+    name: &str,
+    what: &str,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(what, async || {
+        let (status, body) = client.get("/v1/sources").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let s = body["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no source {name} in {body}"));
+        if f(&s) {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await
+}
+
+async fn proc_metrics(client: &ProcClient) -> String {
+    let (status, body) = client.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    body.as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn an_https_source_whose_ca_is_in_ssl_cert_file_is_polled_and_its_values_arrive() {
+    let upstream = HttpsUpstream::start("42").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = upstream.ca.write(dir.path(), "ca.pem");
+    let p = spawn_with_roots(dir.path(), &ca, &[format!("secure={}", upstream.url)]);
+    let client = p.client();
+
+    let s = wait_proc_source(&client, "secure", "ten points over https", |s| {
+        s["points"].as_u64() >= Some(10)
+    })
+    .await;
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["url"], upstream.url.as_str(), "{s}");
+    assert_eq!(s["last_value"], 42.0, "{s}");
+    assert!(
+        s["last_success"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{s}"
+    );
+    let (status, body) = client.get("/v1/series/secure").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let points = body["points"].as_array().unwrap();
+    assert!(points.len() >= 10, "{body}");
+    assert!(points.iter().all(|p| p["v"] == 42.0), "{body}");
+    let page = proc_metrics(&client).await;
+    let ok = metric(
+        &page,
+        "tally_source_requests_total{source=\"secure\",outcome=\"ok\"}",
+    );
+    assert!(ok >= Some(10.0), "{page}");
+}
+
+#[tokio::test]
+async fn an_https_source_whose_certificate_does_not_verify_shows_the_certificate_error() {
+    let upstream = HttpsUpstream::start("42").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Another CA than the one that signed the upstream's certificate.
+    let other = TestCa::new("some other CA").write(dir.path(), "other-ca.pem");
+    let p = spawn_with_roots(dir.path(), &other, &[format!("untrusted={}", upstream.url)]);
+    let client = p.client();
+
+    let s = wait_proc_source(&client, "untrusted", "a certificate error", |s| {
+        s["last_error"].is_string()
+    })
+    .await;
+    let err = s["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("invalid peer certificate") && err.contains("UnknownIssuer"),
+        "{s}"
+    );
+    assert!(!err.contains("scheme is not http"), "{s}");
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["restarts"], 0, "{s}");
+    assert_eq!(s["points"], 0, "{s}");
+    assert!(s["last_success"].is_null(), "{s}");
+
+    eventually("three certificate errors counted", async || {
+        let page = proc_metrics(&client).await;
+        let errors = metric(
+            &page,
+            "tally_source_requests_total{source=\"untrusted\",outcome=\"error\"}",
+        );
+        match errors {
+            Some(n) if n >= 3.0 => {
+                assert!(!page.contains("outcome=\"ok\""), "{page}");
+                Ok(())
+            }
+            n => Err(format!("errors counted: {n:?}")),
+        }
+    })
+    .await;
+    let (status, _) = client.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    let logged = logged_line(&p, &["source request failed", "untrusted"]);
+    assert!(
+        logged.contains("invalid peer certificate") && logged.contains("UnknownIssuer"),
+        "{logged}"
+    );
+}
+
+/// The first line of a child's log holding every one of `needles`.
+fn logged_line(p: &Proc, needles: &[&str]) -> String {
+    let lines = p.lines.lock().unwrap();
+    lines
+        .iter()
+        .find(|l| needles.iter().all(|n| l.contains(n)))
+        .cloned()
+        .unwrap_or_else(|| panic!("no log line with {needles:?} in {lines:?}"))
+}
+
+#[tokio::test]
+async fn without_any_usable_root_certificate_the_client_still_builds_with_a_warning() {
+    let upstream = HttpsUpstream::start("42").await;
+    let plain = serve(Router::new().route("/", get(|| async { "7" }))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    // A certificate block whose content is no certificate: reqwest refuses to build a
+    // client on a store where no certificate parses.
+    let broken = dir.path().join("broken.pem");
+    std::fs::write(
+        &broken,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let sources = [format!("secure={}", upstream.url), format!("plain={plain}")];
+    for (file, warning) in [
+        (&empty, "no root certificates found"),
+        (&broken, "no usable root certificate"),
+    ] {
+        let p = spawn_with_roots(dir.path(), file, &sources);
+        let client = p.client();
+        wait_proc_source(&client, "plain", "points from the http source", |s| {
+            s["points"].as_u64() >= Some(3)
+        })
+        .await;
+        let s = wait_proc_source(&client, "secure", "a certificate error", |s| {
+            s["last_error"].is_string()
+        })
+        .await;
+        let err = s["last_error"].as_str().unwrap();
+        assert!(err.contains("UnknownIssuer"), "{}: {s}", file.display());
+        assert_eq!(s["restarts"], 0, "{s}");
+        let logged = logged_line(&p, &[warning]);
+        assert!(logged.contains("WARN"), "{logged}");
+    }
 }
