@@ -370,6 +370,8 @@ pub async fn jobs(State(st): State<AppState>) -> Response {
         }
         Some((Ok::<_, std::io::Error>(out), l))
     });
+    // Fused: the compression layer polls a body once more after its end.
+    let body = futures_util::StreamExt::fuse(body);
     let mut res = Response::new(axum::body::Body::from_stream(body));
     res.headers_mut().insert(
         header::CONTENT_TYPE,

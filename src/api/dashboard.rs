@@ -33,12 +33,13 @@ fn content_type(path: &str) -> &'static str {
 }
 
 /// One embedded file, with an ETag from its hash (a reload revalidates, and gets 304
-/// while the binary is the same).
+/// while the binary is the same). The ETag is weak: the same file is sent compressed or
+/// not, by the client's `Accept-Encoding`.
 fn serve(path: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
     let file = Assets::get(path)
         .ok_or_else(|| ApiError::NotFound(format!("no dashboard file {path:?}")))?;
     let etag = format!(
-        "\"{}\"",
+        "W/\"{}\"",
         file.metadata
             .sha256_hash()
             .iter()
@@ -109,7 +110,14 @@ pub async fn reference(headers: HeaderMap) -> Result<Response, ApiError> {
     tag = "dashboard",
     params(("path" = String, Path, description = "A file of the dashboard, e.g. `js/app.js`")),
     responses(
-        (status = 200, description = "The file", content_type = "text/javascript", body = String),
+        (status = 200, description = "The file, typed by its extension", content(
+            (String = "text/javascript"),
+            (String = "text/css"),
+            (String = "image/svg+xml"),
+            (String = "text/html"),
+            (String = "application/json"),
+            (String = "text/plain"),
+        )),
         (status = 304, description = "Unchanged (If-None-Match)"),
         (status = 404, description = "No such file"),
     )

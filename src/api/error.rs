@@ -234,6 +234,9 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let limit = req.extensions().get::<BodyLimit>().map(|l| l.0);
+        let req = inflated(req, limit.unwrap_or(usize::MAX))
+            .await
+            .map_err(IntoResponse::into_response)?;
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -242,6 +245,28 @@ where
             Err(r) => Err(ApiError::from(r).into_response()),
         }
     }
+}
+
+/// The request with a gzip body inflated (both sizes under `limit`, see `encoding.rs`);
+/// an uncompressed one as it is.
+async fn inflated(req: Request, limit: usize) -> Result<Request, ApiError> {
+    use super::encoding::{self, Encoding};
+    if encoding::of(req.headers())? == Encoding::Identity {
+        return Ok(req);
+    }
+    let (mut parts, body) = req.into_parts();
+    let gzip = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    let plain = tokio::task::spawn_blocking(move || {
+        let mut plain = Vec::new();
+        encoding::gunzip_into(&gzip, &mut plain, limit).map(|()| plain)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Ok(Request::from_parts(parts, axum::body::Body::from(plain)))
 }
 
 /// The configured body limit, put in request extensions so errors can name it.

@@ -27,6 +27,7 @@ pub mod bulk;
 pub mod compat;
 pub mod cross_site;
 pub mod dashboard;
+pub mod encoding;
 pub mod error;
 pub mod events;
 pub mod ids;
@@ -182,6 +183,11 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
         // A panic in a handler answers a problem document instead of dropping the
         // connection (input never panics on purpose; this is the net under it).
         .layer(CatchPanicLayer::custom(panicked))
+        // Answers of 1 KiB or more (the dashboard's assets, the API reference, listings)
+        // compressed for a client that asks (gzip or br); the small hot JSON answers and
+        // event streams never (a compressor costs more than it saves on a few hundred
+        // bytes, and would hold back a stream's events).
+        .layer(compression())
         // A span per request at debug level (off by default: free); the bearer token
         // never shows in it.
         .layer(
@@ -193,6 +199,18 @@ pub fn router(state: AppState, opts: RouterOptions) -> Router {
             header::AUTHORIZATION,
         ]))
         .with_state(state)
+}
+
+/// Response compression (tower-http), by the client's `Accept-Encoding`.
+fn compression(
+) -> tower_http::compression::CompressionLayer<impl tower_http::compression::Predicate> {
+    use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
+    tower_http::compression::CompressionLayer::new().compress_when(
+        SizeAbove::new(1024)
+            .and(NotForContentType::GRPC)
+            .and(NotForContentType::IMAGES)
+            .and(NotForContentType::SSE),
+    )
 }
 
 /// The answer to a request whose handler panicked: logged with its message, answered as

@@ -122,13 +122,13 @@ async fn read_pooled(mut body: axum::body::Body, limit: usize) -> Result<Vec<u8>
     path = "/write",
     tag = "series",
     params(("precision" = Option<String>, Query, description = "ns (default), us, ms or s")),
-    request_body(content = String, description = "Influx line protocol", content_type = "text/plain"),
+    request_body(content = String, description = "Influx line protocol, uncompressed or with `Content-Encoding: gzip`", content_type = "text/plain"),
     responses(
         (status = 204, description = "Every point stored"),
         (status = 200, description = "Every line parsed; some points refused", body = wire::WriteReport),
         (status = 400, description = "Bad lines (the good ones are stored), or a bad precision", body = wire::WriteProblem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over --max-write-bytes"),
-        (status = 415, description = "A compressed body"),
+        (status = 413, description = "Body over --max-write-bytes (as sent, or inflated from gzip)"),
+        (status = 415, description = "A Content-Encoding other than gzip or identity"),
     )
 )]
 pub async fn write(
@@ -137,14 +137,7 @@ pub async fn write(
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
-        if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "Content-Encoding {} is not supported; send the line protocol uncompressed",
-                String::from_utf8_lossy(enc.as_bytes())
-            )));
-        }
-    }
+    let encoding = super::encoding::of(&headers)?;
     let precision = match params.get("precision") {
         None => Precision::Nanoseconds,
         Some(p) => p
@@ -158,16 +151,31 @@ pub async fn write(
     if declared.is_some_and(|n| n > st.max_write_bytes as u64) {
         return Err(ApiError::PayloadTooLarge(st.max_write_bytes));
     }
-    let body = read_pooled(body, st.max_write_bytes).await?;
+    // A gzip body is limited as sent and as inflated (`encoding.rs`).
+    let limit = st.max_write_bytes;
+    let body = read_pooled(body, limit).await?;
     let ingest = st.ingest.clone();
     let now = crate::now_ms();
     let r = tokio::task::spawn_blocking(move || {
+        let body = match encoding {
+            super::encoding::Encoding::Identity => body,
+            super::encoding::Encoding::Gzip => {
+                let mut plain = BODY_POOL.lock().pop().unwrap_or_default();
+                let inflated = super::encoding::gunzip_into(&body, &mut plain, limit);
+                give_back(body);
+                if let Err(e) = inflated {
+                    give_back(plain);
+                    return Err(e);
+                }
+                plain
+            }
+        };
         let r = ingest.ingest(&body, precision, now, "write");
         give_back(body);
-        r
+        Ok(r)
     })
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     let reasons = r.rejections();
     let rejected: u64 = reasons.iter().map(|r| r.1).sum();
     if r.parse.is_clean() && r.bad_names == 0 {

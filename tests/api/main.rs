@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod browser;
+mod compression;
 mod contract;
 mod cross_origin;
 mod csv;
