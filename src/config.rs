@@ -200,6 +200,32 @@ impl FromStr for Secret {
     }
 }
 
+/// `--store`'s parser: clap's own error would print the value as given, a Redis
+/// password included; this one names the problem without it.
+#[derive(Clone)]
+struct StoreParser;
+
+impl clap::builder::TypedValueParser for StoreParser {
+    type Value = StoreSpec;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<StoreSpec, clap::Error> {
+        let refuse = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '--store': {why}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let s = value.to_str().ok_or_else(|| refuse("not UTF-8".into()))?;
+        s.parse().map_err(refuse)
+    }
+}
+
 /// Largest `--max-future-ms`: ten years of 365 days.
 pub const MAX_FUTURE_MS_LIMIT: u64 = 10 * 365 * 86_400_000;
 
@@ -213,8 +239,9 @@ pub struct ServeConfig {
     #[arg(long, env = "TALLY_STATS_DATASET")]
     pub stats_dataset: Option<PathBuf>,
 
-    /// memory | sqlite:PATH
-    #[arg(long, env = "TALLY_STORE", default_value = "sqlite:tally.db")]
+    /// Where jobs live: memory | sqlite:PATH | redis://[USER:PASSWORD@]HOST[:PORT][/DB]
+    /// (Redis: shared by several replicas).
+    #[arg(long, env = "TALLY_STORE", hide_env_values = true, default_value = "sqlite:tally.db", value_parser = StoreParser)]
     pub store: StoreSpec,
 
     /// Worker threads that run jobs (default: the number of CPU cores).

@@ -78,7 +78,24 @@ impl fmt::Debug for RedisUrl {
 impl FromStr for StoreSpec {
     type Err = String;
 
+    /// The error never holds the URL's user and password (it reaches stderr and logs).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s).map_err(|e| match userinfo(s) {
+            Some(secret) => e.replace(secret, "***"),
+            None => e,
+        })
+    }
+}
+
+/// The `user:password` of `scheme://user:password@host...`, if any.
+fn userinfo(s: &str) -> Option<&str> {
+    let rest = &s[s.find("://")? + 3..];
+    let end = rest.rfind('@')?;
+    Some(&rest[..end]).filter(|u| !u.is_empty())
+}
+
+impl StoreSpec {
+    fn parse(s: &str) -> Result<Self, String> {
         if s == "memory" {
             return Ok(StoreSpec::Memory);
         }

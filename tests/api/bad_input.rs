@@ -350,3 +350,53 @@ async fn bad_requests_get_a_4xx_that_names_the_problem() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_mistyped_store_url_is_refused_without_printing_its_password() {
+    const PW: &str = "Pw-s3cret-91";
+    for (store, says) in [
+        (format!("redis://user:{PW}@host:6390x/db1"), "bad port"),
+        (
+            format!("redis://user:{PW}@host:6390/db1"),
+            "bad database number",
+        ),
+        (format!("redis://user:{PW}@:6390/0"), "needs a host"),
+        (format!("rediss://user:{PW}@host:6390/0"), "unknown store"),
+        (format!("redis://:{PW}/x@host/db"), "needs a host"),
+    ] {
+        for env in [false, true] {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+            cmd.arg("serve").env_remove("TALLY_STORE");
+            if env {
+                cmd.env("TALLY_STORE", &store);
+            } else {
+                cmd.args(["--store", &store]);
+            }
+            let out = cmd.output().await.unwrap();
+            assert!(!out.status.success(), "{store}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                !stderr.contains(PW) && !stdout.contains(PW),
+                "{stderr}{stdout}"
+            );
+            assert!(
+                stderr.contains("--store") && stderr.contains(says),
+                "{store}: {stderr}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn help_does_not_show_a_store_password_from_the_environment() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--help"])
+        .env("TALLY_STORE", "redis://user:Pw-env-77@host/0")
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("redis://"), "--store names redis: {help}");
+    assert!(!help.contains("Pw-env-77"), "{help}");
+}
