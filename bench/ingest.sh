@@ -9,6 +9,9 @@
 #   interleaved  700 series per connection alternating line by line,
 #                `sensor,host=hN,region=rM value=F.FFF <ns>` (as Telegraf sends them)
 #   series10k    10,000 series with 5 tags per connection, one point each per batch
+#   NAME.gz      the same batches gzipped (`gzip -6`), sent with `Content-Encoding: gzip`,
+#                as Telegraf sends them with compression on: `interleaved interleaved.gz`
+#                measures what decompression costs, on both servers, in one run
 # CONNS connections (default 4; one wrk thread each, one agent each with its own series)
 # send BATCHES batches in all (default 1200, i.e. 12M lines), each connection its files
 # once and in order. In each round both servers run fresh on loopback, one at a time:
@@ -52,10 +55,10 @@ start_tally() {
 
 # wrk, one thread and connection per agent; prints the script's JSON line.
 drive() {
-  local base=$1 path=$2 dir=$3
+  local base=$1 path=$2 dir=$3 encoding=${4:-identity}
   rm -f "$WORK/done"
   wrk -t"$CONNS" -c"$CONNS" -d600s --timeout 60s -s bench/wrk_write.lua "$base" \
-    -- "$dir" "$path" "$CONNS" "$WORK/done" | grep '^{'
+    -- "$dir" "$path" "$CONNS" "$WORK/done" "$encoding" | grep '^{'
 }
 
 # Compilers running next to the benchmark (another build on this machine) are noise.
@@ -71,13 +74,21 @@ RESULTS="$WORK/results"
 : >"$RESULTS"
 for payload in "${PAYLOADS[@]}"; do
   dir="$WORK/payload-$payload"
-  python3 bench/lp_payload.py "$payload" "$dir" "$BATCHES" "$CONNS"
+  base_payload=${payload%.gz}
+  python3 bench/lp_payload.py "$base_payload" "$dir" "$BATCHES" "$CONNS"
+  encoding=identity
+  if [ "$base_payload" != "$payload" ]; then
+    encoding=gzip
+    # In place: the file names stay what wrk_write.lua reads.
+    for f in "$dir"/*.lp; do gzip -6 -c "$f" >"$f.tmp" && mv "$f.tmp" "$f"; done
+    echo "$payload: $(du -sb "$dir" | cut -f1) bytes gzipped"
+  fi
   precision=ns
-  [ "$payload" = single ] && precision=ms
+  [ "$base_payload" = single ] && precision=ms
   for round in $(seq "$ROUNDS"); do
     start_vm
     noise "$payload"
-    r=$(drive "http://127.0.0.1:$VM_PORT" "/write?precision=$precision" "$dir")
+    r=$(drive "http://127.0.0.1:$VM_PORT" "/write?precision=$precision" "$dir" "$encoding")
     sleep 1 # VictoriaMetrics counts rows once its in-memory buffers are flushed
     echo "$payload $round victoria-metrics $(metric "http://127.0.0.1:$VM_PORT" vm_rows_inserted_total) $r" >>"$RESULTS"
     stop_server
@@ -88,7 +99,7 @@ for payload in "${PAYLOADS[@]}"; do
     if [ $((round % 2)) -eq 0 ] && [ ${#builds[@]} -eq 2 ]; then builds=("${builds[1]}" "${builds[0]}"); fi
     for b in "${builds[@]}"; do
       start_tally "${b#*=}"
-      r=$(drive "http://127.0.0.1:$TALLY_PORT" "/write?precision=$precision" "$dir")
+      r=$(drive "http://127.0.0.1:$TALLY_PORT" "/write?precision=$precision" "$dir" "$encoding")
       noise "$payload"
       echo "$payload $round ${b%%=*} $(metric "http://127.0.0.1:$TALLY_PORT" tally_series_points_accepted_total) $r" >>"$RESULTS"
       stop_server

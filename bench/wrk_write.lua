@@ -3,7 +3,9 @@
 -- `done` prints one JSON line: batches sent, 2xx answers, the wall time from the first
 -- request to the last answer, latency.
 --
---   wrk -tN -cN -d300s --timeout 60s -s bench/wrk_write.lua URL -- DIR PATH N DONE_FILE
+--   wrk -tN -cN -d300s --timeout 60s -s bench/wrk_write.lua URL -- DIR PATH N DONE_FILE [ENCODING]
+--
+-- ENCODING `gzip`: the files are gzipped, sent with `Content-Encoding: gzip`.
 --
 -- wrk itself runs for its whole -d duration; so the last thread to finish interrupts it
 -- (SIGINT to wrk's main thread, which is what ends wrk's sleep), and the time is measured
@@ -33,6 +35,8 @@ end
 function init(args)
   local dir, path = args[1], args[2]
   nthreads, done_file = tonumber(args[3]), args[4]
+  local headers = { ["Content-Type"] = "text/plain" }
+  if args[5] == "gzip" then headers["Content-Encoding"] = "gzip" end
   reqs = {}
   local k = 0
   while true do
@@ -40,7 +44,7 @@ function init(args)
     if not f then break end
     local body = f:read("*a")
     f:close()
-    reqs[#reqs + 1] = wrk.format("POST", path, { ["Content-Type"] = "text/plain" }, body)
+    reqs[#reqs + 1] = wrk.format("POST", path, headers, body)
     k = k + 1
   end
   sent, ok, bad = 0, 0, 0

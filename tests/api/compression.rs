@@ -58,40 +58,33 @@ async fn line_protocol_and_json_points_sent_gzipped_are_stored() {
         .collect();
     let body = dir.path().join("batch.lp.gz");
     std::fs::write(&body, gzip_cli(lines.as_bytes())).unwrap();
-    let (code, text) = curl(&[
-        "-H",
-        "Content-Encoding: gzip",
-        "-H",
-        "Content-Type: text/plain",
-        "--data-binary",
-        &format!("@{}", body.display()),
-        &app.url("/write"),
-    ])
-    .await;
+    let file = format!("@{}", body.display());
+    // curl POSTing `data` to /write as `encoding`.
+    let write = async |encoding: &str, data: &str| {
+        let header = format!("Content-Encoding: {encoding}");
+        let url = app.url("/write");
+        curl(&[
+            "-H",
+            &header,
+            "-H",
+            "Content-Type: text/plain",
+            "--data-binary",
+            data,
+            &url,
+        ])
+        .await
+    };
+    let (code, text) = write("gzip", &file).await;
     assert_eq!(code, 204, "{text}");
     // An encoding it does not take is named.
-    let (code, text) = curl(&[
-        "-H",
-        "Content-Encoding: br",
-        "--data-binary",
-        &format!("@{}", body.display()),
-        &app.url("/write"),
-    ])
-    .await;
+    let (code, text) = write("br", &file).await;
     assert_eq!(code, 415, "{text}");
     assert!(
         text.contains("Content-Encoding br") && text.contains("gzip"),
         "{text}"
     );
     // Broken gzip is a 400 naming it; nothing of it is stored.
-    let (code, text) = curl(&[
-        "-H",
-        "Content-Encoding: gzip",
-        "--data-binary",
-        "cpu usage=1",
-        &app.url("/write"),
-    ])
-    .await;
+    let (code, text) = write("gzip", "cpu usage=1").await;
     assert_eq!(code, 400, "{text}");
     assert!(text.contains("does not inflate"), "{text}");
 
