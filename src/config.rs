@@ -388,8 +388,9 @@ pub struct ServeConfig {
     /// `<journal>.accepted`. Default: `journal.jsonl` next to the SQLite file; with
     /// `--store memory` or `--store redis://...` and no `--journal`, nothing is written to
     /// disk (events are numbered, processed and ordered the same, then dropped; with Redis
-    /// the start-up log warns). The journal is per process: give each replica its own.
-    /// Files are created by the first event.
+    /// the start-up log warns). The journal is per process: give each replica its own (a
+    /// second process on the same journal answers its events 503 and `/readyz` 503,
+    /// naming the file). Files are created by the first event.
     #[arg(long, env = "TALLY_JOURNAL")]
     pub journal: Option<PathBuf>,
 

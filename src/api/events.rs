@@ -32,7 +32,9 @@ impl From<AcceptError> for ApiError {
         match e {
             AcceptError::Full(_) => ApiError::QueueFull(e.to_string()),
             AcceptError::Draining => ApiError::ShuttingDown,
-            AcceptError::Io(_) => ApiError::Internal(e.to_string()),
+            // A disk that cannot take the log, or a journal another process holds: the
+            // operator's to fix, named, and retried (503).
+            AcceptError::Io(_) => ApiError::Unavailable(e.to_string()),
         }
     }
 }
@@ -77,7 +79,7 @@ pub fn validate(body: EventBody) -> Result<Event, ApiError> {
         (status = 400, description = "Malformed JSON"),
         (status = 415, description = "Not JSON"),
         (status = 422, description = "A field missing, unknown or of the wrong type"),
-        (status = 503, description = "Reorder buffer full, or draining (Retry-After)"),
+        (status = 503, description = "Reorder buffer full, draining, or the accepted log cannot be written (a full disk, a journal another process holds; Retry-After)"),
     )
 )]
 pub async fn submit(

@@ -43,7 +43,7 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
         )
             .into_response();
     }
-    match st.engine.store_health() {
+    match st.engine.store_health().and_then(|()| st.pipeline.health()) {
         Ok(()) => Json(wire::Health::is("ready")).into_response(),
         Err(cause) => {
             let mut res = (

@@ -50,6 +50,8 @@ pub(crate) struct AcceptedWriter {
     pub metrics: Arc<PipelineMetrics>,
     /// Published by the journal writer: every seq up to it is durable in the journal.
     pub durable_upto: Arc<AtomicU64>,
+    /// Why the last append failed, until one succeeds (`/readyz` says it).
+    pub failing: Arc<parking_lot::Mutex<Option<String>>>,
 }
 
 impl AcceptedWriter {
@@ -90,6 +92,10 @@ impl AcceptedWriter {
             let records = self.encode(&batch, &mut buf);
             let before = self.sink.len();
             let written = self.sink.append(&buf).and_then(|()| self.sink.sync());
+            *self.failing.lock() = written
+                .as_ref()
+                .err()
+                .map(|e| format!("the pipeline cannot write its accepted log: {e}"));
             match written {
                 Ok(()) => {
                     self.next_seq += batch.len() as u64;
@@ -220,6 +226,7 @@ mod tests {
         let path = blocker.join("j.accepted");
         let (tx, rx) = crossbeam_channel::unbounded();
         let (jtx, jrx) = crossbeam_channel::unbounded();
+        let failing = Arc::new(parking_lot::Mutex::new(None));
         let w = AcceptedWriter {
             rx,
             sink: Sink::Pending { path: path.clone() },
@@ -231,6 +238,7 @@ mod tests {
             delay_max_ms: 0,
             metrics: Arc::new(PipelineMetrics::default()),
             durable_upto: Arc::new(AtomicU64::new(0)),
+            failing: failing.clone(),
         };
         let thread = std::thread::spawn(move || w.run());
         let permits = Arc::new(Semaphore::new(4));
@@ -243,11 +251,17 @@ mod tests {
             4,
             "a refused record frees its slot"
         );
+        let why = failing
+            .lock()
+            .clone()
+            .expect("the failure is kept for /readyz");
+        assert!(why.contains("cannot write its accepted log"), "{why}");
 
         std::fs::remove_file(&blocker).unwrap();
         let (msg, answer) = request(&permits, 2);
         tx.send(msg).unwrap();
         assert_eq!(answer.await.unwrap().unwrap(), 1);
+        assert_eq!(*failing.lock(), None, "ready again once an append succeeds");
         tx.send(AcceptMsg::Stop).unwrap();
         let (_, next) = thread.join().unwrap();
         assert_eq!(next, 2);

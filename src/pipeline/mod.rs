@@ -144,6 +144,8 @@ struct Inner {
     metrics: Arc<PipelineMetrics>,
     threads: Mutex<Option<Writers>>,
     journal: Option<PathBuf>,
+    /// Why appending to the accepted log fails, while it does.
+    failing: Arc<parking_lot::Mutex<Option<String>>>,
     /// Records in their processing delay (tasks on the runtime), stopped at `close`.
     processing: tokio_util::task::TaskTracker,
     stop_processing: tokio_util::sync::CancellationToken,
@@ -193,6 +195,7 @@ impl Pipeline {
         let (journal_tx, journal_rx) = crossbeam_channel::unbounded();
         let processing = tokio_util::task::TaskTracker::new();
         let stop_processing = tokio_util::sync::CancellationToken::new();
+        let failing = Arc::new(parking_lot::Mutex::new(None));
         let jw = JournalWriter {
             rx: journal_rx,
             sink: journal_sink,
@@ -211,6 +214,7 @@ impl Pipeline {
             delay_max_ms: opts.process_delay_max_ms,
             metrics: metrics.clone(),
             durable_upto,
+            failing: failing.clone(),
         };
         let thread_err = |source| PipelineError::Io {
             path: PathBuf::from("(writer thread)"),
@@ -236,8 +240,18 @@ impl Pipeline {
                 processing,
                 stop_processing,
                 journal: opts.journal,
+                failing,
             }),
         })
+    }
+
+    /// Why the pipeline cannot take events right now (its accepted log cannot be
+    /// written: a full disk, or a journal another process holds), if it cannot.
+    pub fn health(&self) -> Result<(), String> {
+        match self.inner.failing.lock().clone() {
+            None => Ok(()),
+            Some(cause) => Err(cause),
+        }
     }
 
     /// The pipeline's metric families (the dashboard reads them too).

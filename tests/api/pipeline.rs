@@ -522,3 +522,35 @@ async fn tally_load_in_jobs_mode_submits_jobs_and_lists_their_ids() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--kind"));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_given_the_same_journal_answers_503_naming_it_and_is_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("shared.jsonl");
+    let journal = journal.to_str().unwrap();
+    let args = ["--store", "memory", "--journal", journal];
+    let first = Proc::start(dir.path(), &args);
+    let second = Proc::start(dir.path(), &args);
+    let event = json!({"conn": 1, "seq": 1, "value": 1, "sent_at": 1});
+    let (status, body) = first.client().post("/v1/events", &event).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = second.client().post("/v1/events", &event).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("in use by another tally process"), "{body}");
+    let (status, body) = second.client().get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("in use by another tally process"),
+        "{body}"
+    );
+    // The first goes on as the journal's one writer.
+    let (status, _) = first.client().get("/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    let event = json!({"conn": 1, "seq": 2, "value": 2, "sent_at": 1});
+    let (status, body) = first.client().post("/v1/events", &event).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
