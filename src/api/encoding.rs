@@ -7,7 +7,17 @@ use std::io::Read;
 
 use axum::http::{header, HeaderMap};
 
-use super::error::ApiError;
+/// Why a body could not be read; `error.rs` maps it to 415, 413 and 400 (this room
+/// imports nothing of the api's).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("Content-Encoding {0} is not supported; send the body as gzip or uncompressed")]
+    Unsupported(String),
+    #[error("the body is larger than the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("the gzip body does not inflate: {0}")]
+    Corrupt(String),
+}
 
 /// How a request body is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,12 +27,12 @@ pub enum Encoding {
 }
 
 /// The request's `Content-Encoding`: none or `identity`, or `gzip` (`x-gzip`).
-pub fn of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
+pub fn of(headers: &HeaderMap) -> Result<Encoding, BodyError> {
     let mut values = headers.get_all(header::CONTENT_ENCODING).iter();
     let (Some(v), None) = (values.next(), values.next()) else {
         return match headers.contains_key(header::CONTENT_ENCODING) {
             false => Ok(Encoding::Identity),
-            true => Err(unsupported("several encodings")),
+            true => Err(BodyError::Unsupported("several encodings".into())),
         };
     };
     let v = v.to_str().unwrap_or("").trim();
@@ -31,28 +41,22 @@ pub fn of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     } else if v.eq_ignore_ascii_case("gzip") || v.eq_ignore_ascii_case("x-gzip") {
         Ok(Encoding::Gzip)
     } else {
-        Err(unsupported(v))
+        Err(BodyError::Unsupported(v.to_string()))
     }
-}
-
-fn unsupported(what: &str) -> ApiError {
-    ApiError::UnsupportedMediaType(format!(
-        "Content-Encoding {what} is not supported; send the body as gzip or uncompressed"
-    ))
 }
 
 /// Inflates `gzip` (one member or several, as `cat a.gz b.gz` makes) into `out`, at most
 /// `limit` bytes: more is 413, and nothing past `limit + 1` bytes is ever held.
-pub fn gunzip_into(gzip: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), ApiError> {
+pub fn gunzip_into(gzip: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), BodyError> {
     out.clear();
     let mut inflate = flate2::read::MultiGzDecoder::new(gzip).take(limit as u64 + 1);
     inflate
         .read_to_end(out)
-        .map_err(|e| ApiError::BadRequest(format!("the gzip body does not inflate: {e}")))?;
+        .map_err(|e| BodyError::Corrupt(e.to_string()))?;
     if out.len() > limit {
         out.clear();
         out.shrink_to(limit);
-        return Err(ApiError::PayloadTooLarge(limit));
+        return Err(BodyError::TooLarge(limit));
     }
     Ok(())
 }
@@ -79,7 +83,7 @@ mod tests {
         let bomb = gzip(&vec![0u8; 64 << 20]);
         assert!(bomb.len() < 1 << 20, "{}", bomb.len());
         let e = gunzip_into(&bomb, &mut out, 1 << 20).unwrap_err();
-        assert!(matches!(e, ApiError::PayloadTooLarge(n) if n == 1 << 20));
+        assert!(matches!(e, BodyError::TooLarge(n) if n == 1 << 20));
         assert!(out.capacity() <= 2 << 20, "{}", out.capacity());
         let e = gunzip_into(b"not gzip", &mut out, 100).unwrap_err();
         assert!(e.to_string().contains("does not inflate"), "{e}");

@@ -208,6 +208,17 @@ impl From<RetryError> for ApiError {
     }
 }
 
+impl From<super::encoding::BodyError> for ApiError {
+    fn from(e: super::encoding::BodyError) -> Self {
+        use super::encoding::BodyError;
+        match e {
+            BodyError::Unsupported(_) => ApiError::UnsupportedMediaType(e.to_string()),
+            BodyError::TooLarge(limit) => ApiError::PayloadTooLarge(limit),
+            BodyError::Corrupt(_) => ApiError::BadRequest(e.to_string()),
+        }
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let text = r.body_text();

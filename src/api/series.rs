@@ -165,7 +165,7 @@ pub async fn write(
                 give_back(body);
                 if let Err(e) = inflated {
                     give_back(plain);
-                    return Err(e);
+                    return Err(ApiError::from(e));
                 }
                 plain
             }
