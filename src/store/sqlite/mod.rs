@@ -959,12 +959,17 @@ mod tests {
         }
         reading.store(false, Ordering::Relaxed);
         reader.await.unwrap();
-        let wal = std::fs::metadata(dir.path().join("t.db-wal"))
-            .unwrap()
-            .len();
+        // The log's header counts its restarts (SQLite's checkpoint sequence number,
+        // bytes 12..16, big-endian); the file's length is the longest the log ever grew.
+        // How long it grows between restarts depends on how often a reader holds an old
+        // snapshot across the writer's checkpoint, which a loaded machine makes common;
+        // that it restarts, and stays well below the data written, does not.
+        let wal = std::fs::read(dir.path().join("t.db-wal")).unwrap();
+        let restarts = u32::from_be_bytes(wal[12..16].try_into().unwrap());
         assert!(
-            wal < 8 << 20,
-            "the log holds {wal} bytes after 16 MB of writes: it never started over"
+            restarts >= 2 && wal.len() < 12 << 20,
+            "after 16 MB of writes the log started over {restarts} times and holds {} bytes",
+            wal.len()
         );
         assert_eq!(s.counts().await.unwrap().done, 4000);
     }
