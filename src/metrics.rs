@@ -59,6 +59,18 @@ pub struct SourceLabels {
 
 pub type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Reads a counter without creating its label set (which would add a zero line to
+/// `/metrics`).
+pub fn counter_of<L>(
+    family: &Family<L, prometheus_client::metrics::counter::Counter>,
+    labels: &L,
+) -> u64
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    family.get(labels).map_or(0, |c| c.get())
+}
+
 /// Seconds, 50 µs .. ~30 min.
 pub fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00005, 2.5, 20))

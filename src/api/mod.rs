@@ -110,6 +110,7 @@ fn tables(
         .get("/v1/jobs", v1::list)
         .get("/v1/jobs/stats", v1::stats)
         .get("/v1/overview", overview::overview)
+        .get("/v1/overview/history", overview::history)
         .get("/v1/pipeline", overview::pipeline)
         .get("/v1/stream", stream::stream)
         .get("/v1/replicas", v1::replicas)

@@ -44,6 +44,7 @@ use crate::stats::Query;
         super::bulk::cancel,
         super::bulk::retry,
         super::overview::overview,
+        super::overview::history,
         super::overview::pipeline,
         super::stream::stream,
         super::compat::get_results,

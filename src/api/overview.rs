@@ -9,22 +9,10 @@ use axum::Json;
 use super::error::ApiError;
 use super::state::AppState;
 use super::wire::{
-    replica_views, JobCountsView, KindView, Overview, PipelineView, QueueView, SeriesSummary,
-    Totals, Workers,
+    replica_views, JobCountsView, KindView, Overview, PipelineView, QueueView, RateHistory,
+    SeriesSummary, Totals, Workers,
 };
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-
-use crate::metrics::{EventStatusLabels, KindLabels, OutcomeLabels, ReasonLabels};
-
-/// Reads a counter without creating its label set (which would add a zero line to
-/// `/metrics`).
-fn counter_of<L>(family: &Family<L, Counter>, labels: &L) -> u64
-where
-    L: Clone + std::hash::Hash + Eq,
-{
-    family.get(labels).map_or(0, |c| c.get())
-}
+use crate::metrics::{counter_of, EventStatusLabels, ReasonLabels};
 
 /// The overview, with what the store could not answer left null.
 pub async fn snapshot(st: &AppState) -> Overview {
@@ -53,12 +41,7 @@ pub async fn snapshot(st: &AppState) -> Overview {
         }
     };
     let cluster_totals = match cluster {
-        Ok(t) => t.map(|t| Totals {
-            submitted: t.submitted,
-            done: t.done,
-            failed: t.failed,
-            cancelled: t.cancelled,
-        }),
+        Ok(t) => t.map(Totals::from),
         Err(e) => {
             store_error.get_or_insert(e.to_string());
             None
@@ -71,43 +54,25 @@ pub async fn snapshot(st: &AppState) -> Overview {
             None
         }
     };
-    let outcome = |kind: &str, outcome: &str| {
-        counter_of(
-            &m.finished,
-            &OutcomeLabels {
-                kind: kind.to_string(),
-                outcome: outcome.to_string(),
-            },
-        )
-    };
     let kinds: Vec<KindView> = engine
         .registry()
         .kinds()
         .map(|kind| {
             let summary = m.recent.summary(kind);
+            let t = m.kind_totals(kind);
             KindView {
                 kind: kind.to_string(),
-                submitted: counter_of(
-                    &m.submitted,
-                    &KindLabels {
-                        kind: kind.to_string(),
-                    },
-                ),
-                done: outcome(kind, "done"),
-                failed: outcome(kind, "failed") + outcome(kind, "timeout") + outcome(kind, "panic"),
-                cancelled: outcome(kind, "cancelled"),
+                submitted: t.submitted,
+                done: t.done,
+                failed: t.failed,
+                cancelled: t.cancelled,
                 window: summary.map_or(0, |s| s.count),
                 p50_ms: summary.map(|s| s.p50_ms),
                 p99_ms: summary.map(|s| s.p99_ms),
             }
         })
         .collect();
-    let totals = Totals {
-        submitted: kinds.iter().map(|k| k.submitted).sum(),
-        done: kinds.iter().map(|k| k.done).sum(),
-        failed: kinds.iter().map(|k| k.failed).sum(),
-        cancelled: kinds.iter().map(|k| k.cancelled).sum(),
-    };
+    let totals = Totals::from(engine.process_totals());
     Overview {
         now: crate::now_ms(),
         store: engine.store_name().to_string(),
@@ -176,6 +141,29 @@ pub fn pipeline_view(st: &AppState) -> PipelineView {
 )]
 pub async fn overview(State(st): State<AppState>) -> Result<Json<Overview>, ApiError> {
     Ok(Json(snapshot(&st).await))
+}
+
+/// `GET /v1/overview/history`: jobs per second over the last 15 minutes, a point a
+/// second, for the charts of a page that just opened.
+#[utoipa::path(
+    get,
+    path = "/v1/overview/history",
+    tag = "dashboard",
+    responses(
+        (status = 200, description = "Rates between successive samples of the totals (with a shared store, every replica's)", body = RateHistory),
+        (status = 503, description = "Store unavailable"),
+    )
+)]
+pub async fn history(State(st): State<AppState>) -> Result<Json<RateHistory>, ApiError> {
+    let (r, cluster) = st.engine.rate_history().await?;
+    Ok(Json(RateHistory {
+        now: crate::now_ms(),
+        scope: if cluster { "cluster" } else { "process" },
+        t: r.t,
+        submitted: r.submitted,
+        done: r.done,
+        failed: r.failed,
+    }))
 }
 
 /// `GET /v1/pipeline`: the ordered pipeline's counters and buffer.

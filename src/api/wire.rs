@@ -109,6 +109,35 @@ pub struct Totals {
     pub cancelled: u64,
 }
 
+impl From<crate::queue::ClusterTotals> for Totals {
+    fn from(t: crate::queue::ClusterTotals) -> Self {
+        Totals {
+            submitted: t.submitted,
+            done: t.done,
+            failed: t.failed,
+            cancelled: t.cancelled,
+        }
+    }
+}
+
+/// `GET /v1/overview/history`: columns of equal length, ready for a chart.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RateHistory {
+    /// The server's time (ms since the epoch).
+    pub now: i64,
+    /// `cluster` (every replica's, from the shared store) or `process` (this one's).
+    #[schema(example = "process")]
+    pub scope: &'static str,
+    /// Each point's time, seconds since the epoch (the end of the second it covers).
+    pub t: Vec<f64>,
+    /// Jobs submitted per second.
+    pub submitted: Vec<f64>,
+    /// Jobs done per second.
+    pub done: Vec<f64>,
+    /// Jobs failed (or timed out, or panicked) per second.
+    pub failed: Vec<f64>,
+}
+
 /// The queue as a whole (every replica's).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct QueueView {

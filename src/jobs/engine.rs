@@ -38,6 +38,7 @@ use crate::model::{
 use crate::now_ms;
 use crate::queue::{
     gave_up, ClusterTotals, JobQueue, Lease, PushError, Pushed, QueueStats, Renewal, Replica,
+    TotalsSample,
 };
 use crate::store::{FinishFailed, FinishPending, Finished, Requeued, Store, StoreError, Submitted};
 
@@ -166,6 +167,8 @@ struct Inner {
     /// Outcomes on their way to the store, for the one completion task.
     completions: tokio::sync::mpsc::UnboundedSender<Completion>,
     recent: Mutex<Recent>,
+    /// This process's totals a second apart, for an in-process queue's rate history.
+    history: super::history::Ring,
     /// The sweeper and the completion task; `stop` ends them.
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -279,6 +282,7 @@ impl Engine {
             idle: Notify::new(),
             completions,
             recent: Mutex::new(Recent::default()),
+            history: Default::default(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
             threads: Mutex::new(Vec::new()),
@@ -287,6 +291,10 @@ impl Engine {
             spawn_worker(inner.clone(), n);
         }
         inner.tasks.spawn(sweep(inner.clone()));
+        // A shared queue's replicas keep the cluster's history in the store.
+        if inner.queue.is_local() {
+            inner.tasks.spawn(sample_totals(inner.clone()));
+        }
         inner
             .tasks
             .spawn(record_completions(inner.clone(), done_rx));
@@ -356,6 +364,21 @@ impl Engine {
     /// Jobs submitted and ended on every replica (none with an in-process queue).
     pub async fn cluster_totals(&self) -> Result<Option<ClusterTotals>, StoreError> {
         self.inner.queue.cluster_totals().await
+    }
+
+    /// This process's totals, every kind's together.
+    pub fn process_totals(&self) -> ClusterTotals {
+        process_totals(&self.inner)
+    }
+
+    /// Jobs per second for the last 15 minutes: every replica's with a shared queue (and
+    /// then `true`), else this process's.
+    pub async fn rate_history(&self) -> Result<(super::history::Rates, bool), StoreError> {
+        let (samples, cluster) = match self.inner.queue.totals_history().await? {
+            Some(samples) => (samples, true),
+            None => (self.inner.history.samples(), false),
+        };
+        Ok((super::history::rates(&samples, now_ms()), cluster))
     }
 
     /// The processes taking work from the queue.
@@ -722,6 +745,35 @@ impl Engine {
                 "worker threads still inside a job were left behind"
             );
         }
+    }
+}
+
+fn process_totals(inner: &Inner) -> ClusterTotals {
+    inner
+        .registry
+        .kinds()
+        .map(|k| inner.metrics.kind_totals(k))
+        .fold(ClusterTotals::default(), |a, b| ClusterTotals {
+            submitted: a.submitted + b.submitted,
+            done: a.done + b.done,
+            failed: a.failed + b.failed,
+            cancelled: a.cancelled + b.cancelled,
+        })
+}
+
+/// Records this process's totals once a second, for the rate history.
+async fn sample_totals(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = inner.stop.cancelled() => return,
+        }
+        inner.history.record(TotalsSample {
+            at_ms: now_ms(),
+            totals: process_totals(&inner),
+        });
     }
 }
 

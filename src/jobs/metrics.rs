@@ -8,7 +8,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::metrics::{seconds_histogram, HistogramFamily, KindLabels, Metrics, OutcomeLabels};
+use crate::metrics::{
+    counter_of, seconds_histogram, HistogramFamily, KindLabels, Metrics, OutcomeLabels,
+};
+use crate::queue::ClusterTotals;
 
 pub struct EngineMetrics {
     pub submitted: Family<KindLabels, Counter>,
@@ -95,6 +98,30 @@ impl EngineMetrics {
             e.outcome_retries.clone(),
         );
         e
+    }
+
+    /// One kind's counters in this process (failed counts failures, timeouts and panics).
+    pub fn kind_totals(&self, kind: &str) -> ClusterTotals {
+        let outcome = |outcome: &str| {
+            counter_of(
+                &self.finished,
+                &OutcomeLabels {
+                    kind: kind.to_string(),
+                    outcome: outcome.to_string(),
+                },
+            )
+        };
+        ClusterTotals {
+            submitted: counter_of(
+                &self.submitted,
+                &KindLabels {
+                    kind: kind.to_string(),
+                },
+            ),
+            done: outcome("done"),
+            failed: outcome("failed") + outcome("timeout") + outcome("panic"),
+            cancelled: outcome("cancelled"),
+        }
     }
 
     pub fn job_finished(&self, kind: &str, outcome: &str, ran_for: Option<Duration>) {

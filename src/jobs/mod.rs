@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 pub mod engine;
+pub mod history;
 pub mod metrics;
 pub mod testing;
 

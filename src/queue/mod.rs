@@ -112,6 +112,17 @@ pub struct ClusterTotals {
     pub cancelled: u64,
 }
 
+/// The totals at one moment (ms since the epoch), one of the samples behind the
+/// dashboard's rate history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TotalsSample {
+    pub at_ms: i64,
+    pub totals: ClusterTotals,
+}
+
+/// How far back the rate history goes: 15 minutes, a sample a second.
+pub const HISTORY_SECS: u64 = 900;
+
 /// Leases that expired, as one reclaim pass found them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reclaimed {
@@ -197,6 +208,13 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Every replica's totals, for a queue shared between processes; `None` for an
     /// in-process queue, whose process counters are already the whole.
     async fn cluster_totals(&self) -> Result<Option<ClusterTotals>, StoreError> {
+        Ok(None)
+    }
+
+    /// Every replica's totals, a sample a second for the last [`HISTORY_SECS`], oldest
+    /// first, for a queue shared between processes (its replicas record them); `None`
+    /// for an in-process queue, whose engine samples its own counters.
+    async fn totals_history(&self) -> Result<Option<Vec<TotalsSample>>, StoreError> {
         Ok(None)
     }
 

@@ -106,6 +106,61 @@ async fn the_overview_chart_updates_while_jobs_run() {
     app.stop().await;
 }
 
+/// The highest rate of `name` in `GET /v1/overview/history`.
+pub async fn history_peak(app: &TestApp, name: &str) -> f64 {
+    let (status, h) = app.get("/v1/overview/history").await;
+    assert_eq!(status, StatusCode::OK, "{h}");
+    h[name]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_f64)
+        .fold(0.0, f64::max)
+}
+
+#[tokio::test]
+async fn a_page_opened_after_a_burst_draws_the_burst_from_the_servers_history() {
+    let app = TestApp::spawn().await;
+    // A burst of jobs, over before any page opens.
+    let mut ids = Vec::new();
+    for n in 0..200 {
+        ids.push(app.submit("test.echo", json!({ "n": n })).await);
+    }
+    for id in &ids {
+        app.wait_job(id).await;
+    }
+    // The server samples its counters once a second: the burst is in its history once
+    // the second after it has been sampled.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while history_peak(&app, "done").await == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no burst in the history"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let peak = history_peak(&app, "submitted").await;
+    assert!(peak > 0.0);
+    // The page has watched nothing of it (no job runs while it is open, so every rate it
+    // measures itself is 0): what it draws of the burst comes from the history.
+    let mut b = dashboard(&app, "#/overview").await;
+    b.wait_js(
+        "the burst on the chart",
+        "return Number(document.getElementById('rate-chart').dataset.peak) > 0",
+    )
+    .await;
+    let drawn = b
+        .js("return Number(document.getElementById('rate-chart').dataset.peak)")
+        .await
+        .as_f64()
+        .unwrap();
+    assert_eq!(drawn, peak, "the page draws the server's rates");
+    b.screenshot("overview-history").await;
+    b.check_clean(&[]).await;
+    b.close().await;
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_job_submitted_through_the_api_appears_in_the_list_and_its_page_shows_the_result() {
     let app = TestApp::spawn().await;

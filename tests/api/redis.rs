@@ -207,3 +207,47 @@ async fn two_applications_on_one_redis_share_ids_results_counters_and_cancels() 
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn the_rate_history_is_the_clusters_and_a_replica_started_later_has_it() {
+    let server = RedisServer::start();
+    let a = on_redis(&server, |_| {}).await;
+    let mut ids = Vec::new();
+    for n in 0..100 {
+        ids.push(a.submit("test.echo", json!({ "n": n })).await);
+    }
+    for id in &ids {
+        a.wait_job(id).await;
+    }
+    eventually("the burst in the history", async || {
+        if crate::browser::history_peak(&a, "done").await > 0.0 {
+            Ok(())
+        } else {
+            Err("no rate above 0 yet".to_string())
+        }
+    })
+    .await;
+    let started = tally::now_ms() as f64 / 1000.0;
+    // A replica that saw none of it answers with the same history, the cluster's.
+    let b = on_redis(&server, |_| {}).await;
+    let (status, h) = b.get("/v1/overview/history").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h["scope"], "cluster");
+    let before: Vec<f64> = h["t"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_f64)
+        .filter(|t| *t < started)
+        .collect();
+    assert!(!before.is_empty(), "points from before b started: {h}");
+    for name in ["submitted", "done"] {
+        assert_eq!(
+            crate::browser::history_peak(&b, name).await,
+            crate::browser::history_peak(&a, name).await,
+            "{name}"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -610,7 +610,9 @@ impl RedisStore {
             .arg(std::process::id())
             .arg(self.inner.opts.workers)
             .arg(busy)
-            .arg(liveness_ms(lease_ms));
+            .arg(liveness_ms(lease_ms))
+            .key(key("rates"))
+            .arg(crate::queue::HISTORY_SECS);
         let (now, epoch, next): (i64, String, u64) = inv.invoke_async(&mut self.conn()).await?;
         if epoch != self.epoch() || next < self.inner.epoch.high_water.load(Ordering::SeqCst) {
             if let Err(e) = self.join_epoch().await {
@@ -1675,7 +1677,34 @@ impl JobQueue for RedisStore {
         }))
     }
 
+    async fn totals_history(&self) -> Result<Option<Vec<crate::queue::TotalsSample>>, StoreError> {
+        let raw: Vec<String> = self.seen(
+            redis::cmd("ZRANGE")
+                .arg(key("rates"))
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut self.conn())
+                .await,
+        )?;
+        Ok(Some(raw.iter().filter_map(|s| parse_sample(s)).collect()))
+    }
+
     fn is_local(&self) -> bool {
         false
     }
+}
+
+/// A sample as `heartbeat.lua` records it: "<ms> <submitted> <done> <failed> <cancelled>".
+fn parse_sample(s: &str) -> Option<crate::queue::TotalsSample> {
+    let mut f = s.split(' ').map(str::parse::<u64>);
+    let mut next = || f.next()?.ok();
+    Some(crate::queue::TotalsSample {
+        at_ms: i64::try_from(next()?).ok()?,
+        totals: crate::queue::ClusterTotals {
+            submitted: next()?,
+            done: next()?,
+            failed: next()?,
+            cancelled: next()?,
+        },
+    })
 }

@@ -114,6 +114,18 @@ export class Rates {
     return true;
   }
 
+  /**
+   * Rates the server already had (`GET /v1/overview/history`: columns `t`, in seconds,
+   * and one per name), drawn before the points measured here.
+   */
+  seed(history) {
+    const first = this.data[0].length ? this.data[0][0] : Infinity;
+    const end = history.t.filter((t) => t < first).length;
+    const cols = [history.t, ...this.names.map((n) => history[n])];
+    this.data = this.data.map((col, i) => [...cols[i].slice(0, end), ...col]);
+    while (this.data[0].length > this.keep) this.data.forEach((col) => col.shift());
+  }
+
   reset() {
     this.prev = null;
   }

@@ -1,5 +1,5 @@
-// Overview: job counts, queue, workers, a live chart of jobs per second (from this
-// server's counters), per-kind p50/p99 run times, and the replicas.
+// Overview: job counts, queue, workers, a chart of jobs per second (the server's last
+// 15 minutes, then live from its counters), per-kind p50/p99 run times, and the replicas.
 import { get } from "./api.js";
 import { Rates, timeChart } from "./charts.js";
 import { fill, fmtAgo, fmtMs, fmtNum, h, setText, tile } from "./ui.js";
@@ -63,7 +63,13 @@ export function mount(main) {
   );
 
   const chart = timeChart(chartEl, ["submitted/s", "done/s", "failed/s"], { unit: "" });
-  const rates = new Rates(["submitted", "done", "failed"]);
+  // The server's last 15 minutes (a point a second), then a point per snapshot.
+  const rates = new Rates(["submitted", "done", "failed"], 1500);
+  function draw() {
+    chart.setData(rates.data);
+    chartEl.dataset.samples = String(rates.data[0].length);
+    chartEl.dataset.peak = String(Math.max(0, ...rates.data[1]));
+  }
 
   function show(o) {
     const j = o.jobs;
@@ -77,8 +83,7 @@ export function mount(main) {
     // Every replica's counters when the store is shared, else this process's.
     setText("r-scope", o.cluster_totals ? "all replicas" : "this process");
     if (rates.push(o.now, o.cluster_totals || o.totals)) {
-      chart.setData(rates.data);
-      chartEl.dataset.samples = String(rates.data[0].length);
+      draw();
       setText("r-submitted", fmtNum(rates.last.submitted, 1));
       setText("r-done", fmtNum(rates.last.done, 1));
       setText("r-failed", fmtNum(rates.last.failed, 1));
@@ -123,6 +128,10 @@ export function mount(main) {
   }
 
   get("/v1/overview").then(show, () => {});
+  get("/v1/overview/history").then((history) => {
+    rates.seed(history);
+    draw();
+  }, () => {});
   return {
     stream: { topics: ["overview"] },
     onEvent(name, data) {
