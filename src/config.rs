@@ -229,88 +229,100 @@ impl clap::builder::TypedValueParser for StoreParser {
 /// Largest `--max-future-ms`: ten years of 365 days.
 pub const MAX_FUTURE_MS_LIMIT: u64 = 10 * 365 * 86_400_000;
 
+/// The headings of `tally serve --help`: every flag sits under one.
+const NETWORK: &str = "Network";
+const SECURITY: &str = "Security";
+const STORAGE: &str = "Storage";
+const JOBS: &str = "Jobs";
+const SHUTDOWN: &str = "Shutdown";
+const PIPELINE: &str = "Pipeline";
+const SERIES: &str = "Series";
+const SOURCES: &str = "Sources";
+const LOGGING: &str = "Logging";
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     /// Address to listen on. Loopback by default; use 0.0.0.0:5000 to expose it.
-    #[arg(long, env = "TALLY_BIND", default_value = "127.0.0.1:5000")]
+    #[arg(help_heading = NETWORK, long, env = "TALLY_BIND", default_value = "127.0.0.1:5000")]
     pub bind: SocketAddr,
 
     /// CSV for the statistics API. Without it, a bundled 2,000-row sample is used.
-    #[arg(long, env = "TALLY_STATS_DATASET")]
+    #[arg(help_heading = STORAGE, long, env = "TALLY_STATS_DATASET")]
     pub stats_dataset: Option<PathBuf>,
 
     /// Where jobs live: memory | sqlite:PATH | redis://[USER:PASSWORD@]HOST[:PORT][/DB]
     /// (Redis: shared by several replicas).
-    #[arg(long, env = "TALLY_STORE", hide_env_values = true, default_value = "sqlite:tally.db", value_parser = StoreParser)]
+    #[arg(help_heading = STORAGE, long, env = "TALLY_STORE", hide_env_values = true, default_value = "sqlite:tally.db", value_parser = StoreParser)]
     pub store: StoreSpec,
 
     /// Worker threads that run jobs (default: the number of CPU cores).
-    #[arg(long, env = "TALLY_WORKERS", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(help_heading = JOBS, long, env = "TALLY_WORKERS", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub workers: Option<u64>,
 
     /// Jobs that may wait in the queue; past it, submissions get 503 with Retry-After.
-    #[arg(long, env = "TALLY_QUEUE_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    #[arg(help_heading = JOBS, long, env = "TALLY_QUEUE_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub queue_capacity: u64,
 
     /// Seconds a job may run before it is failed as timed out (0 = no limit).
-    #[arg(long, env = "TALLY_JOB_TIMEOUT", default_value_t = 300)]
+    #[arg(help_heading = JOBS, long, env = "TALLY_JOB_TIMEOUT", default_value_t = 300)]
     pub job_timeout: u64,
 
     /// Seconds a drain may take before the rest is left in the store for the next start.
-    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    #[arg(help_heading = SHUTDOWN, long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
 
     /// After a drain asked for by `/api/graceful_shutdown`, keep answering reads this many
     /// milliseconds so that pollers can see the final state, then exit.
-    #[arg(long, env = "TALLY_SHUTDOWN_LINGER_MS", default_value_t = 1000)]
+    #[arg(help_heading = SHUTDOWN, long, env = "TALLY_SHUTDOWN_LINGER_MS", default_value_t = 1000)]
     pub shutdown_linger_ms: u64,
 
     /// `/api/get_results` of an unfinished job waits up to this many milliseconds for it
     /// to finish before answering "running" (long polling; 0 answers at once).
-    #[arg(long, env = "TALLY_POLL_HOLD_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    #[arg(help_heading = JOBS, long, env = "TALLY_POLL_HOLD_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub poll_hold_ms: u64,
 
     /// Write logs to this file (rotated by size) instead of standard output.
-    #[arg(long, env = "TALLY_LOG_FILE")]
+    #[arg(help_heading = LOGGING, long, env = "TALLY_LOG_FILE")]
     pub log_file: Option<PathBuf>,
 
     /// Rotate the log file when it reaches this many bytes.
-    #[arg(long, env = "TALLY_LOG_MAX_BYTES", default_value_t = 10 * 1024 * 1024)]
+    #[arg(help_heading = LOGGING, long, env = "TALLY_LOG_MAX_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub log_max_bytes: usize,
 
     /// How many rotated log files to keep.
-    #[arg(long, env = "TALLY_LOG_BACKUPS", default_value_t = 5)]
+    #[arg(help_heading = LOGGING, long, env = "TALLY_LOG_BACKUPS", default_value_t = 5)]
     pub log_backups: usize,
 
     /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides it.
-    #[arg(long, env = "TALLY_LOG_LEVEL", default_value = "info")]
+    #[arg(help_heading = LOGGING, long, env = "TALLY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
     /// When set, mutating and admin routes need `Authorization: Bearer TOKEN`.
-    #[arg(long, env = "TALLY_AUTH_TOKEN", hide_env_values = true)]
+    #[arg(help_heading = SECURITY, long, env = "TALLY_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<Secret>,
 
     /// Milliseconds a client has to send a whole request head: the first from the
     /// connection's start, later ones from their first byte. Past it the connection is
     /// closed without an answer (slow clients cannot hold connections).
-    #[arg(long, env = "TALLY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    #[arg(help_heading = NETWORK, long, env = "TALLY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub http_header_timeout_ms: u64,
 
     /// Milliseconds a keep-alive connection may wait for its next request before it is
     /// closed. Longer than nginx's upstream keepalive_timeout (60 s), so the proxy closes
     /// first and never sends a request on a connection being closed.
-    #[arg(long, env = "TALLY_HTTP_IDLE_TIMEOUT_MS", default_value_t = 75_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    #[arg(help_heading = NETWORK, long, env = "TALLY_HTTP_IDLE_TIMEOUT_MS", default_value_t = 75_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub http_idle_timeout_ms: u64,
 
     /// Open HTTP connections per listener, at most; past it a new connection is answered
     /// 503 with `Retry-After: 1` and closed.
-    #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(help_heading = NETWORK, long, env = "TALLY_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
 
     /// An origin (`scheme://host[:port]`) whose pages may send state-changing requests,
     /// e.g. a dashboard served from elsewhere (repeatable; the environment variable takes a
     /// comma-separated list). Other cross-site requests that change state get 403.
     #[arg(
+        help_heading = SECURITY,
         long = "allowed-origin",
         env = "TALLY_ALLOWED_ORIGIN",
         value_name = "ORIGIN",
@@ -324,6 +336,7 @@ pub struct ServeConfig {
     /// (repeatable; the environment variable takes a comma-separated list). Requests for any
     /// other host get 421: a defence against DNS rebinding.
     #[arg(
+        help_heading = SECURITY,
         long = "allowed-host",
         env = "TALLY_ALLOWED_HOST",
         value_name = "HOST",
@@ -333,55 +346,55 @@ pub struct ServeConfig {
 
     /// Directory of the datasets of `csv.column_sum` jobs; names resolve only inside it.
     /// Created at the first upload.
-    #[arg(long, env = "TALLY_DATA_DIR", default_value = "data")]
+    #[arg(help_heading = STORAGE, long, env = "TALLY_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
 
     /// Largest dataset accepted by `PUT /v1/datasets/{name}`, in bytes.
-    #[arg(long, env = "TALLY_MAX_UPLOAD_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    #[arg(help_heading = STORAGE, long, env = "TALLY_MAX_UPLOAD_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_upload_bytes: u64,
 
     /// Largest request body accepted, in bytes.
-    #[arg(long, env = "TALLY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(help_heading = NETWORK, long, env = "TALLY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
     /// With `--store memory`: finished results kept before the oldest are evicted.
-    #[arg(long, env = "TALLY_MEMORY_MAX_RESULTS", default_value_t = 100_000)]
+    #[arg(help_heading = STORAGE, long, env = "TALLY_MEMORY_MAX_RESULTS", default_value_t = 100_000)]
     pub memory_max_results: usize,
 
     /// How long a claimed job stays leased to its worker without a sign of life (a
     /// checkpoint or progress) before another worker may run it again.
-    #[arg(long, env = "TALLY_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    #[arg(help_heading = JOBS, long, env = "TALLY_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub lease_ms: u64,
 
     /// How long finished jobs and their results are kept (Redis store), in seconds.
-    #[arg(long, env = "TALLY_RESULT_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=365 * 86_400))]
+    #[arg(help_heading = JOBS, long, env = "TALLY_RESULT_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=365 * 86_400))]
     pub result_ttl: u64,
 
     /// How long an `Idempotency-Key` of a submission holds, in seconds: a submission with
     /// the same key within it gets the first job instead of a new one (every store).
-    #[arg(long, env = "TALLY_IDEMPOTENCY_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=365 * 86_400))]
+    #[arg(help_heading = JOBS, long, env = "TALLY_IDEMPOTENCY_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=365 * 86_400))]
     pub idempotency_ttl: u64,
 
     /// Runs of a job whose lease expired before it is failed for good (a dead letter).
-    #[arg(long, env = "TALLY_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(help_heading = JOBS, long, env = "TALLY_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_attempts: u32,
 
     /// SQLite durability of a commit.
-    #[arg(long, env = "TALLY_SQLITE_SYNC", value_enum, default_value_t = SqliteSync::Full)]
+    #[arg(help_heading = STORAGE, long, env = "TALLY_SQLITE_SYNC", value_enum, default_value_t = SqliteSync::Full)]
     pub sqlite_sync: SqliteSync,
 
     /// Microseconds the SQLite writer waits for more writes before a commit when writes
     /// arrive concurrently (0, the default: commit at once). A short job's outcome then
     /// more often shares the commit of its own insert, and a commit carries more jobs:
     /// worth trying where an fsync is slow next to the CPU a commit takes.
-    #[arg(long, env = "TALLY_SQLITE_COMMIT_DELAY_US",
+    #[arg(help_heading = STORAGE, long, env = "TALLY_SQLITE_COMMIT_DELAY_US",
           default_value_t = crate::store::sqlite::DEFAULT_COMMIT_DELAY_US,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub sqlite_commit_delay_us: u64,
 
     /// Enable the job kinds and routes used by tests and benchmarks (`test.sleep`,
     /// `test.panic`, `/api/noop`). Off in production.
-    #[arg(long, env = "TALLY_ENABLE_TEST_JOBS", hide = true)]
+    #[arg(help_heading = JOBS, long, env = "TALLY_ENABLE_TEST_JOBS", hide = true)]
     pub enable_test_jobs: bool,
 
     /// The ordered pipeline's journal (JSON lines); its write-ahead log is
@@ -391,100 +404,100 @@ pub struct ServeConfig {
     /// the start-up log warns). The journal is per process: give each replica its own (a
     /// second process on the same journal answers its events 503 and `/readyz` 503,
     /// naming the file). Files are created by the first event.
-    #[arg(long, env = "TALLY_JOURNAL")]
+    #[arg(help_heading = PIPELINE, long, env = "TALLY_JOURNAL")]
     pub journal: Option<PathBuf>,
 
     /// Pipeline processing delay: uniform in [0, this many milliseconds].
-    #[arg(long, env = "TALLY_PROCESS_DELAY_MAX_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    #[arg(help_heading = PIPELINE, long, env = "TALLY_PROCESS_DELAY_MAX_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub process_delay_max_ms: u64,
 
     /// Events accepted but not yet journaled, at most; past it, 503 with Retry-After.
-    #[arg(long, env = "TALLY_REORDER_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    #[arg(help_heading = PIPELINE, long, env = "TALLY_REORDER_CAPACITY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub reorder_capacity: u64,
 
     /// Live series: a point up to this many milliseconds older than its series' newest
     /// point is still accepted (kept in order); older ones are rejected and counted.
-    #[arg(long, env = "TALLY_OOO_WINDOW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    #[arg(help_heading = SERIES, long, env = "TALLY_OOO_WINDOW_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub ooo_window_ms: u64,
 
     /// Live series: points per sealed block.
-    #[arg(long, env = "TALLY_BLOCK_POINTS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(help_heading = SERIES, long, env = "TALLY_BLOCK_POINTS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub block_points: u64,
 
     /// Live series: seconds a point is kept (whole blocks are dropped once all their
     /// points are older).
-    #[arg(long, env = "TALLY_RETENTION", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=100 * 365 * 86_400))]
+    #[arg(help_heading = SERIES, long, env = "TALLY_RETENTION", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=100 * 365 * 86_400))]
     pub retention: u64,
 
     /// Live series: points retained across all series, at most; the oldest are evicted.
-    #[arg(long, env = "TALLY_MAX_POINTS", default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(help_heading = SERIES, long, env = "TALLY_MAX_POINTS", default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_points: u64,
 
     /// Live series: seconds between two recomputations of the published rollups.
-    #[arg(long, env = "TALLY_ROLLUP_INTERVAL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(help_heading = SERIES, long, env = "TALLY_ROLLUP_INTERVAL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub rollup_interval: u64,
 
     /// Live series: width in milliseconds of the fixed rollup windows.
-    #[arg(long, env = "TALLY_ROLLUP_WINDOW_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    #[arg(help_heading = SERIES, long, env = "TALLY_ROLLUP_WINDOW_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub rollup_window_ms: u64,
 
     /// Largest `POST /write` body, in bytes.
-    #[arg(long, env = "TALLY_MAX_WRITE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    #[arg(help_heading = SERIES, long, env = "TALLY_MAX_WRITE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_write_bytes: usize,
 
     /// Also accept line protocol over TCP on this address (newline-delimited).
-    #[arg(long, env = "TALLY_LINE_LISTEN")]
+    #[arg(help_heading = SERIES, long, env = "TALLY_LINE_LISTEN")]
     pub line_listen: Option<SocketAddr>,
 
     /// Timestamp precision of the TCP line protocol: ns, us, ms or s.
-    #[arg(long, env = "TALLY_LINE_PRECISION", default_value = "ms")]
+    #[arg(help_heading = SERIES, long, env = "TALLY_LINE_PRECISION", default_value = "ms")]
     pub line_precision: crate::series::line_protocol::Precision,
 
     /// Concurrent TCP line-protocol connections, at most (more wait to be accepted).
-    #[arg(long, env = "TALLY_LINE_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(help_heading = SERIES, long, env = "TALLY_LINE_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub line_max_connections: u64,
 
     /// Live series: a point stamped more than this many milliseconds ahead of the server
     /// clock is refused (reason `future`) on every intake path.
-    #[arg(long, env = "TALLY_MAX_FUTURE_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(0..=MAX_FUTURE_MS_LIMIT))]
+    #[arg(help_heading = SERIES, long, env = "TALLY_MAX_FUTURE_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(0..=MAX_FUTURE_MS_LIMIT))]
     pub max_future_ms: u64,
 
     /// Live series: series kept at most; a point of a new series past it is refused
     /// (reason `series_limit`), existing series keep accepting.
-    #[arg(long, env = "TALLY_MAX_SERIES", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    #[arg(help_heading = SERIES, long, env = "TALLY_MAX_SERIES", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub max_series: u64,
 
     /// A TCP line-protocol connection that sends nothing for this many milliseconds is
     /// closed, so idle clients cannot hold every --line-max-connections slot.
-    #[arg(long, env = "TALLY_LINE_IDLE_TIMEOUT_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    #[arg(help_heading = SERIES, long, env = "TALLY_LINE_IDLE_TIMEOUT_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
     pub line_idle_timeout_ms: u64,
 
     /// A second listener serving only `GET /getSum` and `/healthz`, like the original live
     /// sum service (e.g. 127.0.0.1:4567).
-    #[arg(long, env = "TALLY_COMPAT_GET_SUM_BIND")]
+    #[arg(help_heading = NETWORK, long, env = "TALLY_COMPAT_GET_SUM_BIND")]
     pub compat_get_sum_bind: Option<SocketAddr>,
 
     /// A polled upstream source, `NAME=URL` (repeatable): every --source-interval-ms, a
     /// GET whose plain-text number becomes a point of series NAME. The environment
     /// variable holds one.
-    #[arg(long = "source", env = "TALLY_SOURCE")]
+    #[arg(help_heading = SOURCES, long = "source", env = "TALLY_SOURCE")]
     pub sources: Vec<String>,
 
     /// Poll interval of the --source sources, in milliseconds.
-    #[arg(long, env = "TALLY_SOURCE_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=86_400_000))]
+    #[arg(help_heading = SOURCES, long, env = "TALLY_SOURCE_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=86_400_000))]
     pub source_interval_ms: u64,
 
     /// Requests in flight per --source source, at most.
-    #[arg(long, env = "TALLY_SOURCE_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    #[arg(help_heading = SOURCES, long, env = "TALLY_SOURCE_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub source_concurrency: u64,
 
     /// Per-request timeout of the --source sources, in milliseconds.
-    #[arg(long, env = "TALLY_SOURCE_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    #[arg(help_heading = SOURCES, long, env = "TALLY_SOURCE_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub source_timeout_ms: u64,
 
     /// A TOML configuration file; its `[[source]]` tables (name, url, interval_ms,
     /// concurrency, timeout_ms, field, series) add polled sources.
-    #[arg(long, env = "TALLY_CONFIG")]
+    #[arg(help_heading = SOURCES, long, env = "TALLY_CONFIG")]
     pub config: Option<PathBuf>,
 }
 

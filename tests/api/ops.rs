@@ -177,3 +177,136 @@ async fn the_log_file_rotates_by_size_keeps_backups_and_logs_api_requests_in_utc
         "responses are logged too"
     );
 }
+
+/// `tally serve --help`, parsed: each heading (a line like `Network:`) and the long flags
+/// listed under it, in order.
+fn help_sections(help: &str) -> Vec<(String, Vec<String>)> {
+    let mut sections: Vec<(String, Vec<String>)> = Vec::new();
+    for line in help.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if indent == 0 && line.ends_with(':') && !line.contains(' ') {
+            sections.push((line.trim_end_matches(':').to_string(), Vec::new()));
+        } else if (1..=6).contains(&indent) && line.trim_start().starts_with('-') {
+            let flag = line
+                .split_whitespace()
+                .find(|w| w.starts_with("--"))
+                .expect("a flag line names its long flag")
+                .trim_end_matches(',');
+            sections
+                .last_mut()
+                .expect("flags come after a heading")
+                .1
+                .push(flag.to_string());
+        }
+    }
+    sections
+}
+
+#[test]
+fn serve_help_groups_every_flag_under_its_heading() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let want: &[(&str, &[&str])] = &[
+        ("Options", &["--help"]),
+        (
+            "Network",
+            &[
+                "--bind",
+                "--http-header-timeout-ms",
+                "--http-idle-timeout-ms",
+                "--max-connections",
+                "--max-body-bytes",
+                "--compat-get-sum-bind",
+            ],
+        ),
+        (
+            "Storage",
+            &[
+                "--stats-dataset",
+                "--store",
+                "--data-dir",
+                "--max-upload-bytes",
+                "--memory-max-results",
+                "--sqlite-sync",
+                "--sqlite-commit-delay-us",
+            ],
+        ),
+        (
+            "Jobs",
+            &[
+                "--workers",
+                "--queue-capacity",
+                "--job-timeout",
+                "--poll-hold-ms",
+                "--lease-ms",
+                "--result-ttl",
+                "--idempotency-ttl",
+                "--max-attempts",
+            ],
+        ),
+        ("Shutdown", &["--shutdown-timeout", "--shutdown-linger-ms"]),
+        (
+            "Logging",
+            &[
+                "--log-file",
+                "--log-max-bytes",
+                "--log-backups",
+                "--log-level",
+            ],
+        ),
+        (
+            "Security",
+            &["--auth-token", "--allowed-origin", "--allowed-host"],
+        ),
+        (
+            "Pipeline",
+            &["--journal", "--process-delay-max-ms", "--reorder-capacity"],
+        ),
+        (
+            "Series",
+            &[
+                "--ooo-window-ms",
+                "--block-points",
+                "--retention",
+                "--max-points",
+                "--rollup-interval",
+                "--rollup-window-ms",
+                "--max-write-bytes",
+                "--line-listen",
+                "--line-precision",
+                "--line-max-connections",
+                "--max-future-ms",
+                "--max-series",
+                "--line-idle-timeout-ms",
+            ],
+        ),
+        (
+            "Sources",
+            &[
+                "--source",
+                "--source-interval-ms",
+                "--source-concurrency",
+                "--source-timeout-ms",
+                "--config",
+            ],
+        ),
+    ];
+    let got = help_sections(&help);
+    let got: Vec<(&str, Vec<&str>)> = got
+        .iter()
+        .map(|(h, flags)| (h.as_str(), flags.iter().map(String::as_str).collect()))
+        .collect();
+    let want: Vec<(&str, Vec<&str>)> = want.iter().map(|(h, f)| (*h, f.to_vec())).collect();
+    // A new flag needs a heading (`help_heading` in src/config.rs) and a place here.
+    assert_eq!(got, want, "{help}");
+    let store = help
+        .lines()
+        .skip_while(|l| !l.contains("--store <STORE>"))
+        .nth(1)
+        .unwrap();
+    assert!(store.contains("redis://"), "{store}");
+}
