@@ -519,7 +519,8 @@ pub fn run_cli(cli: Cli) -> anyhow::Result<()> {
             unsafe {
                 libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             }
-            let _log = telemetry::init(
+            let _log = telemetry::init_as(
+                cfg.log_format,
                 &cfg.log_level,
                 cfg.log_file.as_deref(),
                 cfg.log_max_bytes,

@@ -179,6 +179,7 @@ pub struct SumArgs {
 
 pub use crate::store::sqlite::SqliteSync;
 pub use crate::store::{RedisUrl, StoreSpec};
+pub use crate::telemetry::LogFormat;
 
 /// A bearer token that never shows up in logs or `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
@@ -296,6 +297,11 @@ pub struct ServeConfig {
     /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides it.
     #[arg(help_heading = LOGGING, long, env = "TALLY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Log line format: `text` (`<time> <LEVEL> <target>: <message> key=value ...`) or
+    /// `json` (one object per line: `timestamp`, `level`, `fields`, `target`).
+    #[arg(help_heading = LOGGING, long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// When set, mutating and admin routes need `Authorization: Bearer TOKEN`.
     #[arg(help_heading = SECURITY, long, env = "TALLY_AUTH_TOKEN", hide_env_values = true)]

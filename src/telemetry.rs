@@ -1,7 +1,8 @@
 //! Logging: tracing with UTC RFC 3339 timestamps, to standard output or to a file that
 //! rotates by size and keeps a fixed number of backups (the `file-rotate` crate), written
 //! off the request path by one flusher thread (see [`BufferedLog`]). Control characters in
-//! messages and field values are escaped ([`EscapedFields`]): one event, one line.
+//! messages and field values are escaped ([`EscapedFields`]): one event, one line. With
+//! `--log-format json` each line is one JSON object instead ([`LogFormat`]).
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -366,7 +367,29 @@ impl fmt::Write for Escaping<'_, '_> {
 /// Keeps the log flusher alive; drop it last so buffered lines are written.
 pub struct LogGuard(#[allow(dead_code)] FlushGuard);
 
+/// How a log line is written (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `<time> <LEVEL> <target>: <message> key=value ...`, control characters escaped.
+    #[default]
+    Text,
+    /// One JSON object per line (tracing-subscriber's format): `timestamp`, `level`,
+    /// `fields` (`message` and the event's fields), `target`, and the spans.
+    Json,
+}
+
+/// [`init_as`] in the text format.
 pub fn init(
+    filter: &str,
+    log_file: Option<&Path>,
+    max_bytes: usize,
+    backups: usize,
+) -> anyhow::Result<LogGuard> {
+    init_as(LogFormat::Text, filter, log_file, max_bytes, backups)
+}
+
+pub fn init_as(
+    format: LogFormat,
     filter: &str,
     log_file: Option<&Path>,
     max_bytes: usize,
@@ -395,17 +418,23 @@ pub fn init(
         }
         None => BufferedLog::start(std::io::stdout(), 64 * 1024)?,
     };
-    tracing_subscriber::fmt()
-        .fmt_fields(EscapedFields)
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(
-            log_file.is_none()
-                && std::io::stdout().is_terminal()
-                && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .try_init()
-        .map_err(|e| anyhow::anyhow!("logging already initialised: {e}"))?;
+        .with_writer(writer);
+    let installed = match format {
+        LogFormat::Text => builder
+            .fmt_fields(EscapedFields)
+            .with_ansi(
+                log_file.is_none()
+                    && std::io::stdout().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none(),
+            )
+            .try_init(),
+        // JSON strings escape every control character below U+0020 themselves, so a
+        // value still cannot break the line.
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("logging already initialised: {e}"))?;
     Ok(LogGuard(guard))
 }
 

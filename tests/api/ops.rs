@@ -256,6 +256,7 @@ fn serve_help_groups_every_flag_under_its_heading() {
                 "--log-max-bytes",
                 "--log-backups",
                 "--log-level",
+                "--log-format",
             ],
         ),
         (
@@ -309,4 +310,68 @@ fn serve_help_groups_every_flag_under_its_heading() {
         .nth(1)
         .unwrap();
     assert!(store.contains("redis://"), "{store}");
+}
+
+#[tokio::test]
+async fn with_log_format_json_every_line_is_one_json_object_with_level_target_and_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &["--store", "memory", "--log-format", "json"]);
+    let c = p.client();
+    c.post(
+        "/api/global_mean",
+        &json!({ "question": Q1, "state": "Ohio" }),
+    )
+    .await;
+    // A client-controlled value with a line break: still one line, the break escaped.
+    c.get("/api/get_results/job%0Aid_1").await;
+    p.signal(libc::SIGTERM);
+    let (status, lines) = p.wait_exit(Duration::from_secs(10));
+    assert!(status.success());
+    assert!(lines.len() >= 4, "{lines:?}");
+    let mut events = Vec::new();
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+        let level = v["level"].as_str().unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&level),
+            "{line}"
+        );
+        assert!(v["target"].as_str().is_some(), "{line}");
+        assert!(v["timestamp"].as_str().is_some(), "{line}");
+        let message = v["fields"]["message"].as_str();
+        events.push((message.unwrap_or_else(|| panic!("{line}")).to_string(), v));
+    }
+    let listening = &events
+        .iter()
+        .find(|(m, _)| m == "tally is listening")
+        .expect("the start-up line")
+        .1;
+    assert_eq!(listening["fields"]["store"], "memory");
+    assert_eq!(listening["target"], "tally::app");
+    let polled = &events
+        .iter()
+        .find(|(m, v)| m == "api request in" && v["fields"]["route"] == "get_results")
+        .expect("the poll is logged")
+        .1;
+    assert_eq!(polled["fields"]["job_id"], "job\nid_1");
+}
+
+#[test]
+fn an_unknown_log_format_exits_non_zero_naming_the_accepted_ones() {
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        cmd.arg("serve").args(args).env_remove("TALLY_LOG_FORMAT");
+        if let Some(v) = env {
+            cmd.env("TALLY_LOG_FORMAT", v);
+        }
+        cmd.output().unwrap()
+    };
+    // The flag, and the environment variable (checked before anything starts).
+    for out in [run(&["--log-format", "xml"], None), run(&[], Some("xml"))] {
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("'xml'"), "{err}");
+        assert!(err.contains("[possible values: text, json]"), "{err}");
+    }
 }

@@ -73,14 +73,8 @@ impl Proc {
             let tx = stdout_tx;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if line.contains("tally is listening") {
-                    if let Some(addr) = line
-                        .split("addr=")
-                        .nth(1)
-                        .and_then(|s| s.split_whitespace().next())
-                    {
-                        let _ = tx.send(addr.to_string());
-                    }
+                if let Some(addr) = listening_addr(&line) {
+                    let _ = tx.send(addr);
                 }
                 sink.lock().unwrap().push(line);
             }
@@ -92,16 +86,8 @@ impl Proc {
                 let until = Instant::now() + PATIENCE;
                 while Instant::now() < until {
                     let text = std::fs::read_to_string(&log).unwrap_or_default();
-                    if let Some(addr) = text
-                        .lines()
-                        .filter(|l| l.contains("tally is listening"))
-                        .find_map(|l| {
-                            l.split("addr=")
-                                .nth(1)
-                                .and_then(|s| s.split_whitespace().next())
-                        })
-                    {
-                        let _ = tx.send(addr.to_string());
+                    if let Some(addr) = text.lines().find_map(listening_addr) {
+                        let _ = tx.send(addr);
                         return;
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -166,6 +152,22 @@ impl Proc {
             http: reqwest::Client::new(),
         }
     }
+}
+
+/// The address in the start-up line `tally is listening`, in the text log format
+/// (`addr=127.0.0.1:1234`) or the JSON one (`"fields":{"addr":"127.0.0.1:1234"}`).
+fn listening_addr(line: &str) -> Option<String> {
+    if !line.contains("tally is listening") {
+        return None;
+    }
+    if line.starts_with('{') {
+        let v: Value = serde_json::from_str(line).ok()?;
+        return v["fields"]["addr"].as_str().map(str::to_string);
+    }
+    line.split("addr=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .map(str::to_string)
 }
 
 impl Drop for Proc {
