@@ -12,9 +12,14 @@ pub enum StoreSpec {
     Memory,
     /// SQLite file in WAL mode with group commits (the default).
     Sqlite(PathBuf),
-    /// A Redis server every replica shares (`redis://[[USER]:PASSWORD@]HOST:PORT[/DB]`).
+    /// A Redis server or cluster every replica shares
+    /// (`redis[+cluster]://[[USER]:PASSWORD@]HOST:PORT[/DB]`).
     Redis(RedisUrl),
 }
+
+/// The schemes of a Redis URL: `redis+cluster://` asks for a cluster client whatever the
+/// server says (`redis://` finds out from the server).
+const SCHEMES: [&str; 2] = ["redis://", "redis+cluster://"];
 
 /// A Redis URL, checked at parse time; its password never shows in logs.
 #[derive(Clone, PartialEq, Eq)]
@@ -27,8 +32,9 @@ impl RedisUrl {
     }
 
     fn parse(s: &str) -> Result<RedisUrl, String> {
-        let rest = s
-            .strip_prefix("redis://")
+        let rest = SCHEMES
+            .iter()
+            .find_map(|scheme| s.strip_prefix(scheme))
             .ok_or_else(|| format!("{s:?} is not a redis:// URL"))?;
         let (authority, db) = match rest.split_once('/') {
             Some((a, d)) => (a, Some(d)),
@@ -58,12 +64,9 @@ impl RedisUrl {
 
 impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self
-            .0
-            .strip_prefix("redis://")
-            .and_then(|r| r.rsplit_once('@'))
-        {
-            Some((_, rest)) => write!(f, "redis://***@{rest}"),
+        let (scheme, rest) = self.0.split_at(self.0.find("://").map_or(0, |i| i + 3));
+        match rest.rsplit_once('@') {
+            Some((_, rest)) => write!(f, "{scheme}***@{rest}"),
             None => f.write_str(&self.0),
         }
     }
@@ -105,7 +108,7 @@ impl StoreSpec {
             }
             return Ok(StoreSpec::Sqlite(PathBuf::from(path)));
         }
-        if s.starts_with("redis://") {
+        if SCHEMES.iter().any(|scheme| s.starts_with(scheme)) {
             return RedisUrl::parse(s).map(StoreSpec::Redis);
         }
         Err(format!(
@@ -121,5 +124,18 @@ impl fmt::Display for StoreSpec {
             StoreSpec::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
             StoreSpec::Redis(u) => write!(f, "{u}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_url_parses_and_keeps_its_password_out_of_print() {
+        let s: StoreSpec = "redis+cluster://:s3cret@127.0.0.1:7100".parse().unwrap();
+        assert_eq!(s.to_string(), "redis+cluster://***@127.0.0.1:7100");
+        let err = "redis+cluster://:s3cret@h:0".parse::<StoreSpec>().unwrap_err();
+        assert!(err.contains("bad port") && !err.contains("s3cret"), "{err}");
     }
 }

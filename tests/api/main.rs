@@ -17,6 +17,7 @@ mod load_write;
 mod ops;
 mod pipeline;
 mod redis;
+mod redis_cluster;
 mod redis_faults;
 mod replicas;
 mod series;

@@ -119,3 +119,61 @@ impl Drop for RedisServer {
         self.kill9();
     }
 }
+
+/// A Redis Cluster of three masters on loopback (no replicas), each a private
+/// `redis-server` with cluster mode on, its slots assigned and its nodes met by the test
+/// itself (no `redis-cli --cluster`): up when every node says `cluster_state:ok`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let per = 16384 / nodes.len();
+        for (i, n) in nodes.iter().enumerate() {
+            let first = i * per;
+            let last = if i + 1 == nodes.len() { 16383 } else { first + per - 1 };
+            let _: String = n.query(redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(first).arg(last));
+        }
+        for n in &nodes[1..] {
+            let _: String = n.query(redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(nodes[0].port));
+        }
+        for n in &nodes {
+            let what = format!("cluster node {} to say cluster_state:ok", n.port);
+            eventually_blocking_within(Duration::from_secs(30), &what, || {
+                let info: String = n.query(redis::cmd("CLUSTER").arg("INFO"));
+                let known: String = n.query(redis::cmd("CLUSTER").arg("NODES"));
+                if info.contains("cluster_state:ok") && known.lines().count() == 3 {
+                    Ok(())
+                } else {
+                    Err(info)
+                }
+            });
+        }
+        RedisCluster { nodes }
+    }
+
+    /// The node that owns the slot of `key`, and one that does not.
+    pub fn owner_and_other(&self, key: &str) -> (&RedisServer, &RedisServer) {
+        let slot: i64 = self.nodes[0].query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key));
+        let per = 16384 / self.nodes.len() as i64;
+        let owner = ((slot / per) as usize).min(self.nodes.len() - 1);
+        (&self.nodes[owner], &self.nodes[(owner + 1) % self.nodes.len()])
+    }
+}

@@ -35,19 +35,21 @@
 //! after a reconnect this replica waits one lease period before reclaiming leases (their
 //! holders get a chance to renew them first).
 
+mod conn;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
+use conn::{Conn, Dial};
 use crate::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome};
 use crate::queue::{
     hostname, Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Pushed, Reclaimed,
@@ -290,8 +292,8 @@ impl Epoch {
 }
 
 struct Inner {
-    conn: ConnectionManager,
-    client: redis::Client,
+    conn: Conn,
+    dial: Dial,
     scripts: Scripts,
     keys: Vec<String>,
     opts: RedisOptions,
@@ -413,19 +415,15 @@ impl RedisStore {
     /// start on a store it cannot see), registers this process as a consumer and starts
     /// its fetcher, heartbeat and janitor. Must be called inside a tokio runtime.
     pub async fn open(opts: RedisOptions, metrics: &Metrics) -> Result<Self, StoreError> {
-        let client = redis::Client::open(opts.url.as_str()).map_err(|e| StoreError::Rejected {
-            store: STORE,
-            cause: format!("bad --store URL: {e}"),
-        })?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(opts.response_timeout))
-            .set_connection_timeout(Some(opts.response_timeout))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(2))
-            .set_number_of_retries(3);
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
+        let (conn, dial) = conn::connect(&opts.url, opts.response_timeout)
             .await
-            .map_err(|e| classify(&e).0)?;
+            .map_err(|e| match e {
+                Ok(e) => classify(&e).0,
+                Err(cause) => StoreError::Rejected {
+                    store: STORE,
+                    cause,
+                },
+            })?;
         let consumer = format!(
             "{}-{}-{:08x}",
             hostname(),
@@ -436,7 +434,7 @@ impl RedisStore {
         let me = RedisStore {
             inner: Arc::new(Inner {
                 conn,
-                client,
+                dial,
                 scripts: Scripts::new(),
                 keys: KEY_NAMES.iter().map(|k| key(k)).collect(),
                 consumer,
@@ -485,7 +483,7 @@ impl RedisStore {
         };
         me.join_epoch().await?;
         me.heartbeat().await.map_err(|e| classify(&e).0)?;
-        tracing::info!(consumer = %me.inner.consumer, epoch = %me.inner.epoch.name.lock(), "joined the redis queue");
+        tracing::info!(consumer = %me.inner.consumer, epoch = %me.inner.epoch.name.lock(), cluster = me.inner.dial.is_cluster(), "joined the redis queue");
         me.inner.tasks.spawn(me.clone().fetch());
         me.inner.tasks.spawn(me.clone().housekeeping());
         me.inner.tasks.spawn(me.clone().listen_finished());
@@ -516,7 +514,7 @@ impl RedisStore {
         self.inner.expirations.get()
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.inner.conn.clone()
     }
 
@@ -651,7 +649,7 @@ impl RedisStore {
         let inner = &self.inner;
         // Blocking moves wait on a connection of their own, so they never hold up other
         // commands.
-        let mut blocking: Option<redis::aio::MultiplexedConnection> = None;
+        let mut blocking: Option<Conn> = None;
         let mut backoff = Duration::from_millis(50);
         loop {
             // Nothing to do while every waiting worker has a lease ready.
@@ -714,7 +712,7 @@ impl RedisStore {
     async fn claim_some(
         &self,
         n: usize,
-        blocking: &mut Option<redis::aio::MultiplexedConnection>,
+        blocking: &mut Option<Conn>,
     ) -> Result<Vec<Lease>, StoreError> {
         let got = self.claim_script("", n.max(1)).await?;
         if !got.is_empty() {
@@ -727,19 +725,10 @@ impl RedisStore {
     /// a blocking move, then leased.
     async fn claim_blocking(
         &self,
-        blocking: &mut Option<redis::aio::MultiplexedConnection>,
+        blocking: &mut Option<Conn>,
     ) -> Result<Vec<Lease>, StoreError> {
         if blocking.is_none() {
-            let cfg = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.inner.opts.response_timeout))
-                .set_response_timeout(Some(
-                    self.inner.opts.response_timeout + Duration::from_secs(1),
-                ));
-            let c = self
-                .inner
-                .client
-                .get_multiplexed_async_connection_with_config(&cfg)
-                .await;
+            let c = self.inner.dial.blocking().await;
             *blocking = Some(self.seen(c)?);
         }
         let Some(c) = blocking.as_mut() else {
@@ -803,7 +792,7 @@ impl RedisStore {
         let mut backoff = Duration::from_millis(100);
         loop {
             let subscribed = async {
-                let mut ps = inner.client.get_async_pubsub().await?;
+                let mut ps = inner.dial.pubsub().await?;
                 ps.subscribe(FINISHED_CHANNEL).await?;
                 Ok::<_, redis::RedisError>(ps)
             };
