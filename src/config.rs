@@ -252,7 +252,8 @@ pub struct ServeConfig {
     pub stats_dataset: Option<PathBuf>,
 
     /// Where jobs live: memory | sqlite:PATH | redis://[USER:PASSWORD@]HOST[:PORT][/DB]
-    /// (Redis: shared by several replicas).
+    /// (Redis: shared by several replicas; a Redis Cluster node is found to be one, or
+    /// say redis+cluster://).
     #[arg(help_heading = STORAGE, long, env = "TALLY_STORE", hide_env_values = true, default_value = "sqlite:tally.db", value_parser = StoreParser)]
     pub store: StoreSpec,
 
