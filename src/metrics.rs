@@ -5,13 +5,15 @@
 //! `api`, ...): label sets stay bounded (job kinds come from the registry of kinds,
 //! routes from the router's matched paths, never raw client input).
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Metric, Registry};
 
 use parking_lot::Mutex;
+
+pub mod process;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -88,9 +90,13 @@ pub fn batch_histogram() -> Histogram {
 }
 
 /// The shared registry (every name gets the `tally_` prefix). Subsystems register their
-/// families on it when they start; `/metrics` renders it.
+/// families on it when they start; `/metrics` renders it, then the unprefixed
+/// `process_*` metrics ([`process::ProcessCollector`]). `tally_build_info` is there from
+/// the start.
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Names without the prefix: the `process_*` metrics every client library exports.
+    unprefixed: Registry,
 }
 
 impl Default for Metrics {
@@ -101,8 +107,17 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tally");
+        registry.register(
+            "build_info",
+            "The running build: its version, architecture and OS (always 1)",
+            process::build_info(),
+        );
+        let mut unprefixed = Registry::default();
+        unprefixed.register_collector(Box::new(process::ProcessCollector));
         Metrics {
-            registry: Mutex::new(Registry::with_prefix("tally")),
+            registry: Mutex::new(registry),
+            unprefixed,
         }
     }
 
@@ -114,7 +129,9 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry.lock());
+        let _ = encode_registry(&mut out, &self.registry.lock())
+            .and_then(|()| encode_registry(&mut out, &self.unprefixed))
+            .and_then(|()| encode_eof(&mut out));
         out
     }
 }

@@ -375,3 +375,50 @@ fn an_unknown_log_format_exits_non_zero_naming_the_accepted_ones() {
         assert!(err.contains("[possible values: text, json]"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn metrics_has_the_process_metrics_of_the_client_libraries_and_the_build() {
+    let app = TestApp::spawn().await;
+    let page = app.metrics().await;
+    let value = |name: &str| metric(&page, name).unwrap_or_else(|| panic!("{name}\n{page}"));
+    for (family, kind) in [
+        ("process_cpu_seconds", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+        ("process_threads", "gauge"),
+        ("tally_build_info", "gauge"),
+    ] {
+        let line = format!("# TYPE {family} {kind}");
+        assert!(page.lines().any(|l| l == line), "{line}\n{page}");
+    }
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+    let rss = value("process_resident_memory_bytes");
+    assert!(rss > 0.0);
+    assert!(value("process_virtual_memory_bytes") >= rss);
+    let open = value("process_open_fds");
+    assert!(open > 0.0);
+    assert!(value("process_max_fds") >= open);
+    assert!(value("process_threads") >= 1.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let start = value("process_start_time_seconds");
+    assert!(
+        start <= now + 1.0 && start > now - 3600.0,
+        "{start} vs {now}"
+    );
+    let build = format!(
+        "tally_build_info{{version=\"{}\",arch=\"{}\",os=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    );
+    assert!(page.lines().any(|l| l == build), "{build}\n{page}");
+    assert!(page.ends_with("# EOF\n"), "one end marker, at the end");
+    assert_eq!(page.matches("# EOF").count(), 1);
+    app.stop().await;
+}
