@@ -170,6 +170,7 @@ fn events(st: AppState, p: Plan) -> impl Stream<Item = Result<Event, Infallible>
     responses(
         (status = 200, description = "An endless `text/event-stream`: each round sends one event per topic, named after it, whose data is the JSON of the matching route; a `shutdown` event ends the stream when the service begins to drain", content_type = "text/event-stream", body = String),
         (status = 400, description = "A bad parameter"),
+        (status = 503, description = "Shutting down: no new stream"),
     )
 )]
 pub async fn stream(

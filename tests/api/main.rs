@@ -14,6 +14,7 @@ mod idempotency;
 mod jobs;
 mod leases;
 mod load_write;
+mod openapi_coverage;
 mod ops;
 mod pipeline;
 mod redis;
