@@ -83,7 +83,7 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
                 .set(*c.slot(s) as i64);
         }
     }
-    st.gauges.evictions.set(st.engine.store_evictions() as i64);
+    st.gauges.sample_evictions(st.engine.store_evictions());
     // The queue as a whole (every replica's, with Redis).
     if let Ok(q) = st.engine.queue_stats().await {
         st.gauges.queue_depth.set(q.waiting as i64);

@@ -2,6 +2,7 @@
 //! families the edge keeps on it. Handlers import this room and `router` (in `mod.rs`)
 //! imports the handlers, so no handler imports the file that lists it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
@@ -96,7 +97,11 @@ impl HttpMetrics {
 #[derive(Clone, Default)]
 pub struct Gauges {
     pub(super) jobs_in_store: Family<StateLabels, Gauge>,
-    pub(super) evictions: Gauge,
+    /// The store's eviction count, a counter (`tally_store_evictions_total`): each scrape
+    /// adds what the store counted since the last ([`Gauges::sample_evictions`]).
+    evictions: Counter,
+    /// The store's count the counter has reached.
+    evictions_seen: Arc<AtomicU64>,
     pub(super) queue_depth: Gauge,
     pub(super) queue_leased: Gauge,
 }
@@ -125,5 +130,16 @@ impl Gauges {
             g.queue_leased.clone(),
         );
         g
+    }
+
+    /// Brings the eviction counter up to the store's count (which only grows); concurrent
+    /// scrapes add each eviction once.
+    pub(super) fn sample_evictions(&self, store_count: u64) {
+        let before = self
+            .evictions_seen
+            .fetch_max(store_count, Ordering::Relaxed);
+        if store_count > before {
+            self.evictions.inc_by(store_count - before);
+        }
     }
 }

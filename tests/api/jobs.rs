@@ -327,9 +327,15 @@ async fn the_memory_store_evicts_the_oldest_results_past_its_cap() {
     assert_eq!(r["reason"], "Invalid job_id");
     let (_, last) = app.get(&format!("/v1/jobs/{}", ids[4])).await;
     assert_eq!(last["result"], json!({ "i": 4 }));
-    assert_eq!(
-        metric(&app.metrics().await, "tally_store_evictions"),
-        Some(2.0)
-    );
+    // A counter: TYPE counter, `_total`, and a second scrape adds nothing.
+    for _ in 0..2 {
+        let page = app.metrics().await;
+        assert!(
+            page.lines()
+                .any(|l| l == "# TYPE tally_store_evictions counter"),
+            "{page}"
+        );
+        assert_eq!(metric(&page, "tally_store_evictions_total"), Some(2.0));
+    }
     app.stop().await;
 }
