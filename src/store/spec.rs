@@ -135,7 +135,9 @@ mod tests {
     fn a_cluster_url_parses_and_keeps_its_password_out_of_print() {
         let s: StoreSpec = "redis+cluster://:s3cret@127.0.0.1:7100".parse().unwrap();
         assert_eq!(s.to_string(), "redis+cluster://***@127.0.0.1:7100");
-        let err = "redis+cluster://:s3cret@h:0".parse::<StoreSpec>().unwrap_err();
+        let err = "redis+cluster://:s3cret@h:0"
+            .parse::<StoreSpec>()
+            .unwrap_err();
         assert!(err.contains("bad port") && !err.contains("s3cret"), "{err}");
     }
 }

@@ -14,7 +14,14 @@ use crate::redis_server::RedisCluster;
 fn start(dir: &std::path::Path, url: &str) -> Proc {
     Proc::start(
         dir,
-        &["--store", url, "--workers", "2", "--log-level", "warn,tally=info"],
+        &[
+            "--store",
+            url,
+            "--workers",
+            "2",
+            "--log-level",
+            "warn,tally=info",
+        ],
     )
 }
 
@@ -34,7 +41,11 @@ async fn two_replicas_on_a_three_master_cluster_serve_one_queue() {
         &format!("redis+cluster://127.0.0.1:{}", third.port),
     );
     assert!(
-        a.lines.lock().unwrap().iter().any(|l| l.contains("cluster client")),
+        a.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("cluster client")),
         "the replica says it found a cluster: {:?}",
         a.lines.lock().unwrap()
     );

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
-use crate::helpers::{eventually_within, metric, Proc, ProcClient};
+use crate::helpers::{eventually, eventually_within, metric, Proc, ProcClient};
 use crate::redis_server::RedisServer;
 
 const JOBS: usize = 5000;
@@ -296,4 +296,67 @@ async fn a_replica_on_redis_without_a_journal_says_at_start_that_events_are_not_
             "journal {journal:?}: {lines:#?}"
         );
     }
+}
+
+/// A replica draining on Redis keeps its heartbeat until it has finished: the others go
+/// on seeing it (busy with the job it finishes), rather than taking it for dead once the
+/// drain outlasts the liveness window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_keeps_its_heartbeat_until_it_stops() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--store",
+        &url,
+        "--workers",
+        "1",
+        "--shutdown-timeout",
+        "60",
+    ];
+    let a = Proc::start(dir.path(), &args);
+    let b = Proc::start(dir.path(), &args);
+    let (ca, cb) = (a.client(), b.client());
+    let id = ca.submit("test.sleep", json!({ "ms": 8_000 })).await;
+    ca.wait_until("A to run its job", async |c| {
+        c.status_of(&id).await == "running"
+    })
+    .await;
+    let a_pid = a.pid() as u64;
+    let seen_of_a = async || -> Option<(String, u64)> {
+        let (_, r) = cb.get("/v1/replicas").await;
+        r["replicas"].as_array()?.iter().find_map(|x| {
+            (x["pid"].as_u64() == Some(a_pid)).then(|| {
+                (
+                    x["last_seen"].as_str().unwrap_or("").to_string(),
+                    x["busy"].as_u64().unwrap_or(0),
+                )
+            })
+        })
+    };
+    a.signal(libc::SIGTERM);
+    // Two heartbeats after the drain began (one might have been on its way as it
+    // began), each saying A's worker is busy with the job it finishes.
+    let mut seen = seen_of_a().await.expect("A is listed while it drains").0;
+    for beat in 1..=2 {
+        let what = format!("A's heartbeat number {beat} during its drain");
+        seen = eventually(&what, async || match seen_of_a().await {
+            Some((at, 1)) if at > seen => Ok(at),
+            other => Err(format!("{other:?}")),
+        })
+        .await;
+    }
+    let (status, _) = a.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        cb.status_of(&id).await,
+        "done",
+        "A finished its job before it stopped"
+    );
+    let (_, replicas) = cb.get("/v1/replicas").await;
+    assert_eq!(
+        replicas["replicas"].as_array().unwrap().len(),
+        1,
+        "{replicas}"
+    );
 }

@@ -148,11 +148,25 @@ impl RedisCluster {
         let per = 16384 / nodes.len();
         for (i, n) in nodes.iter().enumerate() {
             let first = i * per;
-            let last = if i + 1 == nodes.len() { 16383 } else { first + per - 1 };
-            let _: String = n.query(redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(first).arg(last));
+            let last = if i + 1 == nodes.len() {
+                16383
+            } else {
+                first + per - 1
+            };
+            let _: String = n.query(
+                redis::cmd("CLUSTER")
+                    .arg("ADDSLOTSRANGE")
+                    .arg(first)
+                    .arg(last),
+            );
         }
         for n in &nodes[1..] {
-            let _: String = n.query(redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(nodes[0].port));
+            let _: String = n.query(
+                redis::cmd("CLUSTER")
+                    .arg("MEET")
+                    .arg("127.0.0.1")
+                    .arg(nodes[0].port),
+            );
         }
         for n in &nodes {
             let what = format!("cluster node {} to say cluster_state:ok", n.port);
@@ -174,6 +188,9 @@ impl RedisCluster {
         let slot: i64 = self.nodes[0].query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key));
         let per = 16384 / self.nodes.len() as i64;
         let owner = ((slot / per) as usize).min(self.nodes.len() - 1);
-        (&self.nodes[owner], &self.nodes[(owner + 1) % self.nodes.len()])
+        (
+            &self.nodes[owner],
+            &self.nodes[(owner + 1) % self.nodes.len()],
+        )
     }
 }

@@ -15,9 +15,10 @@ redis.call('HSET', KEYS[17], 'host', ARGV[2], 'pid', ARGV[3], 'workers', ARGV[4]
 redis.call('PEXPIRE', KEYS[17], tonumber(ARGV[6]))
 local second = math.floor(now / 1000)
 if redis.call('ZCOUNT', KEYS[18], second, second) == 0 then
-  local c = redis.call('HMGET', K_COUNTS, 'ever:done', 'ever:failed', 'ever:cancelled')
-  redis.call('ZADD', KEYS[18], second, table.concat({ now, redis.call('GET', K_NEXT) or '0',
-    c[1] or '0', c[2] or '0', c[3] or '0' }, ' '))
+  local c = redis.call('HMGET', K_COUNTS, 'ever:submitted', 'ever:done', 'ever:failed',
+    'ever:cancelled')
+  redis.call('ZADD', KEYS[18], second, table.concat({ now, c[1] or '0', c[2] or '0',
+    c[3] or '0', c[4] or '0' }, ' '))
   redis.call('ZREMRANGEBYSCORE', KEYS[18], '-inf', second - tonumber(ARGV[7]))
   redis.call('PEXPIRE', KEYS[18], tonumber(ARGV[7]) * 1000)
 end

@@ -49,7 +49,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
-use conn::{Conn, Dial};
 use crate::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome};
 use crate::queue::{
     hostname, Admitted, Closed, JobQueue, Lease, LeaseOptions, PushError, Pushed, Reclaimed,
@@ -58,6 +57,7 @@ use crate::queue::{
 use crate::store::{
     Attempt, Finish, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError, Submitted,
 };
+use conn::{Conn, Dial};
 
 const STORE: &str = "redis";
 /// Where the scripts announce finished jobs (see `prelude.lua`).
@@ -320,7 +320,12 @@ struct Inner {
     /// Wakes the fetcher when a worker starts waiting.
     want: tokio::sync::Notify,
     closed: AtomicBool,
+    /// Stops everything: `Store::close`, or a halt.
     stop: CancellationToken,
+    /// Stops claiming only (`JobQueue::close`, the start of a drain), a child of `stop`:
+    /// the heartbeat, expiry and wake-ups of long polls go on while the drain finishes
+    /// the jobs this replica holds, so the others do not take it for dead meanwhile.
+    claims: CancellationToken,
     tasks: TaskTracker,
     runtime: tokio::runtime::Handle,
     /// Polls waiting for a job to finish anywhere (see `wait_finished`), woken by the
@@ -431,6 +436,7 @@ impl RedisStore {
             rand::random::<u32>()
         );
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+        let stop = CancellationToken::new();
         let me = RedisStore {
             inner: Arc::new(Inner {
                 conn,
@@ -472,7 +478,8 @@ impl RedisStore {
                 wanting: std::sync::atomic::AtomicUsize::new(0),
                 want: tokio::sync::Notify::new(),
                 closed: AtomicBool::new(false),
-                stop: CancellationToken::new(),
+                claims: stop.child_token(),
+                stop,
                 tasks: TaskTracker::new(),
                 runtime: tokio::runtime::Handle::current(),
                 waiters: Mutex::new(std::collections::HashMap::new()),
@@ -656,7 +663,7 @@ impl RedisStore {
             while self.wanted() == 0 {
                 tokio::select! {
                     _ = inner.want.notified() => {}
-                    _ = inner.stop.cancelled() => return,
+                    _ = inner.claims.cancelled() => return,
                     // A safety net for a wake-up that raced with the check.
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
@@ -669,7 +676,7 @@ impl RedisStore {
                     let _claiming = inner.claiming.lock().await;
                     self.claim_some(self.wanted(), &mut blocking).await
                 } => c,
-                _ = inner.stop.cancelled() => return,
+                _ = inner.claims.cancelled() => return,
             };
             match claimed {
                 Ok(leases) => {
@@ -699,7 +706,7 @@ impl RedisStore {
                     self.hand_back_own().await;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = inner.stop.cancelled() => return,
+                        _ = inner.claims.cancelled() => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
@@ -723,10 +730,7 @@ impl RedisStore {
 
     /// The next job to arrive within a second, moved to this consumer's in-flight list by
     /// a blocking move, then leased.
-    async fn claim_blocking(
-        &self,
-        blocking: &mut Option<Conn>,
-    ) -> Result<Vec<Lease>, StoreError> {
+    async fn claim_blocking(&self, blocking: &mut Option<Conn>) -> Result<Vec<Lease>, StoreError> {
         if blocking.is_none() {
             let c = self.inner.dial.blocking().await;
             *blocking = Some(self.seen(c)?);
@@ -1555,7 +1559,7 @@ impl JobQueue for RedisStore {
                 }
             }
         }));
-        self.inner.stop.cancel();
+        self.inner.claims.cancel();
     }
 
     fn waiting(&self) -> usize {
@@ -1646,23 +1650,24 @@ impl JobQueue for RedisStore {
 
     async fn cluster_totals(&self) -> Result<Option<crate::queue::ClusterTotals>, StoreError> {
         let mut c = self.conn();
-        let (submitted, ended): (Option<u64>, Vec<Option<u64>>) = self.seen(
-            redis::pipe()
-                .get(key("next_id"))
-                .cmd("HMGET")
+        // Counted by the scripts as jobs are made and end (not next_id, which jumps past
+        // lost ids after Redis forgot its data).
+        let ever: Vec<Option<u64>> = self.seen(
+            redis::cmd("HMGET")
                 .arg(key("counts"))
+                .arg("ever:submitted")
                 .arg("ever:done")
                 .arg("ever:failed")
                 .arg("ever:cancelled")
                 .query_async(&mut c)
                 .await,
         )?;
-        let ended = |i: usize| ended.get(i).copied().flatten().unwrap_or(0);
+        let ever = |i: usize| ever.get(i).copied().flatten().unwrap_or(0);
         Ok(Some(crate::queue::ClusterTotals {
-            submitted: submitted.unwrap_or(0),
-            done: ended(0),
-            failed: ended(1),
-            cancelled: ended(2),
+            submitted: ever(0),
+            done: ever(1),
+            failed: ever(2),
+            cancelled: ever(3),
         }))
     }
 

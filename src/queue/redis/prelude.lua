@@ -39,10 +39,13 @@ end
 
 -- Moves a job between states: its status index and the counters, in one place, so the
 -- counts can never disagree with the records (and never go below zero). `ever:<state>`
--- counts every move into a final state (expiry never lowers it: the dashboard's rates
--- across replicas come from it and from next_id).
+-- counts every move into a final state and `ever:submitted` every new job (expiry never
+-- lowers them: the dashboard's rates across replicas come from them; next_id would not
+-- do, as it jumps past lost ids when Redis forgot its data).
 local function move(id, from, to)
-  if from then
+  if not from then
+    redis.call('HINCRBY', K_COUNTS, 'ever:submitted', 1)
+  else
     if tonumber(redis.call('HGET', K_COUNTS, from) or '0') > 0 then
       redis.call('HINCRBY', K_COUNTS, from, -1)
     end
