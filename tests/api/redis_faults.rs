@@ -443,6 +443,45 @@ async fn a_full_redis_answers_503_naming_the_cause_and_readiness_stays_down() {
     app.stop().await;
 }
 
+/// A full Redis that also forgot its data: the epoch check that follows may write (it
+/// keeps memory level), but its success does not mean Redis takes writes again, so
+/// readiness stays down until a write that grows memory succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_that_forgot_its_data_stays_not_ready() {
+    let server = RedisServer::start();
+    let app = on_redis(&server, 1).await;
+    fill_up(&server);
+    let (status, body) = app.post("/v1/jobs", &json!({ "kind": "test.echo" })).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    wait_for(
+        &app,
+        "readiness to fall",
+        "/readyz",
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    let _: () = server.query(&mut redis::cmd("FLUSHALL"));
+    set_maxmemory(&server, 1);
+    eventually("the replica to notice Redis forgot its data", async || {
+        let resets = crate::helpers::metric(&app.metrics().await, "tally_store_resets_total");
+        if resets >= Some(1.0) {
+            Ok(())
+        } else {
+            Err(format!("{resets:?}"))
+        }
+    })
+    .await;
+    // Across several heartbeats (one a second), not ready in every sample.
+    for _ in 0..25 {
+        let (status, body) = app.get("/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    set_maxmemory(&server, 0);
+    wait_for(&app, "readiness to come back", "/readyz", StatusCode::OK).await;
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_redis_recovers_by_itself_as_finished_jobs_expire() {
     let server = RedisServer::start();

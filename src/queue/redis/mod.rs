@@ -129,8 +129,10 @@ fn liveness_ms(lease_ms: u64) -> u64 {
 /// A script: its flags line, the prelude, its body. Flagged scripts (Redis 7) are refused
 /// as a whole before they start when Redis is out of memory, unless they `allow-oom`:
 /// those that free memory or keep it level (expiry, renewals, hand-backs and reclaims,
-/// in-flight recovery, heartbeats, the epoch check, which writes two small keys) do, so a full Redis can recover and leases do not expire for want of memory; those
-/// that grow it (submit, claim, finish, retry) do not, and never half-run.
+/// in-flight recovery, heartbeats, the epoch check, which writes two small keys) do, so
+/// a full Redis can recover and leases do not expire for want of memory; those that grow
+/// it (submit, claim, finish, retry) do not, and never half-run. Only a write of the
+/// second kind succeeding says Redis takes writes again (`wrote`).
 macro_rules! script {
     ($file:literal) => {
         script!($file, "")
@@ -581,8 +583,10 @@ impl RedisStore {
         let high = self.inner.epoch.high_water.load(Ordering::SeqCst);
         let mut inv = self.invocation(&self.inner.scripts.epoch);
         inv.arg(&known).arg(high).arg(fresh_epoch());
+        // `seen`, not `wrote`: the script runs while Redis is full (allow-oom), so its
+        // success does not say Redis takes writes again.
         let (name, next, lost): (String, u64, u8) =
-            self.wrote(inv.invoke_async(&mut self.conn()).await)?;
+            self.seen(inv.invoke_async(&mut self.conn()).await)?;
         if name != known {
             if lost == 1 {
                 self.inner.resets.inc();
