@@ -103,8 +103,7 @@ async fn matching(
     limit: usize,
     before: Option<JobId>,
 ) -> Result<(Vec<JobId>, bool), ApiError> {
-    let mut ids = Vec::new();
-    let mut more = false;
+    let mut pages = Vec::new();
     for &status in statuses {
         let page = st
             .engine
@@ -115,15 +114,24 @@ async fn matching(
                 before,
             })
             .await?;
-        more |= page.len() == limit;
-        ids.extend(page.into_iter().map(|r| r.id));
+        pages.push(page.into_iter().map(|r| r.id).collect());
     }
+    Ok(merge(pages, limit))
+}
+
+/// One status's page after another, newest first, at most `limit`, and whether more may
+/// match. A job that moved from one listed state to the other between the two reads is
+/// in both pages: it counts once.
+fn merge(pages: Vec<Vec<JobId>>, limit: usize) -> (Vec<JobId>, bool) {
+    let mut more = pages.iter().any(|p| p.len() == limit);
+    let mut ids: Vec<JobId> = pages.into_iter().flatten().collect();
     ids.sort_unstable_by(|a, b| b.cmp(a));
+    ids.dedup();
     if ids.len() > limit {
         ids.truncate(limit);
         more = true;
     }
-    Ok((ids, more))
+    (ids, more)
 }
 
 /// The jobs a bulk `action` applies to (validated filter, newest first) and the result
@@ -336,6 +344,16 @@ mod tests {
             store: "redis",
             cause: "OOM".into(),
         }
+    }
+
+    #[test]
+    fn a_job_that_moved_between_the_two_status_reads_counts_once() {
+        // Read as queued, then again as running after it started.
+        let (ids, more) = merge(vec![vec![JobId(5), JobId(3)], vec![JobId(5)]], 10);
+        assert_eq!(ids, [JobId(5), JobId(3)]);
+        assert!(!more);
+        let (ids, more) = merge(vec![vec![JobId(9), JobId(8)], vec![JobId(7)]], 2);
+        assert_eq!((ids, more), (vec![JobId(9), JobId(8)], true));
     }
 
     #[test]
