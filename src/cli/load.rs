@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use axum::body::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use reqwest::{header, StatusCode};
@@ -43,14 +44,68 @@ struct Plan {
     values: LoadValues,
     /// First timestamp of every series in `--mode write`.
     start_ms: u64,
+    /// `--acks-out` was given: keep every acknowledgement until the end.
+    keep_acks: bool,
+}
+
+/// Latencies of the acknowledged records of the whole run, in microseconds: an HDR
+/// histogram of fixed size (1 µs to an hour at 3 significant digits, about 180 KiB,
+/// however many requests are made), so percentiles come within 0.1% of the exact
+/// nearest-rank ones; the largest latency is kept exactly.
+pub(crate) struct Latencies {
+    hist: hdrhistogram::Histogram<u64>,
+    max: Duration,
+}
+
+impl Latencies {
+    /// Largest latency told apart: one hour (larger ones count as one hour, `max` aside).
+    const HIGHEST_US: u64 = 3_600_000_000;
+
+    pub(crate) fn new() -> Self {
+        let hist = hdrhistogram::Histogram::new_with_bounds(1, Self::HIGHEST_US, 3)
+            .expect("valid histogram bounds");
+        Latencies {
+            hist,
+            max: Duration::ZERO,
+        }
+    }
+
+    pub(crate) fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.hist.saturating_record(us);
+        self.max = self.max.max(d);
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.hist.len()
+    }
+
+    /// The nearest-rank `q` quantile (0 < q <= 1), in milliseconds; 0 without samples.
+    pub(crate) fn percentile_ms(&self, q: f64) -> f64 {
+        if self.hist.is_empty() {
+            return 0.0;
+        }
+        // The top of the sample's bucket, never past the largest sample.
+        let max_us = self.max.as_secs_f64() * 1e6;
+        (self.hist.value_at_quantile(q) as f64).min(max_us) / 1000.0
+    }
+
+    pub(crate) fn max_ms(&self) -> f64 {
+        self.max.as_secs_f64() * 1000.0
+    }
+
+    /// Bytes of the histogram's counts: fixed at creation.
+    #[cfg(test)]
+    pub(crate) fn footprint_bytes(&self) -> usize {
+        self.hist.distinct_values() * std::mem::size_of::<u64>()
+    }
 }
 
 /// What one connection saw.
 #[derive(Default)]
 struct ConnReport {
     sent: u64,
-    latencies: Vec<Duration>,
-    /// `conn conn_seq ack` lines.
+    /// `conn conn_seq ack` lines (kept only for `--acks-out`).
     acks: Vec<String>,
     retries: u64,
     errors: BTreeMap<String, u64>,
@@ -163,6 +218,7 @@ fn plan(args: &LoadArgs) -> anyhow::Result<Plan> {
         start_ms: u64::try_from(crate::now_ms())
             .unwrap_or(0)
             .saturating_sub(args.connection_value.saturating_mul(args.batch_lines)),
+        keep_acks: args.acks_out.is_some(),
     })
 }
 
@@ -186,6 +242,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
     } else {
         ProgressBar::hidden()
     };
+    let latencies = Arc::new(Mutex::new(Latencies::new()));
     let started = Instant::now();
     let reports = rt.block_on(async {
         let mut tasks = Vec::with_capacity(args.connection_count as usize);
@@ -200,6 +257,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
                 plan.clone(),
                 client,
                 bar.clone(),
+                latencies.clone(),
             )));
         }
         let mut reports = Vec::with_capacity(tasks.len());
@@ -210,7 +268,7 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
     })?;
     let elapsed = started.elapsed();
     bar.finish_and_clear();
-    let summary = summarize(args, &reports, elapsed);
+    let summary = summarize(args, &reports, &latencies.lock(), elapsed);
     if let Some(path) = &args.acks_out {
         let mut out = std::io::BufWriter::new(
             std::fs::File::create(path)
@@ -245,6 +303,7 @@ async fn connection(
     plan: Arc<Plan>,
     client: reqwest::Client,
     bar: ProgressBar,
+    latencies: Arc<Mutex<Latencies>>,
 ) -> ConnReport {
     let mut report = ConnReport::default();
     let mut rng = SmallRng::from_rng(&mut rand::rng());
@@ -318,8 +377,10 @@ async fn connection(
                 if plan.mode == LoadMode::Write {
                     report.lines += plan.batch_lines;
                 }
-                report.latencies.push(started.elapsed());
-                report.acks.push(format!("{conn} {conn_seq} {ack}"));
+                latencies.lock().record(started.elapsed());
+                if plan.keep_acks {
+                    report.acks.push(format!("{conn} {conn_seq} {ack}"));
+                }
             }
             Err(kind) => *report.errors.entry(kind).or_default() += 1,
         }
@@ -356,21 +417,9 @@ fn short(e: &reqwest::Error) -> String {
     what.to_string()
 }
 
-fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[crate::metrics::nearest_rank(sorted.len(), q)].as_secs_f64() * 1000.0
-}
-
-fn summarize(args: &LoadArgs, reports: &[ConnReport], elapsed: Duration) -> Value {
-    let mut lat: Vec<Duration> = reports
-        .iter()
-        .flat_map(|r| r.latencies.iter().copied())
-        .collect();
-    lat.sort_unstable();
+fn summarize(args: &LoadArgs, reports: &[ConnReport], lat: &Latencies, elapsed: Duration) -> Value {
     let sent: u64 = reports.iter().map(|r| r.sent).sum();
-    let acked = lat.len() as u64;
+    let acked = lat.count();
     let retries: u64 = reports.iter().map(|r| r.retries).sum();
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     for r in reports {
@@ -398,10 +447,10 @@ fn summarize(args: &LoadArgs, reports: &[ConnReport], elapsed: Duration) -> Valu
         "elapsed_s": round(secs),
         "throughput_per_s": round(acked as f64 / secs),
         "latency_ms": {
-            "p50": round(percentile_ms(&lat, 0.50)),
-            "p90": round(percentile_ms(&lat, 0.90)),
-            "p99": round(percentile_ms(&lat, 0.99)),
-            "max": round(lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0)),
+            "p50": round(lat.percentile_ms(0.50)),
+            "p90": round(lat.percentile_ms(0.90)),
+            "p99": round(lat.percentile_ms(0.99)),
+            "max": round(lat.max_ms()),
         },
     });
     if args.mode == LoadMode::Write {
@@ -487,10 +536,59 @@ mod tests {
 
     #[test]
     fn percentiles_take_the_nearest_rank() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile_ms(&v, 0.5), 50.0);
-        assert_eq!(percentile_ms(&v, 0.99), 99.0);
-        assert_eq!(percentile_ms(&[], 0.5), 0.0);
+        let mut l = Latencies::new();
+        assert_eq!((l.percentile_ms(0.5), l.max_ms(), l.count()), (0.0, 0.0, 0));
+        // Below 2 ms the histogram is exact to the microsecond.
+        for us in 1..=100 {
+            l.record(Duration::from_micros(us * 10));
+        }
+        assert_eq!(l.percentile_ms(0.5), 0.5);
+        assert_eq!(l.percentile_ms(0.99), 0.99);
+        assert_eq!(l.percentile_ms(1.0), 1.0);
+        assert_eq!((l.max_ms(), l.count()), (1.0, 100));
+    }
+
+    /// The exact nearest-rank `q` quantile of `sorted`.
+    fn exact(sorted: &[u64], q: f64) -> f64 {
+        sorted[crate::metrics::nearest_rank(sorted.len(), q)] as f64
+    }
+
+    #[test]
+    fn a_million_latencies_take_fixed_memory_and_percentiles_within_a_percent() {
+        let n = 1_000_000u64;
+        // Two known distributions, in microseconds: uniform over 1 µs .. 1 s, and
+        // exponential with a 20 ms mean (its quantile function at evenly spaced points),
+        // recorded in a scrambled order.
+        let uniform: Vec<u64> = (1..=n).collect();
+        let exponential: Vec<u64> = (0..n)
+            .map(|i| (-(1.0 - (i as f64 + 0.5) / n as f64).ln() * 20_000.0).round() as u64)
+            .collect();
+        for values in [uniform, exponential] {
+            let mut l = Latencies::new();
+            let footprint = l.footprint_bytes();
+            assert!(footprint < 256 * 1024, "{footprint} bytes");
+            let mut order: Vec<usize> = (0..values.len()).collect();
+            order.sort_by_key(|&i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            for (k, &i) in order.iter().enumerate() {
+                l.record(Duration::from_micros(values[i]));
+                if k % 100_000 == 0 {
+                    assert_eq!(l.footprint_bytes(), footprint, "after {k} samples");
+                }
+            }
+            assert_eq!(l.footprint_bytes(), footprint);
+            assert_eq!(l.count(), n);
+            let mut sorted = values.clone();
+            sorted.sort_unstable();
+            for q in [0.5, 0.9, 0.99] {
+                let want = exact(&sorted, q) / 1000.0;
+                let got = l.percentile_ms(q);
+                assert!(
+                    (got - want).abs() <= want * 0.01,
+                    "q {q}: {got} ms, exactly {want} ms"
+                );
+            }
+            assert_eq!(l.max_ms(), *sorted.last().unwrap() as f64 / 1000.0);
+        }
     }
 
     #[test]
