@@ -121,9 +121,16 @@ impl Metrics {
         }
     }
 
-    /// Adds a family (or a single metric) to the registry under `tally_<name>`.
-    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
-        self.registry.lock().register(name, help, metric);
+    /// Adds a family (or a single metric) to the registry under `tally_<name>`, and hands
+    /// it back (a clone shares the values the registry renders).
+    pub fn register<M: Metric + Clone>(&self, name: &str, help: &str, metric: M) -> M {
+        self.registry.lock().register(name, help, metric.clone());
+        metric
+    }
+
+    /// A new (empty) family or metric, registered under `tally_<name>`.
+    pub fn add<M: Metric + Clone + Default>(&self, name: &str, help: &str) -> M {
+        self.register(name, help, M::default())
     }
 
     pub fn render(&self) -> String {
@@ -144,8 +151,7 @@ mod tests {
     #[test]
     fn families_registered_by_anyone_render_with_the_prefix() {
         let m = Metrics::new();
-        let c: Counter = Counter::default();
-        m.register("things", "Things counted", c.clone());
+        let c: Counter = m.add("things", "Things counted");
         c.inc();
         let text = m.render();
         for name in [

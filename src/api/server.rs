@@ -50,22 +50,17 @@ pub struct ServerMetrics {
 
 impl ServerMetrics {
     pub fn register(m: &Metrics) -> Arc<Self> {
-        let s = ServerMetrics::default();
-        m.register(
-            "http_connections",
-            "Open HTTP connections",
-            s.http_connections.clone(),
-        );
-        m.register(
-            "http_connections_refused",
-            "HTTP connections answered 503 and closed because --max-connections were open",
-            s.http_connections_refused.clone(),
-        );
-        m.register(
-            "http_connections_timed_out",
-            "HTTP connections closed by a timeout, by reason (header: the request head was too slow; idle: no request on a keep-alive connection)",
-            s.http_connections_timed_out.clone(),
-        );
+        let s = ServerMetrics {
+            http_connections: m.add("http_connections", "Open HTTP connections"),
+            http_connections_refused: m.add(
+                "http_connections_refused",
+                "HTTP connections answered 503 and closed because --max-connections were open",
+            ),
+            http_connections_timed_out: m.add(
+                "http_connections_timed_out",
+                "HTTP connections closed by a timeout, by reason (header: the request head was too slow; idle: no request on a keep-alive connection)",
+            ),
+        };
         // Both reasons show from the start, at 0.
         for reason in ["header", "idle"] {
             let _ = s.http_connections_timed_out.get_or_create(&ReasonLabels {

@@ -74,21 +74,14 @@ pub struct HttpMetrics {
 
 impl HttpMetrics {
     pub fn register(m: &Metrics) -> Self {
-        let h = HttpMetrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(seconds_histogram),
-        };
-        m.register(
-            "http_requests",
-            "HTTP requests, by route and status",
-            h.requests.clone(),
-        );
-        m.register(
-            "http_request_duration_seconds",
-            "HTTP request latency, by route",
-            h.duration.clone(),
-        );
-        h
+        HttpMetrics {
+            requests: m.add("http_requests", "HTTP requests, by route and status"),
+            duration: m.register(
+                "http_request_duration_seconds",
+                "HTTP request latency, by route",
+                Family::new_with_constructor(seconds_histogram),
+            ),
+        }
     }
 }
 
@@ -108,28 +101,22 @@ pub struct Gauges {
 
 impl Gauges {
     pub fn register(m: &Metrics) -> Self {
-        let g = Gauges::default();
-        m.register(
-            "jobs",
-            "Jobs in the store, by state",
-            g.jobs_in_store.clone(),
-        );
-        m.register(
-            "store_evictions",
-            "Finished results evicted to respect the memory store's cap",
-            g.evictions.clone(),
-        );
-        m.register(
-            "queue_depth",
-            "Jobs waiting for a worker (on every replica)",
-            g.queue_depth.clone(),
-        );
-        m.register(
-            "queue_leased",
-            "Jobs claimed by a worker under a lease (on every replica)",
-            g.queue_leased.clone(),
-        );
-        g
+        Gauges {
+            jobs_in_store: m.add("jobs", "Jobs in the store, by state"),
+            evictions: m.add(
+                "store_evictions",
+                "Finished results evicted to respect the memory store's cap",
+            ),
+            evictions_seen: Arc::default(),
+            queue_depth: m.add(
+                "queue_depth",
+                "Jobs waiting for a worker (on every replica)",
+            ),
+            queue_leased: m.add(
+                "queue_leased",
+                "Jobs claimed by a worker under a lease (on every replica)",
+            ),
+        }
     }
 
     /// Brings the eviction counter up to the store's count (which only grows); concurrent

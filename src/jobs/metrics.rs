@@ -32,72 +32,42 @@ pub struct EngineMetrics {
 
 impl EngineMetrics {
     pub fn register(m: &Metrics) -> Self {
-        let e = EngineMetrics {
-            submitted: Family::default(),
-            finished: Family::default(),
-            duration: Family::new_with_constructor(seconds_histogram),
-            busy_workers: Gauge::default(),
-            workers: Gauge::default(),
-            worker_restarts: Counter::default(),
-            queue_rejections: Counter::default(),
-            reclaims: Counter::default(),
-            fenced: Counter::default(),
-            dead_letters: Counter::default(),
-            outcome_retries: Counter::default(),
+        EngineMetrics {
+            submitted: m.add("jobs_submitted", "Jobs accepted, by kind"),
+            finished: m.add(
+                "jobs_finished",
+                "Jobs finished, by kind and outcome (done, failed, cancelled, timeout, panic)",
+            ),
+            duration: m.register(
+                "job_duration_seconds",
+                "Time a job spent running, by kind",
+                Family::new_with_constructor(seconds_histogram),
+            ),
+            busy_workers: m.add("busy_workers", "Workers running a job"),
+            workers: m.add("workers", "Worker threads alive"),
+            worker_restarts: m.add("worker_restarts", "Workers replaced after a job panicked"),
+            queue_rejections: m.add(
+                "queue_rejections",
+                "Submissions refused because the queue was full",
+            ),
+            reclaims: m.add(
+                "queue_reclaims",
+                "Jobs queued again after their lease expired (a worker died or stalled)",
+            ),
+            fenced: m.add(
+                "queue_fenced",
+                "Outcomes refused because a newer attempt of the job holds it",
+            ),
+            dead_letters: m.add(
+                "queue_dead_letters",
+                "Jobs failed for good after using up --max-attempts",
+            ),
+            outcome_retries: m.add(
+                "store_outcome_retries",
+                "Job outcomes written again after the store could not take them",
+            ),
             recent: RecentDurations::default(),
-        };
-        m.register(
-            "jobs_submitted",
-            "Jobs accepted, by kind",
-            e.submitted.clone(),
-        );
-        m.register(
-            "jobs_finished",
-            "Jobs finished, by kind and outcome (done, failed, cancelled, timeout, panic)",
-            e.finished.clone(),
-        );
-        m.register(
-            "job_duration_seconds",
-            "Time a job spent running, by kind",
-            e.duration.clone(),
-        );
-        m.register(
-            "busy_workers",
-            "Workers running a job",
-            e.busy_workers.clone(),
-        );
-        m.register("workers", "Worker threads alive", e.workers.clone());
-        m.register(
-            "worker_restarts",
-            "Workers replaced after a job panicked",
-            e.worker_restarts.clone(),
-        );
-        m.register(
-            "queue_rejections",
-            "Submissions refused because the queue was full",
-            e.queue_rejections.clone(),
-        );
-        m.register(
-            "queue_reclaims",
-            "Jobs queued again after their lease expired (a worker died or stalled)",
-            e.reclaims.clone(),
-        );
-        m.register(
-            "queue_fenced",
-            "Outcomes refused because a newer attempt of the job holds it",
-            e.fenced.clone(),
-        );
-        m.register(
-            "queue_dead_letters",
-            "Jobs failed for good after using up --max-attempts",
-            e.dead_letters.clone(),
-        );
-        m.register(
-            "store_outcome_retries",
-            "Job outcomes written again after the store could not take them",
-            e.outcome_retries.clone(),
-        );
-        e
+        }
     }
 
     /// One kind's counters in this process (failed counts failures, timeouts and panics).

@@ -50,33 +50,28 @@ pub struct PipelineMetrics {
 
 impl PipelineMetrics {
     pub fn register(m: &Metrics) -> Self {
-        let p = PipelineMetrics::default();
-        m.register(
-            "events_accepted",
-            "Pipeline events acknowledged (durable in the accepted log)",
-            p.events_accepted.clone(),
-        );
-        m.register(
-            "events_journaled",
-            "Pipeline events written to the journal, by status (ok, failed)",
-            p.events_journaled.clone(),
-        );
-        m.register(
-            "events_rejected",
-            "Pipeline events refused, by reason (full, draining)",
-            p.events_rejected.clone(),
-        );
-        m.register(
-            "events_recovered",
-            "Accepted events journaled by the recovery at start",
-            p.events_recovered.clone(),
-        );
-        m.register(
-            "reorder_buffer",
-            "Processed events waiting in the reorder buffer for an earlier one",
-            p.reorder_buffer.clone(),
-        );
-        p
+        PipelineMetrics {
+            events_accepted: m.add(
+                "events_accepted",
+                "Pipeline events acknowledged (durable in the accepted log)",
+            ),
+            events_journaled: m.add(
+                "events_journaled",
+                "Pipeline events written to the journal, by status (ok, failed)",
+            ),
+            events_rejected: m.add(
+                "events_rejected",
+                "Pipeline events refused, by reason (full, draining)",
+            ),
+            events_recovered: m.add(
+                "events_recovered",
+                "Accepted events journaled by the recovery at start",
+            ),
+            reorder_buffer: m.add(
+                "reorder_buffer",
+                "Processed events waiting in the reorder buffer for an earlier one",
+            ),
+        }
     }
 }
 

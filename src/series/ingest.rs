@@ -259,16 +259,13 @@ pub struct Ingester {
 impl Ingester {
     /// Registers `tally_series_line_idle_closed_total` on `metrics`.
     pub fn new(store: Arc<SeriesStore>, metrics: &Metrics) -> Self {
-        let idle_closed = Counter::default();
-        metrics.register(
-            "series_line_idle_closed",
-            "TCP line-protocol connections closed after --line-idle-timeout-ms without data",
-            idle_closed.clone(),
-        );
         Ingester {
             store,
             part_caches: Mutex::new(Vec::new()),
-            idle_closed,
+            idle_closed: metrics.add(
+                "series_line_idle_closed",
+                "TCP line-protocol connections closed after --line-idle-timeout-ms without data",
+            ),
         }
     }
 

@@ -23,34 +23,29 @@ pub struct SeriesMetrics {
 
 impl SeriesMetrics {
     pub fn register(m: &Metrics) -> Self {
-        let s = SeriesMetrics::default();
-        m.register(
-            "series_points_accepted",
-            "Series points stored, by source (write, json, tcp, upstream)",
-            s.points_accepted.clone(),
-        );
-        m.register(
-            "series_points_rejected",
-            "Series points or lines refused, by reason (late, expired, future, non_finite, overflow, series_limit, invalid, non_numeric)",
-            s.points_rejected.clone(),
-        );
-        m.register("series", "Series in the store", s.series.clone());
-        m.register(
-            "series_points_retained",
-            "Points currently retained across all series",
-            s.points_retained.clone(),
-        );
-        m.register(
-            "series_bytes_per_point",
-            "Compressed bytes per point of the sealed blocks",
-            s.bytes_per_point.clone(),
-        );
-        m.register(
-            "series_evicted_points",
-            "Series points dropped, by reason (retention, memory)",
-            s.evictions.clone(),
-        );
-        s
+        SeriesMetrics {
+            points_accepted: m.add(
+                "series_points_accepted",
+                "Series points stored, by source (write, json, tcp, upstream)",
+            ),
+            points_rejected: m.add(
+                "series_points_rejected",
+                "Series points or lines refused, by reason (late, expired, future, non_finite, overflow, series_limit, invalid, non_numeric)",
+            ),
+            series: m.add("series", "Series in the store"),
+            points_retained: m.add(
+                "series_points_retained",
+                "Points currently retained across all series",
+            ),
+            bytes_per_point: m.add(
+                "series_bytes_per_point",
+                "Compressed bytes per point of the sealed blocks",
+            ),
+            evictions: m.add(
+                "series_evicted_points",
+                "Series points dropped, by reason (retention, memory)",
+            ),
+        }
     }
 
     /// Counts `n` points stored through `source`.

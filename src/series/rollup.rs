@@ -36,15 +36,13 @@ pub struct Rollups {
 impl Rollups {
     /// Registers `tally_series_rollup_duration_seconds` on `metrics`.
     pub fn new(store: Arc<SeriesStore>, metrics: &Metrics) -> Arc<Self> {
-        let duration = seconds_histogram();
-        metrics.register(
-            "series_rollup_duration_seconds",
-            "Time to recompute and publish the rollup snapshot",
-            duration.clone(),
-        );
         Arc::new(Rollups {
             store,
-            duration,
+            duration: metrics.register(
+                "series_rollup_duration_seconds",
+                "Time to recompute and publish the rollup snapshot",
+                seconds_histogram(),
+            ),
             snapshot: RwLock::new(Arc::new(RollupSnapshot::default())),
             refreshing: parking_lot::Mutex::new(()),
         })

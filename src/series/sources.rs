@@ -62,23 +62,20 @@ struct SourceMetrics {
 
 impl SourceMetrics {
     fn register(m: &Metrics) -> Self {
-        let s = SourceMetrics::default();
-        m.register(
-            "source_requests",
-            "Requests of the polled sources, by source and outcome (ok, error, timeout, bad_body)",
-            s.requests.clone(),
-        );
-        m.register(
-            "source_state",
-            "1 for the current supervision state of each polled source (running, restarting)",
-            s.state.clone(),
-        );
-        m.register(
-            "source_restarts",
-            "Restarts of a polled source after its poll loop failed or panicked",
-            s.restarts.clone(),
-        );
-        s
+        SourceMetrics {
+            requests: m.add(
+                "source_requests",
+                "Requests of the polled sources, by source and outcome (ok, error, timeout, bad_body)",
+            ),
+            state: m.add(
+                "source_state",
+                "1 for the current supervision state of each polled source (running, restarting)",
+            ),
+            restarts: m.add(
+                "source_restarts",
+                "Restarts of a polled source after its poll loop failed or panicked",
+            ),
+        }
     }
 }
 

@@ -446,25 +446,15 @@ impl RedisStore {
                 scripts: Scripts::new(),
                 keys: KEY_NAMES.iter().map(|k| key(k)).collect(),
                 consumer,
-                expirations: {
-                    let c = prometheus_client::metrics::counter::Counter::default();
-                    metrics.register(
-                        "store_expirations",
-                        "Finished jobs deleted from the store after --result-ttl",
-                        c.clone(),
-                    );
-                    c
-                },
-                resets: {
-                    let c = prometheus_client::metrics::counter::Counter::default();
-                    metrics.register(
-                        "store_resets",
-                        "Times Redis was found to have lost ids it had handed out (restarted \
-                         empty, a lagging failover); ids continue past them",
-                        c.clone(),
-                    );
-                    c
-                },
+                expirations: metrics.add(
+                    "store_expirations",
+                    "Finished jobs deleted from the store after --result-ttl",
+                ),
+                resets: metrics.add(
+                    "store_resets",
+                    "Times Redis was found to have lost ids it had handed out (restarted \
+                     empty, a lagging failover); ids continue past them",
+                ),
                 link: Link {
                     down: Mutex::new(None),
                     refusing: Mutex::new(None),

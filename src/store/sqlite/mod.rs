@@ -69,39 +69,25 @@ pub struct SqliteMetrics {
 
 impl SqliteMetrics {
     fn register(m: &Metrics) -> Self {
-        let s = SqliteMetrics {
-            commits: Counter::default(),
-            errors: Counter::default(),
-            batch_size: batch_histogram(),
-            commit_duration: seconds_histogram(),
-            checkpoint_duration: seconds_histogram(),
-        };
-        m.register(
-            "store_commits",
-            "Store transactions committed",
-            s.commits.clone(),
-        );
-        m.register(
-            "store_errors",
-            "Store transactions that failed",
-            s.errors.clone(),
-        );
-        m.register(
-            "store_batch_size",
-            "Operations folded into one store transaction",
-            s.batch_size.clone(),
-        );
-        m.register(
-            "store_commit_duration_seconds",
-            "Time to apply and commit one store transaction",
-            s.commit_duration.clone(),
-        );
-        m.register(
-            "store_checkpoint_duration_seconds",
-            "Time to copy the SQLite write-ahead log into the database file",
-            s.checkpoint_duration.clone(),
-        );
-        s
+        SqliteMetrics {
+            commits: m.add("store_commits", "Store transactions committed"),
+            errors: m.add("store_errors", "Store transactions that failed"),
+            batch_size: m.register(
+                "store_batch_size",
+                "Operations folded into one store transaction",
+                batch_histogram(),
+            ),
+            commit_duration: m.register(
+                "store_commit_duration_seconds",
+                "Time to apply and commit one store transaction",
+                seconds_histogram(),
+            ),
+            checkpoint_duration: m.register(
+                "store_checkpoint_duration_seconds",
+                "Time to copy the SQLite write-ahead log into the database file",
+                seconds_histogram(),
+            ),
+        }
     }
 
     fn commit(&self, ops: usize, took: std::time::Duration) {
