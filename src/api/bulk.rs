@@ -288,9 +288,6 @@ async fn walk(
     request_body = BulkFilter,
     responses(
         (status = 200, description = "What was cancelled", body = BulkResult),
-        (status = 400, description = "Malformed JSON"),
-        (status = 413, description = "Body over --max-body-bytes"),
-        (status = 415, description = "Not JSON"),
         (status = 422, description = "A status that cannot be cancelled, a bad limit or cursor, or an unknown field"),
         (status = 503, description = "Store unavailable before anything was done"),
     )
@@ -310,9 +307,6 @@ pub async fn cancel(
     request_body = BulkFilter,
     responses(
         (status = 200, description = "What was queued again", body = BulkResult),
-        (status = 400, description = "Malformed JSON"),
-        (status = 413, description = "Body over --max-body-bytes"),
-        (status = 415, description = "Not JSON"),
         (status = 422, description = "A status that cannot be retried, a bad limit or cursor, or an unknown field"),
         (status = 503, description = "Store unavailable before anything was done"),
     )

@@ -438,9 +438,6 @@ pub async fn graceful_shutdown(State(st): State<AppState>) -> Response {
     request_body = wire::CompatQuestion,
     responses(
         (status = 200, description = "Always `job_id_0`", body = wire::CompatJobId),
-        (status = 400, description = "Not a JSON object", body = wire::CompatError),
-        (status = 413, description = "Too large", body = wire::CompatError),
-        (status = 415, description = "Not JSON", body = wire::CompatError),
     )
 )]
 pub async fn noop_submit(headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {

@@ -76,8 +76,6 @@ pub fn validate(body: EventBody) -> Result<Event, ApiError> {
     request_body = EventBody,
     responses(
         (status = 200, description = "Durable in the accepted log", body = super::wire::EventAnswer),
-        (status = 400, description = "Malformed JSON"),
-        (status = 415, description = "Not JSON"),
         (status = 422, description = "A field missing, unknown or of the wrong type"),
         (status = 503, description = "Reorder buffer full, draining, or the accepted log cannot be written (a full disk, a journal another process holds; Retry-After)"),
     )

@@ -259,7 +259,6 @@ fn point_of(i: usize, p: &Value) -> Result<(i64, f64), ApiError> {
     responses(
         (status = 200, description = "Points stored and refused, by reason", body = wire::PointsReport),
         (status = 400, description = "A bad series name or malformed JSON"),
-        (status = 415, description = "Not JSON"),
         (status = 422, description = "Not an array of points"),
     )
 )]

@@ -89,8 +89,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
                 ("Idempotent-Replayed" = String, description = "`true` when this is the answer to an earlier submission with the same Idempotency-Key (no new job); absent otherwise"),
             )),
         (status = 400, description = "Unknown kind, a malformed body or a malformed Idempotency-Key"),
-        (status = 413, description = "Body over --max-body-bytes"),
-        (status = 415, description = "Not JSON"),
         (status = 422, description = "Params the kind refuses, or an Idempotency-Key already used for another request (`job_id` names the job it made)"),
         (status = 503, description = "Queue full, shutting down or store unavailable (Retry-After); `outcome: unknown` when the store never answered and the job may exist: retry with the same Idempotency-Key"),
     )
