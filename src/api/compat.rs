@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::Value;
 
-use super::error::RETRY_AFTER_SECS;
+use super::error::retry_soon;
 use super::ids::Wire;
 use super::state::AppState;
 use super::wire;
@@ -79,12 +79,8 @@ pub fn python_tuple(items: &[&str]) -> String {
 
 /// A JSON response from text we built ourselves.
 fn json_text(status: StatusCode, body: String) -> Response {
-    let mut res = (status, body).into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    res
+    let json = HeaderValue::from_static("application/json");
+    (status, [(header::CONTENT_TYPE, json)], body).into_response()
 }
 
 /// The compatible error answer, `{"status": "error", "reason": ...}`.
@@ -107,25 +103,15 @@ fn compat_error(status: StatusCode, reason: String, outcome: Option<&'static str
 fn store_error(route: &str, e: &StoreError) -> Response {
     tracing::error!(route, error = %e, "store failed");
     if let StoreError::OutcomeUnknown { .. } = e {
-        let mut res = compat_error(
+        return retry_soon(compat_error(
             StatusCode::SERVICE_UNAVAILABLE,
             // These routes take no Idempotency-Key, so the advice is the job list.
             format!("{e}; the job may exist: look for it in /api/jobs before submitting again"),
             Some("unknown"),
-        );
-        res.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_static(RETRY_AFTER_SECS),
-        );
-        return res;
+        ));
     }
     if e.is_transient() || matches!(e, StoreError::Closed) {
-        let mut res = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
-        res.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_static(RETRY_AFTER_SECS),
-        );
-        res
+        retry_soon(error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()))
     } else {
         error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
@@ -225,12 +211,7 @@ pub async fn compute(
         }
         Err(SubmitError::ShuttingDown) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
         Err(e @ SubmitError::QueueFull { .. }) => {
-            let mut res = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
-            res.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
-            res
+            retry_soon(error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()))
         }
         Err(SubmitError::Store(e)) => store_error(route, &e),
         // Compatible routes skip validation, always name a registered kind and send no
@@ -371,13 +352,9 @@ pub async fn jobs(State(st): State<AppState>) -> Response {
         Some((Ok::<_, std::io::Error>(out), l))
     });
     // Fused: the compression layer polls a body once more after its end.
-    let body = futures_util::StreamExt::fuse(body);
-    let mut res = Response::new(axum::body::Body::from_stream(body));
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    res
+    let body = axum::body::Body::from_stream(futures_util::StreamExt::fuse(body));
+    let json = HeaderValue::from_static("application/json");
+    ([(header::CONTENT_TYPE, json)], body).into_response()
 }
 
 #[utoipa::path(

@@ -89,6 +89,12 @@ impl ApiError {
 /// Seconds a client should wait before retrying a 503.
 pub const RETRY_AFTER_SECS: &str = "1";
 
+/// `res` with `Retry-After` ([`RETRY_AFTER_SECS`]): a 503 the client may try again soon.
+pub fn retry_soon(res: impl IntoResponse) -> Response {
+    let wait = HeaderValue::from_static(RETRY_AFTER_SECS);
+    ([(header::RETRY_AFTER, wait)], res).into_response()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();

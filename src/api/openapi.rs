@@ -311,12 +311,8 @@ fn compat_query(q: Query) -> Value {
 )]
 pub async fn serve(doc: Arc<OnceLock<String>>) -> Response {
     let body = doc.get().cloned().unwrap_or_else(|| "{}".to_string());
-    let mut res = body.into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    res
+    let json = HeaderValue::from_static("application/json");
+    ([(header::CONTENT_TYPE, json)], body).into_response()
 }
 
 #[cfg(test)]

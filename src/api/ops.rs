@@ -6,7 +6,7 @@ use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::error::ApiError;
+use super::error::{retry_soon, ApiError};
 use super::state::AppState;
 use super::wire;
 use crate::model::JobStatus;
@@ -45,21 +45,13 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
     }
     match st.engine.store_health().and_then(|()| st.pipeline.health()) {
         Ok(()) => Json(wire::Health::is("ready")).into_response(),
-        Err(cause) => {
-            let mut res = (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(wire::Health {
-                    status: "unavailable",
-                    detail: Some(cause),
-                }),
-            )
-                .into_response();
-            res.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(super::error::RETRY_AFTER_SECS),
-            );
-            res
-        }
+        Err(cause) => retry_soon((
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(wire::Health {
+                status: "unavailable",
+                detail: Some(cause),
+            }),
+        )),
     }
 }
 
@@ -89,12 +81,9 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
         st.gauges.queue_depth.set(q.waiting as i64);
         st.gauges.queue_leased.set(q.leased as i64);
     }
-    let mut res = st.metrics.render().into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
-    res
+    let text =
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
+    ([(header::CONTENT_TYPE, text)], st.metrics.render()).into_response()
 }
 
 pub async fn not_found(method: Method, uri: Uri) -> ApiError {

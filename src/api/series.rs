@@ -51,13 +51,8 @@ pub fn compat_get_sum_router(state: AppState) -> Router {
 )]
 pub async fn get_sum(State(st): State<AppState>) -> Response {
     let sum = st.series.total_sum();
-    let text = float_text(sum);
-    let mut res = text.into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    res
+    let text = HeaderValue::from_static("text/plain; charset=utf-8");
+    ([(header::CONTENT_TYPE, text)], float_text(sum)).into_response()
 }
 
 /// An `f64` as `/getSum` prints it: `serde_json`'s form when finite, Python's otherwise.
@@ -219,12 +214,9 @@ pub async fn write(
         rejected,
         reasons: wire::Reasons(reasons),
     };
-    let mut res = (StatusCode::BAD_REQUEST, Json(body)).into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    Ok(res)
+    let problem = HeaderValue::from_static("application/problem+json");
+    let content_type = [(header::CONTENT_TYPE, problem)];
+    Ok((StatusCode::BAD_REQUEST, content_type, Json(body)).into_response())
 }
 
 fn point_of(i: usize, p: &Value) -> Result<(i64, f64), ApiError> {

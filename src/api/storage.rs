@@ -279,12 +279,9 @@ pub async fn get_json(State(st): State<AppState>, Path(raw): Path<String>) -> Re
                 storage_status("running", None).into_response()
             }
             JobStatus::Done => {
-                let mut res = r.result.unwrap_or_else(|| "null".into()).into_response();
-                res.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                res
+                let json = HeaderValue::from_static("application/json");
+                let body = r.result.unwrap_or_else(|| "null".into());
+                ([(header::CONTENT_TYPE, json)], body).into_response()
             }
             s @ (JobStatus::Failed | JobStatus::Cancelled) => storage_status(
                 s.as_str(),
