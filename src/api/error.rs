@@ -107,28 +107,22 @@ impl IntoResponse for ApiError {
             ApiError::IdempotencyKeyReused(id) => body.job_id = Some(Wire(*id).to_string()),
             _ => {}
         }
-        let mut res = (status, Json(body)).into_response();
-        let h = res.headers_mut();
-        h.insert(
+        let problem = [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
-        );
+        )];
+        let res = (status, problem, Json(body)).into_response();
         match self {
             ApiError::QueueFull(_)
             | ApiError::ShuttingDown
             | ApiError::Unavailable(_)
-            | ApiError::OutcomeUnknown(_) => {
-                h.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from_static(RETRY_AFTER_SECS),
-                );
-            }
+            | ApiError::OutcomeUnknown(_) => retry_soon(res),
             ApiError::Unauthorized => {
-                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                let bearer = HeaderValue::from_static("Bearer");
+                ([(header::WWW_AUTHENTICATE, bearer)], res).into_response()
             }
-            _ => {}
+            _ => res,
         }
-        res
     }
 }
 

@@ -47,12 +47,8 @@ impl Demo {
 async fn answer(State(demo): State<Demo>) -> Response {
     tokio::time::sleep(demo.delay).await;
     let v = rand::rng().random_range(demo.min..=demo.max);
-    let mut res = v.to_string().into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    res
+    let text = HeaderValue::from_static("text/plain; charset=utf-8");
+    ([(header::CONTENT_TYPE, text)], v.to_string()).into_response()
 }
 
 /// The demo's router: `GET /` only.
