@@ -400,6 +400,25 @@ mod tests {
         }
     }
 
+    /// In a child: truncates `tmp` to nothing, then reads the byte at 32 KiB of a mapping
+    /// of it at `ptr`. Its wait status (exit 3: the read gave something other than 0).
+    fn truncate_and_read_in_child(tmp: &tempfile::NamedTempFile, ptr: *const u8) -> c_int {
+        use std::os::fd::AsRawFd;
+        let fd = tmp.as_file().as_raw_fd();
+        in_child(|| {
+            // SAFETY: system calls and a read of a live mapping.
+            unsafe {
+                if libc::ftruncate(fd, 0) != 0 {
+                    return 2;
+                }
+                if ptr::read_volatile(ptr.add(1 << 15)) != 0 {
+                    return 3;
+                }
+            }
+            0
+        })
+    }
+
     #[test]
     fn a_fault_outside_any_registered_mapping_still_ends_the_process() {
         install().unwrap();
@@ -407,21 +426,7 @@ mod tests {
         // Mapped directly, not registered: a mapping of something else in the process.
         // SAFETY: only read, in the child.
         let other = unsafe { Mmap::map(&file) }.unwrap();
-        let ptr = other.as_ptr();
-        let fd = {
-            use std::os::fd::AsRawFd;
-            tmp.as_file().as_raw_fd()
-        };
-        let status = in_child(|| {
-            // SAFETY: system calls and a read of a live mapping.
-            unsafe {
-                if libc::ftruncate(fd, 0) != 0 {
-                    return 2;
-                }
-                ptr::read_volatile(ptr.add(1 << 15));
-            }
-            0
-        });
+        let status = truncate_and_read_in_child(&tmp, other.as_ptr());
         assert!(
             libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
             "the child should die of SIGBUS, wait status {status:#x}"
@@ -433,23 +438,7 @@ mod tests {
         // The same set-up as above, but registered: the handler rescues the read.
         let (tmp, file) = temp_file(&vec![b'x'; 1 << 16]);
         let m = map(&file);
-        let ptr = m.bytes().as_ptr();
-        let fd = {
-            use std::os::fd::AsRawFd;
-            tmp.as_file().as_raw_fd()
-        };
-        let status = in_child(|| {
-            // SAFETY: system calls and a read of a live mapping.
-            unsafe {
-                if libc::ftruncate(fd, 0) != 0 {
-                    return 2;
-                }
-                if ptr::read_volatile(ptr.add(1 << 15)) != 0 {
-                    return 3;
-                }
-            }
-            0
-        });
+        let status = truncate_and_read_in_child(&tmp, m.bytes().as_ptr());
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "wait status {status:#x}"
