@@ -80,10 +80,11 @@ content-length: 21\r\n\
 \r\n\
 too many connections\n";
 
-/// Refused connections that may linger (up to [`LINGER`]) after their 503, so that the
-/// close does not reset a connection whose request is still arriving (a reset can make
-/// the client lose the 503). Past this many, refused connections are closed at once.
-const MAX_LINGERING: usize = 64;
+/// Connections that may linger (up to [`LINGER`]) after their last answer (a 503 past the
+/// cap, or any response hyper is done with), so that the close does not reset a
+/// connection whose request is still arriving (a reset can make the client lose the
+/// answer). Past this many, connections are closed at once.
+const MAX_LINGERING: usize = 256;
 const LINGER: Duration = Duration::from_secs(1);
 
 /// How long accepting pauses after an error such as EMFILE (too many open files), which
@@ -165,6 +166,8 @@ pub async fn serve(
         };
         // A response goes out in one write; Nagle could only hold back its tail.
         let _ = stream.set_nodelay(true);
+        // A second handle on the socket, so that it outlives hyper's: see `linger`.
+        let after = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned().ok();
         let clock = Arc::new(Clock::new());
         let io = TokioIo::new(ClockedIo {
             stream,
@@ -176,9 +179,10 @@ pub async fn serve(
         };
         let conn = graceful.watch(builder.serve_connection(io, svc));
         let metrics = opts.metrics.clone();
+        let lingering = lingering.clone();
         tokio::spawn(async move {
-            let _open = OpenConnection::new(metrics.clone(), slot);
-            let mut conn = pin!(conn);
+            let open = OpenConnection::new(metrics.clone(), slot);
+            let mut conn = Box::pin(conn);
             let mut timer = pin!(tokio::time::sleep_until(clock.at(limits.step()).into()));
             loop {
                 tokio::select! {
@@ -201,6 +205,11 @@ pub async fn serve(
                         Check::Next(at) => timer.as_mut().reset(at.into()),
                     },
                 }
+            }
+            drop(conn);
+            drop(open);
+            if let Some(fd) = after {
+                linger(fd, &lingering).await;
             }
         });
     }
@@ -242,6 +251,33 @@ fn refuse(mut stream: TcpStream, lingering: &Arc<Semaphore>) {
             let _ = stream.try_write(BUSY);
         }
     }
+}
+
+/// Closes a connection hyper is done with (its handle is gone; `fd` is a second one on the
+/// same socket) the way RFC 9112 section 9.6 asks: the write side first (a FIN after the
+/// last response), then reading and discarding what the client still sends, up to
+/// [`LINGER`]. Closing with unread bytes would make the kernel send a reset, and a client
+/// still sending a body (one answered 413 before it was read, as agents do on a too-large
+/// batch) would lose the answer with it. While many linger, the socket closes at once.
+async fn linger(fd: std::os::fd::OwnedFd, lingering: &Arc<Semaphore>) {
+    let Ok(_permit) = lingering.clone().try_acquire_owned() else {
+        return;
+    };
+    let std_stream = std::net::TcpStream::from(fd);
+    if std_stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    let Ok(mut stream) = TcpStream::from_std(std_stream) else {
+        return;
+    };
+    let _ = tokio::time::timeout(LINGER, async {
+        // hyper may have shut the write side already.
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), io::Error>(())
+    })
+    .await;
 }
 
 /// Counts an open connection and holds its slot until the connection's task ends.

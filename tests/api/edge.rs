@@ -485,3 +485,39 @@ async fn a_page_of_another_site_cannot_start_jobs() {
     assert_eq!(jobs["data"].as_array().unwrap().len(), 3, "{jobs}");
     app.stop().await;
 }
+
+/// A client that sends a whole too-large batch before it reads (as agents do) gets the
+/// 413 and a clean close: the service reads and discards the rest of the body after
+/// answering instead of closing on unread bytes, which makes the kernel reset the
+/// connection and the client lose the answer.
+#[tokio::test]
+async fn a_too_large_body_sent_in_full_gets_its_413_not_a_reset() {
+    let app = TestApp::spawn_with(|c| c.max_write_bytes = 4096).await;
+    let body = "big v=1 1\n".repeat(800_000);
+    for _ in 0..3 {
+        let mut s = connect(&app).await;
+        let head = format!(
+            "POST /write HTTP/1.1\r\nHost: tally\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let (mut rd, mut wr) = s.split();
+        let send = async {
+            wr.write_all(head.as_bytes()).await?;
+            wr.write_all(body.as_bytes()).await
+        };
+        let read = async {
+            let mut got = Vec::new();
+            let r = timeout(PATIENCE, rd.read_to_end(&mut got)).await;
+            (r, got)
+        };
+        let (sent, (read, got)) = tokio::join!(send, read);
+        let answer = String::from_utf8_lossy(&got);
+        assert!(
+            answer.starts_with("HTTP/1.1 413"),
+            "answer {answer:?}, read {read:?}, send {sent:?}"
+        );
+        assert!(matches!(read, Ok(Ok(_))), "a clean close: {read:?}");
+        assert!(sent.is_ok(), "the whole body was taken: {sent:?}");
+    }
+    app.stop().await;
+}
