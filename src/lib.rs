@@ -8,6 +8,8 @@
 //!   ground floor.
 //! - [`store`]: where job records and results live: the [`store::Store`] trait with an
 //!   SQLite (default, durable, group-committed) and an in-memory implementation.
+//! - [`cluster`]: what replicas on one Redis share besides jobs: the connection (one
+//!   server or a Redis Cluster) and named leases with fencing tokens.
 //! - [`queue`]: where jobs wait and who holds them: the [`queue::JobQueue`] trait (claims
 //!   are leases with numbered attempts), its in-process implementation over a store, and
 //!   Redis (`queue::redis`), which is store and queue at once for several replicas, with
@@ -37,6 +39,7 @@
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod csv;
 pub mod decimal;

@@ -19,6 +19,7 @@ const FLOORS: &[(&str, u32)] = &[
     ("lifecycle", 0),
     ("telemetry", 0),
     ("store", 1),
+    ("cluster", 1),
     ("pipeline", 1),
     ("series", 1),
     ("queue", 2),

@@ -35,8 +35,6 @@
 //! after a reconnect this replica waits one lease period before reclaiming leases (their
 //! holders get a chance to renew them first).
 
-mod conn;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,6 +46,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::conn::{self, Conn, Dial};
 use crate::metrics::Metrics;
 use crate::model::{JobCounts, JobId, JobRecord, JobState, JobStatus, ListFilter, NewJob, Outcome};
 use crate::queue::{
@@ -57,7 +56,6 @@ use crate::queue::{
 use crate::store::{
     Attempt, Finish, FinishFailed, FinishPending, Finished, Requeued, Store, StoreError, Submitted,
 };
-use conn::{Conn, Dial};
 
 const STORE: &str = "redis";
 /// Where the scripts announce finished jobs (see `prelude.lua`).

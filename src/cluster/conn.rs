@@ -20,7 +20,7 @@ const CLUSTER_SCHEME: &str = "redis+cluster://";
 
 /// A connection commands are sent on: cheap to clone (multiplexed inside).
 #[derive(Clone)]
-pub(super) enum Conn {
+pub enum Conn {
     /// One server, reconnecting with backoff.
     Manager(ConnectionManager),
     /// One server, a connection of its own (blocking moves).
@@ -61,7 +61,7 @@ impl ConnectionLike for Conn {
 }
 
 /// How further connections are made: for blocking moves and for pub/sub.
-pub(super) struct Dial {
+pub struct Dial {
     /// The server the URL names (on a cluster: the node the slot map was learnt from).
     seed: redis::Client,
     cluster: Option<ClusterClient>,
@@ -70,13 +70,13 @@ pub(super) struct Dial {
 
 impl Dial {
     /// Whether this is a Redis Cluster.
-    pub(super) fn is_cluster(&self) -> bool {
+    pub fn is_cluster(&self) -> bool {
         self.cluster.is_some()
     }
 
     /// A connection of its own for commands that block up to a second: its response
     /// timeout allows for the block.
-    pub(super) async fn blocking(&self) -> redis::RedisResult<Conn> {
+    pub async fn blocking(&self) -> redis::RedisResult<Conn> {
         let response = self.timeout + Duration::from_secs(1);
         match &self.cluster {
             Some(c) => {
@@ -100,17 +100,17 @@ impl Dial {
     }
 
     /// A subscriber connection.
-    pub(super) async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+    pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
         self.seed.get_async_pubsub().await
     }
 }
 
 /// Why a URL cannot be used, in words for the start-up error.
-pub(super) type Refusal = String;
+pub type Refusal = String;
 
 /// Connects to the server the URL names, as a cluster client when the URL or the server
 /// says cluster. Fails at once when nothing answers.
-pub(super) async fn connect(
+pub async fn connect(
     url: &str,
     timeout: Duration,
 ) -> Result<(Conn, Dial), Result<redis::RedisError, Refusal>> {
