@@ -141,7 +141,10 @@ async fn a_page_opened_after_a_burst_draws_the_burst_from_the_servers_history() 
         }
     })
     .await;
-    assert!(history_peak(&app, "done").await > 0.0, "no burst in the history");
+    assert!(
+        history_peak(&app, "done").await > 0.0,
+        "no burst in the history"
+    );
     let peak = history_peak(&app, "submitted").await;
     assert!(peak > 0.0);
     // The page has watched nothing of it (no job runs while it is open, so every rate it
