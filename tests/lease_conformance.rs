@@ -101,10 +101,13 @@ async fn tokens_only_grow_from_one_grant_to_the_next(leases: Arc<dyn Leases>) {
         assert_eq!(r.token, g.token);
         assert!(leases.release("journal", &r).await.unwrap());
     }
-    // Names have their own holders, and tokens still only grow.
+    // Names have their own holders (and tokens, which grow name by name).
     let a = granted(leases.acquire("source:a", "x", TTL).await.unwrap());
     let b = granted(leases.acquire("source:b", "x", TTL).await.unwrap());
-    assert!(a.token > 0 && b.token > 0);
+    assert!(leases.release("source:a", &a).await.unwrap());
+    let again = granted(leases.acquire("source:a", "y", TTL).await.unwrap());
+    assert!(again.token > a.token);
+    assert!(leases.is_current("source:b", "x", b.token).await.unwrap());
 }
 
 async fn a_holder_stalled_past_its_lease_is_refused_everything_after_another_took_it(
@@ -190,6 +193,22 @@ async fn bad_names_are_refused(leases: Arc<dyn Leases>) {
             Err(LeaseError::BadName(_))
         ));
     }
+    // A holder without a name, or a lease shorter than the store can keep, is refused
+    // before anything is granted.
+    for (holder, ttl) in [
+        ("", TTL),
+        (&*"h".repeat(129), TTL),
+        ("a", Duration::from_micros(900)),
+    ] {
+        assert!(
+            matches!(
+                leases.acquire("journal", holder, ttl).await,
+                Err(LeaseError::BadRequest(_))
+            ),
+            "{holder:?} {ttl:?}"
+        );
+    }
+    assert_eq!(leases.holder("journal").await.unwrap(), None);
 }
 
 /// A Redis that forgot its data (restarted without persistence) starts the counter
@@ -214,6 +233,16 @@ async fn tokens_keep_growing_after_redis_forgets() {
     let leases = redis(&server).await;
     let new = granted(leases.acquire("journal", "after", TTL).await.unwrap());
     assert!(new.token > old, "{} after {old}", new.token);
+    // Redis back from an older snapshot: the counter behind tokens already handed out.
+    leases.release("journal", &new).await.unwrap();
+    let _: () = server.query(::redis::cmd("SET").arg("{tally}:fence:journal").arg(old));
+    let newer = granted(leases.acquire("journal", "later", TTL).await.unwrap());
+    assert!(
+        newer.token > new.token,
+        "{} after {}",
+        newer.token,
+        new.token
+    );
 }
 
 /// The in-process counter starts at 1.

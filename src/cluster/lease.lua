@@ -3,11 +3,12 @@
 -- ARGV: op (acquire | renew | release | check), holder, token, ttl_ms.
 -- Returns {granted 0|1, holder or '', token or 0, ms left or a negative PTTL}.
 --
--- Each grant takes the next number of the counter, so tokens only grow. A counter that
--- is missing (a new lease, or a Redis that forgot its data) starts above every token
--- that can have been handed out before, at (server ms + 1) * 1000, as the job ids'
--- epochs do: a holder that stalled through the loss can never present a token equal to
--- or above a new holder's.
+-- Each grant takes a number above the counter and above (server ms + 1) * 1000, so
+-- tokens only grow, also when Redis lost some or all of its data (restarted empty, from
+-- an older snapshot, or after a lagging failover: the counter is then missing or behind
+-- tokens already handed out): as long as Redis's clock moves forward and fewer than
+-- 1000 grants of one name fall in a millisecond, a holder that stalled through the loss
+-- never presents a token equal to or above a new holder's (as the job ids' epochs do).
 local op, holder, token, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local cur = redis.call('HMGET', KEYS[1], 'holder', 'token')
 local mine = cur[1] == holder and tonumber(cur[2] or '0') == token
@@ -19,12 +20,10 @@ end
 
 if op == 'acquire' then
   if cur[1] then return answer(0) end
-  if redis.call('EXISTS', KEYS[2]) == 0 then
-    local t = redis.call('TIME')
-    local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    redis.call('SET', KEYS[2], string.format('%d', (ms + 1) * 1000))
-  end
-  local granted = redis.call('INCR', KEYS[2])
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local granted = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, (ms + 1) * 1000)
+  redis.call('SET', KEYS[2], string.format('%d', granted))
   redis.call('HSET', KEYS[1], 'holder', holder, 'token', granted)
   redis.call('PEXPIRE', KEYS[1], ttl)
   return answer(1)

@@ -35,6 +35,9 @@ pub enum LeaseError {
     /// The lease's name is not one this module takes.
     #[error("bad lease name {0:?}: 1 to 64 of A-Z a-z 0-9 . _ : -")]
     BadName(String),
+    /// A holder's name or a lease time this module does not take.
+    #[error("bad lease request: {0}")]
+    BadRequest(String),
     /// The shared store could not be asked; the holder must not trust its lease.
     #[error("the lease store is unavailable: {0}")]
     Unavailable(String),
@@ -105,6 +108,23 @@ fn check_name(name: &str) -> Result<(), LeaseError> {
     }
 }
 
+/// A holder is named (1 to 128 bytes) and a lease lasts at least a millisecond, the
+/// store's resolution.
+fn check_request(holder: &str, ttl: Duration) -> Result<(), LeaseError> {
+    if holder.is_empty() || holder.len() > 128 {
+        return Err(LeaseError::BadRequest(format!(
+            "a holder is named by 1 to 128 bytes; got {} bytes",
+            holder.len()
+        )));
+    }
+    if ttl < Duration::from_millis(1) {
+        return Err(LeaseError::BadRequest(format!(
+            "a lease lasts at least 1 ms; got {ttl:?}"
+        )));
+    }
+    Ok(())
+}
+
 fn trusted_from(sent: Instant, ttl: Duration) -> Instant {
     sent + ttl.mul_f64(TRUST)
 }
@@ -146,6 +166,7 @@ impl LocalLeases {
 impl Leases for LocalLeases {
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<Claim, LeaseError> {
         check_name(name)?;
+        check_request(holder, ttl)?;
         let now = Instant::now();
         let mut held = self.held.lock();
         if let Some(h) = Self::current(&mut held, name, now) {
@@ -162,6 +183,7 @@ impl Leases for LocalLeases {
 
     async fn renew(&self, name: &str, grant: &Grant, ttl: Duration) -> Result<Claim, LeaseError> {
         check_name(name)?;
+        check_request(&grant.holder, ttl)?;
         let now = Instant::now();
         let mut held = self.held.lock();
         match Self::current(&mut held, name, now) {
@@ -263,12 +285,14 @@ impl RedisLeases {
 #[async_trait]
 impl Leases for RedisLeases {
     async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<Claim, LeaseError> {
+        check_request(holder, ttl)?;
         let sent = Instant::now();
         let (granted, held) = self.step("acquire", name, holder, 0, ttl).await?;
         Ok(Self::claim(sent, ttl, granted, held))
     }
 
     async fn renew(&self, name: &str, grant: &Grant, ttl: Duration) -> Result<Claim, LeaseError> {
+        check_request(&grant.holder, ttl)?;
         let sent = Instant::now();
         let (granted, held) = self
             .step("renew", name, &grant.holder, grant.token, ttl)
