@@ -306,46 +306,76 @@ async fn a_draining_replica_keeps_its_heartbeat_until_it_stops() {
     let server = RedisServer::start();
     let url = server.url();
     let dir = tempfile::tempdir().unwrap();
+    // Leases of 1 s: a replica whose heartbeat stops is taken for dead after 10 s (the
+    // liveness window's floor); A's drain lasts longer than that.
     let args = [
         "--store",
         &url,
         "--workers",
         "1",
+        "--lease-ms",
+        "1000",
         "--shutdown-timeout",
         "60",
     ];
     let a = Proc::start(dir.path(), &args);
     let b = Proc::start(dir.path(), &args);
     let (ca, cb) = (a.client(), b.client());
-    let id = ca.submit("test.sleep", json!({ "ms": 8_000 })).await;
+    let id = ca.submit("test.sleep", json!({ "ms": 13_000 })).await;
     ca.wait_until("A to run its job", async |c| {
         c.status_of(&id).await == "running"
     })
     .await;
     let a_pid = a.pid() as u64;
-    let seen_of_a = async || -> Option<(String, u64)> {
+    // A as B lists it: its consumer name and busy workers.
+    let listed = async || -> Option<(String, u64)> {
         let (_, r) = cb.get("/v1/replicas").await;
         r["replicas"].as_array()?.iter().find_map(|x| {
             (x["pid"].as_u64() == Some(a_pid)).then(|| {
                 (
-                    x["last_seen"].as_str().unwrap_or("").to_string(),
+                    x["name"].as_str().unwrap_or("").to_string(),
                     x["busy"].as_u64().unwrap_or(0),
                 )
             })
         })
     };
+    let name = listed().await.expect("A is listed").0;
+    // The time of A's last heartbeat, as Redis holds it (not derived from clocks).
+    let beat = || -> u64 {
+        let v: Option<String> = server.query(
+            redis::cmd("HGET")
+                .arg(format!("{{tally}}:replica:{name}"))
+                .arg("seen_ms"),
+        );
+        v.and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let draining = std::time::Instant::now();
     a.signal(libc::SIGTERM);
     // Two heartbeats after the drain began (one might have been on its way as it
-    // began), each saying A's worker is busy with the job it finishes.
-    let mut seen = seen_of_a().await.expect("A is listed while it drains").0;
-    for beat in 1..=2 {
-        let what = format!("A's heartbeat number {beat} during its drain");
-        seen = eventually(&what, async || match seen_of_a().await {
-            Some((at, 1)) if at > seen => Ok(at),
-            other => Err(format!("{other:?}")),
+    // began).
+    let mut seen = beat();
+    for n in 1..=2 {
+        let what = format!("A's heartbeat number {n} during its drain");
+        seen = eventually(&what, async || match beat() {
+            at if at > seen => Ok(at),
+            at => Err(format!("seen_ms {at}")),
         })
         .await;
     }
+    // Past the liveness window into the drain, B still lists A, busy with its job, and
+    // A's heartbeat still moves.
+    tokio::time::sleep(Duration::from_secs(11).saturating_sub(draining.elapsed())).await;
+    assert_eq!(
+        listed().await,
+        Some((name.clone(), 1)),
+        "A is listed, busy, 11 s into its drain"
+    );
+    let late = beat();
+    eventually("A's heartbeat 11 s into its drain", async || match beat() {
+        at if at > late => Ok(()),
+        at => Err(format!("seen_ms {at}")),
+    })
+    .await;
     let (status, _) = a.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status:?}");
     assert_eq!(
