@@ -80,11 +80,14 @@ content-length: 21\r\n\
 \r\n\
 too many connections\n";
 
-/// Connections that may linger (up to [`LINGER`]) after their last answer (a 503 past the
-/// cap, or any response hyper is done with), so that the close does not reset a
-/// connection whose request is still arriving (a reset can make the client lose the
-/// answer). Past this many, connections are closed at once.
-const MAX_LINGERING: usize = 256;
+/// Refused connections that may linger (up to [`LINGER`]) after their 503, so that the
+/// close does not reset a connection whose request is still arriving (a reset can make
+/// the client lose the 503). Past this many, refused connections are closed at once.
+const MAX_LINGERING: usize = 64;
+/// Served connections that may linger the same way after hyper is done with them (see
+/// [`linger`]); a pool of their own, so that a churn of closes does not take the
+/// refused connections' places.
+const MAX_CLOSING: usize = 256;
 const LINGER: Duration = Duration::from_secs(1);
 
 /// How long accepting pauses after an error such as EMFILE (too many open files), which
@@ -127,6 +130,8 @@ pub async fn serve(
     raise_open_file_limit_once(opts.max_connections);
     let slots = Arc::new(Semaphore::new(opts.max_connections));
     let lingering = Arc::new(Semaphore::new(MAX_LINGERING));
+    let closing = Arc::new(Semaphore::new(MAX_CLOSING));
+    let lingers = tokio_util::task::TaskTracker::new();
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     // The header timeout is ours (see the module comment); without a timer hyper has none.
@@ -166,12 +171,11 @@ pub async fn serve(
         };
         // A response goes out in one write; Nagle could only hold back its tail.
         let _ = stream.set_nodelay(true);
-        // A second handle on the socket, so that it outlives hyper's: see `linger`.
-        let after = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned().ok();
         let clock = Arc::new(Clock::new());
         let io = TokioIo::new(ClockedIo {
-            stream,
+            stream: Some(stream),
             clock: clock.clone(),
+            closing: Some((closing.clone(), lingers.clone())),
         });
         let svc = ClockedService {
             inner: service.clone(),
@@ -179,10 +183,9 @@ pub async fn serve(
         };
         let conn = graceful.watch(builder.serve_connection(io, svc));
         let metrics = opts.metrics.clone();
-        let lingering = lingering.clone();
         tokio::spawn(async move {
-            let open = OpenConnection::new(metrics.clone(), slot);
-            let mut conn = Box::pin(conn);
+            let _open = OpenConnection::new(metrics.clone(), slot);
+            let mut conn = pin!(conn);
             let mut timer = pin!(tokio::time::sleep_until(clock.at(limits.step()).into()));
             loop {
                 tokio::select! {
@@ -199,22 +202,21 @@ pub async fn serve(
                                 .http_connections_timed_out
                                 .get_or_create(&ReasonLabels { reason: reason.into() })
                                 .inc();
-                            // Dropping the connection closes the socket; nothing is sent.
+                            // Dropping the connection closes the socket (lingering,
+                            // see `linger`); nothing more is sent.
                             break;
                         }
                         Check::Next(at) => timer.as_mut().reset(at.into()),
                     },
                 }
             }
-            drop(conn);
-            drop(open);
-            if let Some(fd) = after {
-                linger(fd, &lingering).await;
-            }
         });
     }
     drop(listener);
     graceful.shutdown().await;
+    // Closes still lingering end within LINGER.
+    lingers.close();
+    let _ = tokio::time::timeout(LINGER, lingers.wait()).await;
     Ok(())
 }
 
@@ -253,23 +255,13 @@ fn refuse(mut stream: TcpStream, lingering: &Arc<Semaphore>) {
     }
 }
 
-/// Closes a connection hyper is done with (its handle is gone; `fd` is a second one on the
-/// same socket) the way RFC 9112 section 9.6 asks: the write side first (a FIN after the
-/// last response), then reading and discarding what the client still sends, up to
-/// [`LINGER`]. Closing with unread bytes would make the kernel send a reset, and a client
-/// still sending a body (one answered 413 before it was read, as agents do on a too-large
-/// batch) would lose the answer with it. While many linger, the socket closes at once.
-async fn linger(fd: std::os::fd::OwnedFd, lingering: &Arc<Semaphore>) {
-    let Ok(_permit) = lingering.clone().try_acquire_owned() else {
-        return;
-    };
-    let std_stream = std::net::TcpStream::from(fd);
-    if std_stream.set_nonblocking(true).is_err() {
-        return;
-    }
-    let Ok(mut stream) = TcpStream::from_std(std_stream) else {
-        return;
-    };
+/// Closes a connection hyper is done with (its [`ClockedIo`] dropped) the way RFC 9112
+/// section 9.6 asks: the write side first (a FIN after the last response), then reading
+/// and discarding what the client still sends, up to [`LINGER`]. Closing with unread
+/// bytes would make the kernel send a reset, and a client still sending a body (one
+/// answered 413 before it was read, as agents do on a too-large batch) would lose the
+/// answer with it.
+async fn linger(mut stream: TcpStream, _permit: tokio::sync::OwnedSemaphorePermit) {
     let _ = tokio::time::timeout(LINGER, async {
         // hyper may have shut the write side already.
         let _ = stream.shutdown().await;
@@ -430,8 +422,36 @@ impl Clock {
 
 /// The socket, telling the [`Clock`] when bytes arrive.
 struct ClockedIo {
-    stream: TcpStream,
+    /// Taken only by `drop`.
+    stream: Option<TcpStream>,
     clock: Arc<Clock>,
+    /// Where the socket goes to [`linger`] when hyper drops it: the pool of places and
+    /// the tasks `serve` waits for at its end.
+    closing: Option<(Arc<Semaphore>, tokio_util::task::TaskTracker)>,
+}
+
+impl ClockedIo {
+    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        self.stream
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| io::ErrorKind::NotConnected.into())
+    }
+}
+
+impl Drop for ClockedIo {
+    fn drop(&mut self) {
+        let (Some(stream), Some((pool, tasks))) = (self.stream.take(), self.closing.take()) else {
+            return;
+        };
+        // Past the pool, or outside a runtime (it is shutting down): closed at once.
+        if let (Ok(permit), Ok(rt)) = (
+            pool.try_acquire_owned(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            tasks.spawn_on(linger(stream, permit), &rt);
+        }
+    }
 }
 
 impl AsyncRead for ClockedIo {
@@ -442,7 +462,10 @@ impl AsyncRead for ClockedIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let read = match this.stream() {
+            Ok(s) => s.poll_read(cx, buf),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
         if buf.filled().len() > before {
             this.clock.bytes_read();
         }
@@ -456,7 +479,10 @@ impl AsyncWrite for ClockedIo {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, data)
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_write(cx, data),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_write_vectored(
@@ -464,19 +490,28 @@ impl AsyncWrite for ClockedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -591,8 +626,11 @@ fn raise_open_file_limit_once(max_connections: usize) {
             soft_at_start = before,
             "open-file limit"
         );
-        // Connections, plus room for the store, logs, datasets and the listeners.
-        let needed = (max_connections as u64).saturating_add(256);
+        // Connections, those lingering after their close or their refusal, plus room for
+        // the store, logs, datasets and the listeners.
+        let needed = (max_connections as u64)
+            .saturating_add((MAX_CLOSING + MAX_LINGERING) as u64)
+            .saturating_add(256);
         if lim.rlim_cur < needed {
             tracing::warn!(
                 max_connections,
