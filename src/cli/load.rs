@@ -377,7 +377,8 @@ async fn connection(
                 if plan.mode == LoadMode::Write {
                     report.lines += plan.batch_lines;
                 }
-                latencies.lock().record(started.elapsed());
+                let took = started.elapsed();
+                latencies.lock().record(took);
                 if plan.keep_acks {
                     report.acks.push(format!("{conn} {conn_seq} {ack}"));
                 }
@@ -588,6 +589,9 @@ mod tests {
                 );
             }
             assert_eq!(l.max_ms(), *sorted.last().unwrap() as f64 / 1000.0);
+            // Past the histogram's range (1 h) it saturates instead of growing.
+            l.record(Duration::from_secs(10 * 3600));
+            assert_eq!(l.footprint_bytes(), footprint, "after a 10 h sample");
         }
     }
 
