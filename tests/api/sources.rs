@@ -523,7 +523,7 @@ async fn an_https_source_whose_certificate_does_not_verify_shows_the_certificate
     .await;
     let (status, _) = client.get("/healthz").await;
     assert_eq!(status, StatusCode::OK);
-    let logged = logged_line(&p, &["source request failed", "untrusted"]);
+    let logged = logged_line(&p, &["source request failed", "untrusted"]).await;
     assert!(
         logged.contains("invalid peer certificate") && logged.contains("UnknownIssuer"),
         "{logged}"
@@ -531,13 +531,18 @@ async fn an_https_source_whose_certificate_does_not_verify_shows_the_certificate
 }
 
 /// The first line of a child's log holding every one of `needles`.
-fn logged_line(p: &Proc, needles: &[&str]) -> String {
-    let lines = p.lines.lock().unwrap();
-    lines
-        .iter()
-        .find(|l| needles.iter().all(|n| l.contains(n)))
-        .cloned()
-        .unwrap_or_else(|| panic!("no log line with {needles:?} in {lines:?}"))
+/// The first log line holding every needle, once the process has written it (its
+/// output is read by a thread of its own, so a line can arrive after the metric moved).
+async fn logged_line(p: &Proc, needles: &[&str]) -> String {
+    eventually(&format!("a log line with {needles:?}"), async || {
+        let lines = p.lines.lock().unwrap();
+        lines
+            .iter()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+            .cloned()
+            .ok_or_else(|| format!("{lines:?}"))
+    })
+    .await
 }
 
 #[tokio::test]
@@ -573,7 +578,7 @@ async fn without_any_usable_root_certificate_the_client_still_builds_with_a_warn
         let err = s["last_error"].as_str().unwrap();
         assert!(err.contains("UnknownIssuer"), "{}: {s}", file.display());
         assert_eq!(s["restarts"], 0, "{s}");
-        let logged = logged_line(&p, &[warning]);
+        let logged = logged_line(&p, &[warning]).await;
         assert!(logged.contains("WARN"), "{logged}");
     }
 }
