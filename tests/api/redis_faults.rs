@@ -752,5 +752,15 @@ async fn a_replica_whose_clock_is_behind_is_seen_alive_by_the_others() {
         !lines.iter().any(|l| l.contains("dead replica")),
         "A took B for dead: {lines:?}"
     );
+    // The rate history (samples stamped by Redis's clock) is given on each replica's
+    // own clock, as its live points are: B's newest sample is not 20 s in its future.
+    let (_, h) = bc.get("/v1/overview/history").await;
+    let (_, b_view) = bc.get("/v1/overview").await;
+    let newest = h["t"].as_array().and_then(|t| t.last()?.as_f64());
+    let b_now = b_view["now"].as_f64().unwrap() / 1000.0;
+    assert!(
+        newest.is_some_and(|t| (t - b_now).abs() < 5.0),
+        "B's newest sample {newest:?} against its now {b_now}: {h}"
+    );
     drop((a, b));
 }

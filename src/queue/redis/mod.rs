@@ -1664,15 +1664,26 @@ impl JobQueue for RedisStore {
     }
 
     async fn totals_history(&self) -> Result<Option<Vec<crate::queue::TotalsSample>>, StoreError> {
-        let raw: Vec<String> = self.seen(
-            redis::cmd("ZRANGE")
-                .arg(key("rates"))
-                .arg(0)
-                .arg(-1)
+        // Samples carry Redis's time: read it with them and move them to this process's
+        // clock, which the live points and the window use (as `replicas` does).
+        let local_now = crate::now_ms();
+        let (raw, time): (Vec<String>, (i64, i64)) = self.seen(
+            redis::pipe()
+                .zrange(key("rates"), 0, -1)
+                .cmd("TIME")
                 .query_async(&mut self.conn())
                 .await,
         )?;
-        Ok(Some(raw.iter().filter_map(|s| parse_sample(s)).collect()))
+        let skew = local_now - (time.0 * 1000 + time.1 / 1000);
+        Ok(Some(
+            raw.iter()
+                .filter_map(|s| parse_sample(s))
+                .map(|mut s| {
+                    s.at_ms += skew;
+                    s
+                })
+                .collect(),
+        ))
     }
 
     fn is_local(&self) -> bool {

@@ -107,6 +107,9 @@ export class Rates {
     const dt = (now - prev.now) / 1000;
     const rates = this.names.map((n) => (counts[n] - prev.counts[n]) / dt);
     if (rates.some((r) => r < 0)) return false;
+    // The chart's times must ascend: a seeded history ahead of this point (a server
+    // clock ahead of ours) keeps its place and this point is left out.
+    if (this.data[0].length && this.data[0].at(-1) >= now / 1000) return false;
     this.data[0].push(now / 1000);
     rates.forEach((r, i) => this.data[i + 1].push(r));
     if (this.data[0].length > this.keep) this.data.forEach((col) => col.shift());
