@@ -208,6 +208,31 @@ async fn two_applications_on_one_redis_share_ids_results_counters_and_cancels() 
     b.stop().await;
 }
 
+/// The cluster's submitted count is counted by the scripts; a data set written by an
+/// older tally, without that count, starts it from the ids handed out.
+#[tokio::test]
+async fn the_clusters_submitted_count_carries_on_from_a_data_set_without_it() {
+    let server = RedisServer::start();
+    let app = on_redis(&server, |_| {}).await;
+    for n in 0..3 {
+        let id = app.submit("test.echo", json!({ "n": n })).await;
+        app.wait_job(&id).await;
+    }
+    let (_, o) = app.get("/v1/overview").await;
+    assert_eq!(o["cluster_totals"]["submitted"], 3, "{o}");
+    // As an older version left it: no ever:submitted in the counts.
+    let _: i64 = server.query(
+        redis::cmd("HDEL")
+            .arg("{tally}:counts")
+            .arg("ever:submitted"),
+    );
+    app.submit("test.echo", json!({})).await;
+    let (_, o) = app.get("/v1/overview").await;
+    assert_eq!(o["cluster_totals"]["submitted"], 4, "{o}");
+    assert!(o["cluster_totals"]["done"].as_u64().unwrap() <= 4, "{o}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn the_rate_history_is_the_clusters_and_a_replica_started_later_has_it() {
     let server = RedisServer::start();

@@ -22,6 +22,7 @@ if known == '' then
   if not cur then
     cur = fresh .. '/0'
     redis.call('SET', K_EPOCH, cur)
+    if nid == 0 then redis.call('HSETNX', K_COUNTS, 'ever:submitted', 0) end
   end
   return { cur, nid, 0 }
 end
@@ -32,4 +33,6 @@ local base = math.max(nid, high, (now_ms() + 1) * 1000)
 cur = fresh .. '/' .. string.format('%d', base)
 redis.call('SET', K_EPOCH, cur)
 redis.call('SET', K_NEXT, string.format('%d', base))
+-- Jobs counted from here (not from the new range's first id) where the count was lost.
+redis.call('HSETNX', K_COUNTS, 'ever:submitted', 0)
 return { cur, base, 1 }

@@ -44,6 +44,12 @@ end
 -- do, as it jumps past lost ids when Redis forgot its data).
 local function move(id, from, to)
   if not from then
+    if redis.call('HEXISTS', K_COUNTS, 'ever:submitted') == 0 then
+      -- A data set written before this counter existed: it starts from the ids handed
+      -- out (a data set Redis lost has it at 0 already, see epoch.lua).
+      local before = tonumber(redis.call('GET', K_NEXT) or '1') - 1
+      redis.call('HSET', K_COUNTS, 'ever:submitted', math.max(before, 0))
+    end
     redis.call('HINCRBY', K_COUNTS, 'ever:submitted', 1)
   else
     if tonumber(redis.call('HGET', K_COUNTS, from) or '0') > 0 then
