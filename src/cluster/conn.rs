@@ -15,6 +15,8 @@ use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
+const NO_DB: &str = "Redis Cluster has only database 0: drop the /DB from the --store URL";
+
 /// The scheme that asks for a cluster client whatever the server says.
 const CLUSTER_SCHEME: &str = "redis+cluster://";
 
@@ -132,18 +134,24 @@ pub async fn connect(
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(2))
             .set_number_of_retries(3);
-        let manager = ConnectionManager::new_with_config(seed, config)
-            .await
-            .map_err(Ok)?;
+        let manager = match ConnectionManager::new_with_config(seed, config).await {
+            Ok(m) => m,
+            // A cluster node asked for another database while connecting.
+            Err(e)
+                if e.to_string()
+                    .contains("SELECT is not allowed in cluster mode") =>
+            {
+                return Err(Err(NO_DB.into()))
+            }
+            Err(e) => return Err(Ok(e)),
+        };
         if !says_cluster(&manager).await {
             return Ok((Conn::Manager(manager), dial));
         }
         tracing::info!("the redis server is a cluster node: connecting as a cluster client");
     }
     if seed_db(&dial.seed) != 0 {
-        return Err(Err(
-            "Redis Cluster has only database 0: drop the /DB from the --store URL".into(),
-        ));
+        return Err(Err(NO_DB.into()));
     }
     let cluster = ClusterClient::builder([plain_url.as_str()])
         .connection_timeout(timeout)

@@ -86,3 +86,32 @@ async fn two_replicas_on_a_three_master_cluster_serve_one_queue() {
     assert_eq!(on(other), 0, "nothing on a node that does not own the slot");
     assert_eq!(on(third), 0, "nothing on a node that does not own the slot");
 }
+
+/// A database other than 0 does not exist on a cluster: the start fails saying so,
+/// whether the URL or the server says cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_other_than_0_on_a_cluster_is_refused_naming_the_cause() {
+    let cluster = RedisCluster::start();
+    let port = cluster.nodes[0].port;
+    let dir = tempfile::tempdir().unwrap();
+    for url in [
+        format!("redis://127.0.0.1:{port}/1"),
+        format!("redis+cluster://127.0.0.1:{port}/1"),
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--store", &url])
+            .current_dir(dir.path())
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), out)
+            .await
+            .expect("tally exits")
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{url}: {text}");
+        assert!(text.contains("only database 0"), "{url}: {text}");
+    }
+}
