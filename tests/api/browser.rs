@@ -118,20 +118,17 @@ pub async fn history_peak(app: &TestApp, name: &str) -> f64 {
         .fold(0.0, f64::max)
 }
 
-#[tokio::test]
-async fn a_page_opened_after_a_burst_draws_the_burst_from_the_servers_history() {
-    let app = TestApp::spawn().await;
-    // A burst of jobs, over before any page opens.
+/// Submits `jobs` quick jobs, waits for them to end and for the server's history to
+/// hold the whole burst: a sample taken after the last job ended (samples come once a
+/// second; later ones add only zero rates, so the peaks no longer change).
+pub async fn burst_into_history(app: &TestApp, jobs: usize) {
     let mut ids = Vec::new();
-    for n in 0..200 {
+    for n in 0..jobs {
         ids.push(app.submit("test.echo", json!({ "n": n })).await);
     }
     for id in &ids {
         app.wait_job(id).await;
     }
-    // The server samples its counters once a second: the whole burst is in its history
-    // once a sample taken after its last job ended is (later samples add only zero
-    // rates, so the peaks no longer change).
     let ended = tally::now_ms() as f64 / 1000.0;
     crate::helpers::eventually("the whole burst in the history", async || {
         let (_, h) = app.get("/v1/overview/history").await;
@@ -141,6 +138,13 @@ async fn a_page_opened_after_a_burst_draws_the_burst_from_the_servers_history() 
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_page_opened_after_a_burst_draws_the_burst_from_the_servers_history() {
+    let app = TestApp::spawn().await;
+    // A burst of jobs, over before any page opens.
+    burst_into_history(&app, 200).await;
     assert!(
         history_peak(&app, "done").await > 0.0,
         "no burst in the history"

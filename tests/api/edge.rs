@@ -437,15 +437,7 @@ async fn a_page_of_another_site_cannot_write_points() {
         let res = write(1 + i as i64, headers).await.unwrap();
         assert_eq!(res.status(), StatusCode::NO_CONTENT, "{headers:?}");
     }
-    let sum = app
-        .client
-        .get(app.url("/getSum"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let sum = crate::helpers::text_of(&app.client, &app.url("/getSum")).await;
     assert_eq!(sum, "3.0", "one point per accepted write");
     app.stop().await;
 }

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 pub use crate::support::http::{
     accepted_id, eventually, eventually_blocking, eventually_within, fixture, health_csv, metric,
-    reply, PATIENCE,
+    reply, text_of, PATIENCE,
 };
 pub use crate::support::process::{Proc, ProcClient, UpstreamProc};
 

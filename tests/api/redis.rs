@@ -237,25 +237,7 @@ async fn the_clusters_submitted_count_carries_on_from_a_data_set_without_it() {
 async fn the_rate_history_is_the_clusters_and_a_replica_started_later_has_it() {
     let server = RedisServer::start();
     let a = on_redis(&server, |_| {}).await;
-    let mut ids = Vec::new();
-    for n in 0..100 {
-        ids.push(a.submit("test.echo", json!({ "n": n })).await);
-    }
-    for id in &ids {
-        a.wait_job(id).await;
-    }
-    // The whole burst in the history: a sample taken after its last job ended (later
-    // samples add only zero rates, so every read from now on has the same peaks).
-    let ended = tally::now_ms() as f64 / 1000.0;
-    eventually("the whole burst in the history", async || {
-        let (_, h) = a.get("/v1/overview/history").await;
-        let last = h["t"].as_array().and_then(|t| t.last()?.as_f64());
-        match last {
-            Some(t) if t > ended => Ok(()),
-            _ => Err(format!("no sample after {ended} yet: {h}")),
-        }
-    })
-    .await;
+    crate::browser::burst_into_history(&a, 100).await;
     assert!(crate::browser::history_peak(&a, "done").await > 0.0);
     let started = tally::now_ms() as f64 / 1000.0;
     // A replica that saw none of it answers with the same history, the cluster's.

@@ -52,6 +52,16 @@ async fn wait_for(app: &TestApp, what: &str, path: &str, want: StatusCode) {
     .await
 }
 
+async fn readiness_falls(app: &TestApp) {
+    wait_for(
+        app,
+        "readiness to fall",
+        "/readyz",
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_and_restarted_loses_no_acknowledged_job_and_the_service_recovers() {
     let mut server = RedisServer::start_with(&ALWAYS);
@@ -65,13 +75,7 @@ async fn redis_stopped_and_restarted_loses_no_acknowledged_job_and_the_service_r
 
     // Down: alive, not ready, submissions refused promptly with the store's name.
     assert_eq!(app.get("/healthz").await.0, StatusCode::OK);
-    wait_for(
-        &app,
-        "readiness to fall",
-        "/readyz",
-        StatusCode::SERVICE_UNAVAILABLE,
-    )
-    .await;
+    readiness_falls(&app).await;
     let started = Instant::now();
     let (status, body) = app
         .post("/v1/jobs", &json!({ "kind": "test.echo", "params": {} }))
@@ -423,13 +427,7 @@ async fn a_full_redis_answers_503_naming_the_cause_and_readiness_stays_down() {
     );
 
     // Not ready while full, in every sample, though reads keep working.
-    wait_for(
-        &app,
-        "readiness to fall",
-        "/readyz",
-        StatusCode::SERVICE_UNAVAILABLE,
-    )
-    .await;
+    readiness_falls(&app).await;
     for _ in 0..20 {
         let (status, body) = app.get("/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -453,13 +451,7 @@ async fn a_full_redis_that_forgot_its_data_stays_not_ready() {
     fill_up(&server);
     let (status, body) = app.post("/v1/jobs", &json!({ "kind": "test.echo" })).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    wait_for(
-        &app,
-        "readiness to fall",
-        "/readyz",
-        StatusCode::SERVICE_UNAVAILABLE,
-    )
-    .await;
+    readiness_falls(&app).await;
     let _: () = server.query(&mut redis::cmd("FLUSHALL"));
     set_maxmemory(&server, 1);
     eventually("the replica to notice Redis forgot its data", async || {

@@ -37,14 +37,7 @@ async fn write(app: &TestApp, query: &str, body: String) -> (StatusCode, Value) 
 }
 
 async fn get_sum(client: &reqwest::Client, base: &str) -> f64 {
-    let text = client
-        .get(format!("{base}/getSum"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = crate::helpers::text_of(client, &format!("{base}/getSum")).await;
     text.trim()
         .parse()
         .unwrap_or_else(|_| panic!("not a number: {text:?}"))

@@ -229,15 +229,7 @@ async fn after_kill_9_a_restart_runs_every_unfinished_job_exactly_once() {
         rerun >= 1 && rerun < ids.len(),
         "some jobs were done before the kill, some after: {rerun}"
     );
-    let page = c
-        .http
-        .get(format!("{}/metrics", c.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = crate::helpers::text_of(&c.http, &format!("{}/metrics", c.addr)).await;
     let finished_here = metric(
         &page,
         "tally_jobs_finished_total{kind=\"test.sleep\",outcome=\"done\"}",

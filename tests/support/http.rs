@@ -37,6 +37,11 @@ pub async fn reply(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
 }
 
 /// The id of a job the native API accepted.
+/// A GET's body as text (any status).
+pub async fn text_of(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 pub fn accepted_id((status, body): (StatusCode, Value)) -> String {
     assert_eq!(status, StatusCode::ACCEPTED, "POST /v1/jobs: {body}");
     body["id"].as_str().unwrap().to_string()
