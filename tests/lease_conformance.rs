@@ -17,10 +17,10 @@ use support::redis_server::RedisServer;
 const TTL: Duration = Duration::from_millis(400);
 
 async fn redis(server: &RedisServer) -> RedisLeases {
-    let (c, _) = conn::connect(&server.url(), Duration::from_secs(2))
+    let (c, dial) = conn::connect(&server.url(), Duration::from_secs(2))
         .await
         .unwrap_or_else(|_| panic!("connecting to the test's redis"));
-    RedisLeases::new(c)
+    RedisLeases::new(c, dial)
 }
 
 fn granted(c: Claim) -> Grant {
@@ -54,7 +54,61 @@ on_both!(
     a_holder_stops_trusting_its_lease_before_it_expires,
     a_released_lease_is_free_at_once_and_a_stale_release_frees_nothing,
     bad_names_are_refused,
+    a_follower_waiting_takes_a_released_lease_at_once,
+    a_follower_waiting_takes_an_expired_lease,
 );
+
+async fn a_follower_waiting_takes_a_released_lease_at_once(leases: Arc<dyn Leases>) {
+    // A long lease and a long wait: the follower has the lease within the test's
+    // patience (20 s) only because the release was announced.
+    let a = granted(
+        leases
+            .acquire("journal", "a", Duration::from_secs(60))
+            .await
+            .unwrap(),
+    );
+    let (waiting_tx, waiting_rx) = tokio::sync::oneshot::channel();
+    let follower = {
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            let wait = leases.wait_free("journal", Duration::from_secs(60));
+            let _ = waiting_tx.send(());
+            wait.await.unwrap();
+            leases
+                .acquire("journal", "b", Duration::from_secs(60))
+                .await
+                .unwrap()
+        })
+    };
+    waiting_rx.await.unwrap();
+    // Most often the follower is listening by now (a release before it listens finds
+    // the name free when it looks, which passes too).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(leases.release("journal", &a).await.unwrap());
+    let b = tokio::time::timeout(Duration::from_secs(20), follower)
+        .await
+        .expect("the follower heard of the release");
+    let b = granted(b.unwrap());
+    assert!(b.token > a.token);
+}
+
+async fn a_follower_waiting_takes_an_expired_lease(leases: Arc<dyn Leases>) {
+    let a = granted(leases.acquire("journal", "a", TTL).await.unwrap());
+    // A stops renewing; the wait ends when the lease does.
+    leases
+        .wait_free("journal", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let b = granted(leases.acquire("journal", "b", TTL).await.unwrap());
+    assert!(b.token > a.token);
+    // Free already: no wait at all.
+    assert!(leases.release("journal", &b).await.unwrap());
+    leases
+        .wait_free("journal", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(leases.holder("journal").await.unwrap(), None);
+}
 
 async fn two_contenders_never_both_hold(leases: Arc<dyn Leases>) {
     // Twenty contenders at once, five rounds: exactly one grant per round.

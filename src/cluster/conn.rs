@@ -63,6 +63,7 @@ impl ConnectionLike for Conn {
 }
 
 /// How further connections are made: for blocking moves and for pub/sub.
+#[derive(Clone)]
 pub struct Dial {
     /// The server the URL names (on a cluster: the node the slot map was learnt from).
     seed: redis::Client,

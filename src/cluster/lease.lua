@@ -1,6 +1,7 @@
 -- A named, fenced lease (see lease.rs). KEYS[1]: the lease (a hash: holder, token; it
 -- expires with the lease), KEYS[2]: its fencing counter (kept: a handful of names).
--- ARGV: op (acquire | renew | release | check), holder, token, ttl_ms.
+-- ARGV: op (acquire | renew | release | check), holder, token, ttl_ms. A release is
+-- announced on the channel KEYS[1] .. ':free'.
 -- Returns {granted 0|1, holder or '', token or 0, ms left or a negative PTTL}.
 --
 -- Each grant takes a number above the counter and above (server ms + 1) * 1000, so
@@ -34,6 +35,8 @@ elseif op == 'renew' then
 elseif op == 'release' then
   if not mine then return answer(0) end
   redis.call('DEL', KEYS[1])
+  -- A follower waiting for the name takes it now rather than at the lease's end.
+  redis.call('PUBLISH', KEYS[1] .. ':free', token)
   return answer(1)
 elseif op == 'check' then
   return answer(mine and 1 or 0)

@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use redis::Script;
 
-use super::conn::Conn;
+use super::conn::{Conn, Dial};
 
 /// The part of a lease its holder trusts, counted from before the request.
 const TRUST: f64 = 0.75;
@@ -94,6 +94,12 @@ pub trait Leases: Send + Sync + 'static {
 
     /// Whether `token` is the current grant of `name`: the check a fenced write makes.
     async fn is_current(&self, name: &str, holder: &str, token: u64) -> Result<bool, LeaseError>;
+
+    /// Returns once `name` may be free, at most `max` later: at once when nobody holds
+    /// it, when its holder releases it (a release is announced, so a follower takes over
+    /// at once rather than a lease period later), or when its lease runs out. The
+    /// caller then tries to acquire it; another follower may have been first.
+    async fn wait_free(&self, name: &str, max: Duration) -> Result<(), LeaseError>;
 }
 
 fn check_name(name: &str) -> Result<(), LeaseError> {
@@ -134,6 +140,8 @@ fn trusted_from(sent: Instant, ttl: Duration) -> Instant {
 pub struct LocalLeases {
     held: Mutex<HashMap<String, (String, u64, Instant)>>,
     fence: AtomicU64,
+    /// Woken by every release (followers check their name again).
+    freed: tokio::sync::Notify,
 }
 
 impl LocalLeases {
@@ -204,6 +212,7 @@ impl Leases for LocalLeases {
         match Self::current(&mut held, name, Instant::now()) {
             Some(h) if h.holder == grant.holder && h.token == grant.token => {
                 held.remove(name);
+                self.freed.notify_waiters();
                 Ok(true)
             }
             _ => Ok(false),
@@ -221,19 +230,43 @@ impl Leases for LocalLeases {
             .await?
             .is_some_and(|h| h.holder == holder && h.token == token))
     }
+
+    async fn wait_free(&self, name: &str, max: Duration) -> Result<(), LeaseError> {
+        let until = tokio::time::Instant::now() + max;
+        loop {
+            // Listening before looking, so a release in between is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let Some(h) = self.holder(name).await? else {
+                return Ok(());
+            };
+            let wake = (tokio::time::Instant::now() + h.expires_in).min(until);
+            tokio::select! {
+                () = freed => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            if tokio::time::Instant::now() >= until {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// Leases on the Redis the replicas share (keys `{tally}:lease:NAME` and
 /// `{tally}:fence:NAME`, in the one slot of every tally key).
 pub struct RedisLeases {
     conn: Conn,
+    /// For the announcements of releases.
+    dial: Dial,
     script: Script,
 }
 
 impl RedisLeases {
-    pub fn new(conn: Conn) -> Self {
+    pub fn new(conn: Conn, dial: Dial) -> Self {
         RedisLeases {
             conn,
+            dial,
             // Leases keep memory level: they must be renewable while Redis is full.
             script: Script::new(concat!(
                 "#!lua flags=allow-oom\n",
@@ -316,6 +349,42 @@ impl Leases for RedisLeases {
             .step("check", name, holder, token, Duration::ZERO)
             .await?
             .0)
+    }
+
+    async fn wait_free(&self, name: &str, max: Duration) -> Result<(), LeaseError> {
+        use futures_util::StreamExt;
+        check_name(name)?;
+        let until = tokio::time::Instant::now() + max;
+        let unavailable = |e: redis::RedisError| LeaseError::Unavailable(e.to_string());
+        // Subscribed before looking, so a release in between is heard; within `max`,
+        // which also bounds a connection that does not answer.
+        let subscribed = tokio::time::timeout_at(until, async {
+            let mut ps = self.dial.pubsub().await?;
+            ps.subscribe(format!("{{tally}}:lease:{name}:free")).await?;
+            Ok::<_, redis::RedisError>(ps)
+        });
+        let mut ps = match subscribed.await {
+            Ok(ps) => ps.map_err(unavailable)?,
+            Err(_) => return Ok(()),
+        };
+        let mut messages = ps.on_message();
+        loop {
+            let Some(h) = self.holder(name).await? else {
+                return Ok(());
+            };
+            // The store's clock says when the lease ends; a little past it, look again.
+            let wake =
+                (tokio::time::Instant::now() + h.expires_in + Duration::from_millis(5)).min(until);
+            tokio::select! {
+                m = messages.next() => if m.is_none() {
+                    return Err(LeaseError::Unavailable("the announcements' connection closed".into()));
+                },
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            if tokio::time::Instant::now() >= until {
+                return Ok(());
+            }
+        }
     }
 }
 
