@@ -15,6 +15,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     args: Vec<String>,
+    /// Starts on another port left, when a port is taken under the server's feet.
+    restarts_left: u32,
 }
 
 fn free_port() -> u16 {
@@ -45,6 +47,7 @@ impl RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             args: args.iter().map(|a| a.to_string()).collect(),
+            restarts_left: 3,
         };
         s.launch();
         s
@@ -64,6 +67,20 @@ impl RedisServer {
         self.child = Some(child);
         let what = format!("redis-server to come up on {}", self.port);
         eventually_blocking_within(Duration::from_secs(20), &what, || {
+            // Gone already: its port was taken between our probe for a free one and its
+            // bind (another test's server, under a loaded run). Once more, on another.
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok()?) {
+                if self.restarts_left == 0 {
+                    panic!(
+                        "redis-server exited at start ({status}) on port {}",
+                        self.port
+                    );
+                }
+                self.restarts_left -= 1;
+                self.port = free_port();
+                self.launch();
+                return Ok(());
+            }
             let mut c = self.client().get_connection().map_err(|e| e.to_string())?;
             redis::cmd("PING")
                 .query::<String>(&mut c)
