@@ -234,20 +234,10 @@ fn is_connection_error(e: &io::Error) -> bool {
 /// Answers a connection past the cap with [`BUSY`] and closes it. While few are lingering,
 /// it first reads what the client sends (up to [`LINGER`]), so that the close is a clean
 /// FIN rather than a reset; otherwise it writes what fits at once and closes.
-fn refuse(mut stream: TcpStream, lingering: &Arc<Semaphore>) {
+fn refuse(stream: TcpStream, lingering: &Arc<Semaphore>) {
     match lingering.clone().try_acquire_owned() {
         Ok(permit) => {
-            tokio::spawn(async move {
-                let _permit = permit;
-                let _ = tokio::time::timeout(LINGER, async {
-                    stream.write_all(BUSY).await?;
-                    stream.shutdown().await?;
-                    let mut sink = [0u8; 1024];
-                    while stream.read(&mut sink).await? > 0 {}
-                    Ok::<(), io::Error>(())
-                })
-                .await;
-            });
+            tokio::spawn(linger(stream, permit, BUSY));
         }
         Err(_) => {
             let _ = stream.try_write(BUSY);
@@ -260,9 +250,14 @@ fn refuse(mut stream: TcpStream, lingering: &Arc<Semaphore>) {
 /// and discarding what the client still sends, up to [`LINGER`]. Closing with unread
 /// bytes would make the kernel send a reset, and a client still sending a body (one
 /// answered 413 before it was read, as agents do on a too-large batch) would lose the
-/// answer with it.
-async fn linger(mut stream: TcpStream, _permit: tokio::sync::OwnedSemaphorePermit) {
+/// answer with it. `last` is written first (a refused connection's 503), if any.
+async fn linger(
+    mut stream: TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    last: &'static [u8],
+) {
     let _ = tokio::time::timeout(LINGER, async {
+        stream.write_all(last).await?;
         // hyper may have shut the write side already.
         let _ = stream.shutdown().await;
         let mut sink = [0u8; 4096];
@@ -431,11 +426,15 @@ struct ClockedIo {
 }
 
 impl ClockedIo {
-    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
-        self.stream
-            .as_mut()
-            .map(Pin::new)
-            .ok_or_else(|| io::ErrorKind::NotConnected.into())
+    /// `f` on the socket (always there until `drop`).
+    fn with<R>(
+        &mut self,
+        f: impl FnOnce(Pin<&mut TcpStream>) -> Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        match self.stream.as_mut() {
+            Some(s) => f(Pin::new(s)),
+            None => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
     }
 }
 
@@ -449,7 +448,7 @@ impl Drop for ClockedIo {
             pool.try_acquire_owned(),
             tokio::runtime::Handle::try_current(),
         ) {
-            tasks.spawn_on(linger(stream, permit), &rt);
+            tasks.spawn_on(linger(stream, permit, b""), &rt);
         }
     }
 }
@@ -462,10 +461,7 @@ impl AsyncRead for ClockedIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let read = match this.stream() {
-            Ok(s) => s.poll_read(cx, buf),
-            Err(e) => return Poll::Ready(Err(e)),
-        };
+        let read = this.with(|s| s.poll_read(cx, buf));
         if buf.filled().len() > before {
             this.clock.bytes_read();
         }
@@ -479,10 +475,7 @@ impl AsyncWrite for ClockedIo {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().stream() {
-            Ok(s) => s.poll_write(cx, data),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().with(|s| s.poll_write(cx, data))
     }
 
     fn poll_write_vectored(
@@ -490,10 +483,7 @@ impl AsyncWrite for ClockedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().stream() {
-            Ok(s) => s.poll_write_vectored(cx, bufs),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().with(|s| s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -501,17 +491,11 @@ impl AsyncWrite for ClockedIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().stream() {
-            Ok(s) => s.poll_flush(cx),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().with(|s| s.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().stream() {
-            Ok(s) => s.poll_shutdown(cx),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().with(|s| s.poll_shutdown(cx))
     }
 }
 
