@@ -1603,7 +1603,7 @@ impl JobQueue for RedisStore {
                 .query_async(&mut c)
                 .await,
         )?;
-        let server_now = time.0 * 1000 + time.1 / 1000;
+        let server_now = time_ms(time);
         let mut p = redis::pipe();
         for (name, _) in &names {
             p.hgetall(replica_key(name));
@@ -1674,7 +1674,7 @@ impl JobQueue for RedisStore {
                 .query_async(&mut self.conn())
                 .await,
         )?;
-        let skew = local_now - (time.0 * 1000 + time.1 / 1000);
+        let skew = local_now - time_ms(time);
         Ok(Some(
             raw.iter()
                 .filter_map(|s| parse_sample(s))
@@ -1689,6 +1689,11 @@ impl JobQueue for RedisStore {
     fn is_local(&self) -> bool {
         false
     }
+}
+
+/// Redis's `TIME` (seconds, microseconds) in milliseconds.
+fn time_ms((secs, micros): (i64, i64)) -> i64 {
+    secs * 1000 + micros / 1000
 }
 
 /// A sample as `heartbeat.lua` records it: "<ms> <submitted> <done> <failed> <cancelled>".
